@@ -1,0 +1,8 @@
+"""hylo: hybrid, latency-optimal small language models."""
+
+from .config import HyloConfig, HyloConfigError, parse_pattern
+from .model import HybridLM
+from .cache import HybridCache
+
+__version__ = "0.1.0"
+__all__ = ["HyloConfig", "HyloConfigError", "HybridLM", "HybridCache", "parse_pattern"]

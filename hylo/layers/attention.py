@@ -1,0 +1,208 @@
+"""Softmax attention: full causal (`attn`) and sliding-window (`swa`), GQA, RoPE, optional qk-norm / qkv bias.
+
+Decode state:
+- `attn`: ``k, v: [B, H_kv, max_len, Dh]``, written at each row's position.
+- `swa`: a ring buffer ``k, v: [B, H_kv, R, Dh]`` with ``R = min(window, max_len)``; position ``p`` lives in
+  slot ``p % R``. Keys are stored after RoPE, so the slot order does not matter to softmax.
+
+Paths: the reference computes softmax(QKᵀ)V explicitly in float32 (CPU, tests). The fast path uses
+``scaled_dot_product_attention`` (flash kernel for causal attention) and flex attention with a
+sliding-window block mask for `swa` prefill/training.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import HyloConfig
+from ..ops.backend import use_fast
+from .base import Layer, State
+from .norm import RMSNorm
+
+
+# ----------------------------------------------------------------------------- RoPE
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin for ``positions`` (any shape), computed in float32 as Llama/Qwen do. Returns ``[..., head_dim]``."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float().unsqueeze(-1) * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x: [B, T, H, Dh]`` by cos/sin ``[B or 1, T, Dh]`` (rotate-half convention)."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# ----------------------------------------------------------------------------- attention cores
+def attention_ref(q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+    """Reference softmax attention in float32. ``q: [B,H,Tq,D]``, ``k,v: [B,Hkv,Tk,D]``, mask bool (True = keep)."""
+    rep = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(rep, dim=1).float()
+    v = v.repeat_interleave(rep, dim=1).float()
+    s = (q.float() @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return (s.softmax(-1) @ v).to(q.dtype)
+
+
+def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Bool mask ``[Tq, Tk]``: causal, and within ``window`` keys (the query itself included) when given."""
+    d = q_pos[:, None] - k_pos[None, :]
+    m = d >= 0
+    if window is not None:
+        m = m & (d < window)
+    return m
+
+
+@functools.lru_cache(maxsize=32)
+def _swa_block_mask(window: int, q_len: int, kv_len: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    offset = kv_len - q_len
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        d = q_idx + offset - kv_idx
+        return (d >= 0) & (d < window)
+
+    return create_block_mask(mask_mod, None, None, q_len, kv_len, device=device)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def attention(q, k, v, window: int | None, q_offset: int) -> torch.Tensor:
+    """Causal (optionally windowed) attention of ``Tq`` queries at positions ``q_offset + i`` over ``Tk`` keys at
+    positions ``0..Tk-1`` (``Tk = q_offset + Tq``). Dispatches to the reference or the fast path."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    if not use_fast(q, needs_fla=False):
+        pos_q = torch.arange(q_offset, q_offset + Tq, device=q.device)
+        return attention_ref(q, k, v, window_mask(pos_q, torch.arange(Tk, device=q.device), window))
+    full_window = window is None or window >= Tk
+    if full_window and Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    if full_window and Tq == 1:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    w = window if window is not None else Tk + 1
+    block_mask = _swa_block_mask(w, Tq, Tk, str(q.device))
+    return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
+# ----------------------------------------------------------------------------- the layer
+class Attention(Layer):
+    """Multi-head attention with GQA and RoPE; ``window`` makes it sliding-window attention (`swa`)."""
+
+    def __init__(self, config: HyloConfig, layer_idx: int, window: int | None = None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.attn_num_heads
+        self.num_kv_heads = config.attn_num_kv_heads
+        self.head_dim = config.attn_head_dim
+        self.rope_theta = config.rope_theta
+        self.window = window
+        D, H, Hkv, Dh = config.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
+        self.q_proj = nn.Linear(D, H * Dh, bias=config.attn_qkv_bias)
+        self.k_proj = nn.Linear(D, Hkv * Dh, bias=config.attn_qkv_bias)
+        self.v_proj = nn.Linear(D, Hkv * Dh, bias=config.attn_qkv_bias)
+        self.o_proj = nn.Linear(H * Dh, D, bias=config.attn_o_bias)
+        self.qk_norm = config.attn_qk_norm
+        if self.qk_norm:
+            self.q_norm = RMSNorm(Dh, config.norm_eps)
+            self.k_norm = RMSNorm(Dh, config.norm_eps)
+
+    def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
+        """Project, qk-norm, rotate. ``positions: [T]`` or ``[B, T]``. Returns q, k, v as ``[B, H, T, Dh]``."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope_cos_sin(positions if positions.dim() == 2 else positions[None], self.head_dim,
+                                self.rope_theta, q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _out(self, o: torch.Tensor) -> torch.Tensor:
+        B, H, T, Dh = o.shape
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, H * Dh))
+
+    def forward(self, x: torch.Tensor, state: State | None = None, offset: int = 0) -> torch.Tensor:
+        T = x.shape[1]
+        q, k, v = self._qkv(x, torch.arange(offset, offset + T, device=x.device))
+        if state is None:
+            if offset:
+                raise ValueError("attention forward with offset > 0 needs the state holding the earlier keys")
+            return self._out(attention(q, k, v, self.window, 0))
+        cap = state["k"].shape[2]
+        if self.window is None:
+            if offset + T > cap:
+                raise ValueError(f"KV cache of layer {self.layer_idx} holds {cap} positions; "
+                                 f"{offset}+{T} tokens do not fit (allocate a larger max_len)")
+            state["k"][:, :, offset:offset + T] = k
+            state["v"][:, :, offset:offset + T] = v
+            o = attention(q, state["k"][:, :, :offset + T], state["v"][:, :, :offset + T], None, offset)
+            return self._out(o)
+        # sliding window: earlier keys come from the ring buffer (positions max(0, offset-R) .. offset-1)
+        start = max(0, offset - cap)
+        slots = torch.arange(start, offset, device=x.device) % cap
+        k_all = torch.cat([state["k"][:, :, slots], k], dim=2)
+        v_all = torch.cat([state["v"][:, :, slots], v], dim=2)
+        o = attention(q, k_all, v_all, self.window, offset - start)
+        keep = min(T, cap)
+        new_slots = torch.arange(offset + T - keep, offset + T, device=x.device) % cap
+        state["k"][:, :, new_slots] = k[:, :, T - keep:]
+        state["v"][:, :, new_slots] = v[:, :, T - keep:]
+        return self._out(o)
+
+    def step(self, x: torch.Tensor, state: State, pos: torch.Tensor) -> torch.Tensor:
+        B = x.shape[0]
+        q, k, v = self._qkv(x, pos[:, None])  # [B, H, 1, Dh]
+        cap = state["k"].shape[2]
+        slot = pos % cap if self.window is not None else pos
+        idx = slot.view(B, 1, 1, 1).expand(B, self.num_kv_heads, 1, self.head_dim)
+        state["k"].scatter_(2, idx, k)
+        state["v"].scatter_(2, idx, v)
+        s = torch.arange(cap, device=x.device)
+        if self.window is None:
+            valid = s[None, :] <= pos[:, None]
+        else:  # position held by each slot, for the current pos: pos - ((pos - s) mod R)
+            valid = (pos[:, None] - torch.remainder(pos[:, None] - s[None, :], cap)) >= 0
+        mask = valid[:, None, None, :]  # [B, 1, 1, cap]
+        if use_fast(x, needs_fla=False):
+            o = F.scaled_dot_product_attention(q, state["k"], state["v"], attn_mask=mask, enable_gqa=True)
+        else:
+            o = attention_ref(q, state["k"], state["v"], mask)
+        return self._out(o)
+
+    def init_state(self, batch_size: int, max_len: int, device=None, dtype=None) -> State:
+        cap = max_len if self.window is None else min(self.window, max_len)
+        shape = (batch_size, self.num_kv_heads, cap, self.head_dim)
+        return {"k": torch.zeros(shape, device=device, dtype=dtype), "v": torch.zeros(shape, device=device, dtype=dtype)}
+
+    def copy_state(self, src: State, dst: State, length: int) -> None:
+        """Copy a state holding ``length`` positions into a (larger, possibly batched) state."""
+        if self.window is None:
+            dst["k"][:, :, :length] = src["k"][:, :, :length]
+            dst["v"][:, :, :length] = src["v"][:, :, :length]
+            return
+        rs, rd = src["k"].shape[2], dst["k"].shape[2]
+        p = torch.arange(max(0, length - min(rs, rd)), length, device=dst["k"].device)
+        dst["k"][:, :, p % rd] = src["k"][:, :, p % rs]
+        dst["v"][:, :, p % rd] = src["v"][:, :, p % rs]
+
+
+class SlidingWindowAttention(Attention):
+    def __init__(self, config: HyloConfig, layer_idx: int):
+        super().__init__(config, layer_idx, window=config.swa_window)
