@@ -14,6 +14,16 @@ app = typer.Typer(help="hylo: hybrid, latency-optimal small language models.", n
                   pretty_exceptions_show_locals=False)
 model_app = typer.Typer(help="Inspect model configs.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+
+
+def _register_data_apps() -> None:
+    from .cli_data import data_app, tokenizer_app
+
+    app.add_typer(data_app, name="data", help="Tokenize corpora into memory-mapped shards.")
+    app.add_typer(tokenizer_app, name="tokenizer", help="Train or inspect tokenizers.")
+
+
+_register_data_apps()
 console = Console()
 
 DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
