@@ -3,6 +3,11 @@
 ``states[i]`` is layer i's state dict (see ``hylo.layers.base``). ``seq_len`` counts the positions
 consumed so far, meta tokens included; ``pos`` is the same as a ``LongTensor[B]`` used by
 ``decode_step`` (a static tensor, updated in place, so a captured CUDA graph sees the new value).
+
+For transformers' ``generate`` the cache is duck-typed rather than a subclass of ``transformers.Cache``: that
+class is a list of per-layer key/value stores with an ``update(k, v)`` API that recurrent states do not fit, and
+``generate`` (5.0 to 5.23) only reads ``get_seq_length``, ``is_compileable`` and, for beam search,
+``reorder_cache``.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import torch
 
 
 class HybridCache:
+    is_compileable = False  # generate must not auto-compile the forward or build 4D masks for this cache
+
     def __init__(self, states: list[dict], batch_size: int, max_len: int, num_meta_tokens: int = 0,
                  growable: bool = False):
         self.states = states

@@ -24,6 +24,15 @@ def _register_data_apps() -> None:
 
 
 _register_data_apps()
+
+
+def _register_train() -> None:
+    from .cli_train import train_command
+
+    app.command("train", help="Train a model from a YAML config (single GPU, or under torchrun).")(train_command)
+
+
+_register_train()
 console = Console()
 
 DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}

@@ -10,6 +10,9 @@ per-layer state is computed once per set of weights and copied into each new cac
 The class is a Hugging Face ``PreTrainedModel`` (``save_pretrained`` / ``from_pretrained`` /
 ``generate``) and also exposes the three calls the engine and trainer use directly:
 ``forward`` (training, prefill), ``new_cache`` and ``decode_step``.
+
+``generate`` runs on a :class:`HybridCache` (KV and recurrent states together) that ``forward`` creates on the
+first step; transformers' own ``DynamicCache`` is never used, since it holds only key/value pairs.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ class HybridLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "hylo"
     _no_split_modules = ["Block"]
     _tied_weights_keys = {"lm_head.weight": "embed_tokens.weight"}
-    _supports_cache_class = False
+    _is_stateful = True  # recurrent states cannot be rolled back: transformers refuses assisted decoding
     main_input_name = "input_ids"
 
     def __init__(self, config: HyloConfig):
@@ -144,6 +147,9 @@ class HybridLM(PreTrainedModel, GenerationMixin):
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("HybridLM.forward does not take padded batches (attention_mask has zeros): "
                              "recurrent operators have no notion of padding. Use hylo's engine for ragged batches.")
+        if past_key_values is not None and not isinstance(past_key_values, HybridCache):
+            raise TypeError(f"past_key_values must be a hylo HybridCache (model.new_cache), "
+                            f"got {type(past_key_values).__name__}")
         cache = past_key_values
         if use_cache and cache is None:
             ref = input_ids if input_ids is not None else inputs_embeds
@@ -158,6 +164,29 @@ class HybridLM(PreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+
+    # ------------------------------------------------------------------ generate (transformers)
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        """False: generate must not create a ``DynamicCache``; ``forward`` creates a :class:`HybridCache` instead."""
+        return False
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
+                                      inputs_embeds=None, use_cache=True, logits_to_keep=None, **kwargs):
+        """Inputs of one generate step: the tokens of ``input_ids`` (the whole sequence so far) that the cache has
+        not consumed yet. Computed from the cache itself, so it does not depend on transformers' bookkeeping
+        (``cache_position`` before 5.6, ``next_sequence_length`` after). Without a cache: the whole sequence."""
+        if inputs_embeds is not None:
+            raise ValueError("HybridLM.generate takes input_ids; inputs_embeds are not supported")
+        seen = 0 if past_key_values is None else past_key_values.get_seq_length()
+        if seen >= input_ids.shape[1]:
+            raise ValueError(f"input_ids must hold the whole sequence: the cache already holds {seen} tokens, "
+                             f"input_ids has {input_ids.shape[1]}")
+        inputs = {"input_ids": input_ids[:, seen:], "past_key_values": past_key_values,
+                  "attention_mask": attention_mask, "use_cache": use_cache}
+        if logits_to_keep is not None:
+            inputs["logits_to_keep"] = logits_to_keep
+        return inputs
 
     # ------------------------------------------------------------------ decoding
     def _step(self, x: torch.Tensor, cache: HybridCache) -> torch.Tensor:

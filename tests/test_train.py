@@ -1,0 +1,234 @@
+"""Trainer on a small slice of the real corpus: learning, exact resume, weight norm, NaN stop, DDP, no-files API."""
+
+import gzip
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hylo.data import prepare, train_tokenizer
+from hylo.train import (NonFiniteLossError, TrainConfig, TrainConfigError, TrainError, load_checkpoint, load_model,
+                        train)
+from hylo.train.schedule import Schedule
+from hylo.weightnorm import weight_norm_targets
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"  # <repo>/../shared/data
+CORPUS = SHARED / "corpus"
+pytestmark = pytest.mark.skipif(not (CORPUS / "gutenberg_train_00.txt.gz").is_file(),
+                                reason=f"real corpus not found at {SHARED} (expected shared/ beside the repo)")
+SEP = "\n<|endoftext|>\n"
+MODEL = dict(hidden_size=64, layers="m2 f a f", attn_num_heads=4, mamba2_head_dim=16, mamba2_state_size=16,
+             mamba2_chunk_size=16)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """~110k tokens of Gutenberg prose, a 512-token BPE trained on it, 1/4 of the documents held out."""
+    root = tmp_path_factory.mktemp("train_data")
+    with gzip.open(CORPUS / "gutenberg_train_00.txt.gz", "rt", encoding="utf-8") as f:
+        books = f.read(4_000_000).split(SEP)[:-1]
+    (root / "corpus").mkdir()
+    (root / "corpus" / "books.txt").write_text(SEP.join(b[2000:42000] for b in books[:8]), encoding="utf-8")
+    train_tokenizer(root / "corpus", 512, root / "tok", show_progress=False)
+    return prepare(root / "corpus", root / "tok", root / "ds", val_fraction=0.25, seed=0, progress=False).path
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The CPU is shared: one intra-op thread is faster than oversubscribed threads for these tiny models."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cfg(data, **kw):
+    base = dict(model=dict(MODEL), data=str(data), seq_len=32, batch_size=4, max_steps=8,
+                optimizer=dict(lr=3e-3), schedule=dict(kind="cosine", warmup=2), eval_batches=2,
+                logging=dict(log_interval=1))
+    for k, v in kw.items():
+        base[k] = {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return base
+
+
+def _losses(res):
+    return [(h["step"], h["loss"]) for h in res.history]
+
+
+def test_learns_below_unigram_entropy(data):
+    train_tokens = np.fromfile(data / "train_00000.bin", dtype=np.uint16)
+    p = np.bincount(train_tokens) / len(train_tokens)
+    p = p[p > 0]
+    unigram = float(-(p * np.log(p)).sum())  # nats/token of the best context-free model of this slice
+    res = train(_cfg(data, seq_len=64, batch_size=8, max_steps=120, schedule=dict(warmup=10), eval_batches=8,
+                     logging=dict(log_interval=10)))
+    assert res.steps == 120 and res.tokens == 120 * 8 * 64
+    assert res.history[0]["loss"] > unigram  # starts near log(512) = 6.24
+    assert res.val_loss < unigram - 0.6, (res.val_loss, unigram)
+    assert math.isclose(res.val_ppl, math.exp(res.val_loss))
+
+
+def test_resume_is_exact(data, tmp_path):
+    cfg = _cfg(data, max_steps=8, checkpoint_interval=2, eval_interval=4)
+    full = train(cfg, out_dir=tmp_path / "full")
+    # a planned stop after step 4 (the schedule still spans 8 steps), then --resume
+    part = train(cfg, out_dir=tmp_path / "part", stop_at_step=4)
+    assert part.stopped_early and part.steps == 4 and part.checkpoint.endswith("step_00000004.pt")
+    with pytest.raises(TrainError, match="already holds a run"):
+        train(cfg, out_dir=tmp_path / "part")
+    rest = train(cfg, out_dir=tmp_path / "part", resume=True)
+    assert rest.steps == 8
+    assert _losses(rest) == _losses(full)  # exact: history includes the lines kept from metrics.jsonl
+    assert rest.val_loss == full.val_loss
+    # a crash after step 6 was logged but before its checkpoint landed: resume from step 4 again
+    crash = train(cfg, out_dir=tmp_path / "crash", stop_at_step=6)
+    (tmp_path / "crash" / "checkpoints" / "step_00000006.pt").unlink()  # "latest" now names a missing file
+    again = train(cfg, out_dir=tmp_path / "crash", resume=True)
+    assert crash.steps == 6 and _losses(again) == _losses(full)
+    lines = [json.loads(x) for x in (tmp_path / "crash" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["kind"] == "train"] == list(range(1, 9))  # truncated, no duplicates
+    ref = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in lines if r["kind"] == "train"] == [r["loss"] for r in ref if r["kind"] == "train"]
+    # the weights match too
+    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "crash")
+    assert a["step"] == b["step"] == 8
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert len(list((tmp_path / "full" / "checkpoints").glob("step_*.pt"))) == 2  # keep_checkpoints
+
+
+def test_weight_norm_forces_zero_decay_and_keeps_unit_norms(data, tmp_path):
+    cfg = _cfg(data, model=dict(weight_norm=True), optimizer=dict(weight_decay=0.1, lr=1e-2), max_steps=3)
+    res = train(cfg, out_dir=tmp_path, return_model=True)
+    assert any("weight_decay" in n and "-> 0" in n for n in res.notes)
+    state = load_checkpoint(tmp_path)
+    assert [g["weight_decay"] for g in state["optimizer"]["param_groups"]] == [0.0, 0.0]
+    targets = weight_norm_targets(res.model)
+    assert len(targets) >= 8
+    for name, w, dim in targets:
+        assert torch.allclose(w.norm(dim=dim), torch.ones(()), atol=1e-5), name
+    first = state["model"]["layers.1.mixer.gate_proj.weight"]
+    assert not torch.allclose(first, train(cfg, max_steps=1, return_model=True).model.layers[1].mixer.gate_proj.weight)
+    # without weight_norm the configured decay is used on matrices
+    plain = train(_cfg(data, optimizer=dict(weight_decay=0.1), max_steps=1), out_dir=tmp_path / "plain")
+    groups = load_checkpoint(tmp_path / "plain")["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0] and not any("weight_decay" in n for n in plain.notes)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path):
+    cfg = _cfg(data, optimizer=dict(lr=1e30, grad_clip=0), schedule=dict(kind="constant", warmup=0),
+               checkpoint_interval=1, max_steps=20)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite .* at step \d+.*last good checkpoint is") as e:
+        train(cfg, out_dir=tmp_path)
+    assert 1 < e.value.step < 20
+    state = load_checkpoint(tmp_path)
+    assert state["step"] == e.value.step - 1 and e.value.checkpoint.endswith(f"step_{e.value.step - 1:08d}.pt")
+    model = load_model(tmp_path)  # the checkpoint loads into a model, with finite weights
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in lines) == e.value.step - 1 and all(math.isfinite(r["loss"]) for r in lines)
+
+
+LAUNCH = """
+import sys
+from hylo.cli_train import train_app
+for cfg in sys.argv[1:]:  # the `hylo train CFG` command, once per config, in the same torchrun ranks
+    code = train_app([cfg, "--no-progress"], standalone_mode=False)
+    if code:
+        sys.exit(code)
+"""
+
+
+def test_two_ranks_match_one_process(data, tmp_path):
+    """torchrun, 2 gloo ranks x batch 2 (DDP, then FSDP2) == 1 process x batch 4 == 1 process x batch 2 x accum 2."""
+    one = train(_cfg(data, max_steps=5, batch_size=4))
+    accum = train(_cfg(data, max_steps=5, batch_size=2, grad_accum=2))
+    assert _losses(one) != _losses(train(_cfg(data, max_steps=5, batch_size=2)))  # batch size matters
+    for name in ("ddp", "fsdp"):
+        cfg = _cfg(data, max_steps=5, batch_size=2, out_dir=str(tmp_path / name), fsdp=name == "fsdp")
+        (tmp_path / f"{name}.yaml").write_text(json.dumps(cfg))  # JSON is YAML
+    (tmp_path / "launch.py").write_text(LAUNCH)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(tmp_path / "launch.py"), str(tmp_path / "ddp.yaml"), str(tmp_path / "fsdp.yaml")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("world 2") == 2 and proc.stdout.count("done:") == 2  # rank 0 alone prints
+    for name in ("ddp", "fsdp"):
+        lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        ranks2 = [(r["step"], r["loss"]) for r in lines if r["kind"] == "train"]
+        assert [s for s, _ in ranks2] == [1, 2, 3, 4, 5] and lines[0]["tokens"] == 4 * 32
+        for (_, a), (_, b), (_, c) in zip(ranks2, _losses(one), _losses(accum)):
+            assert abs(a - b) < 1e-5 and abs(c - b) < 1e-5, (name, a, b, c)
+        val = [r["val_loss"] for r in lines if r["kind"] == "eval"][-1]
+        assert abs(val - one.val_loss) < 1e-5, name
+        state = load_checkpoint(tmp_path / name)  # rank 0 wrote a full (unsharded) checkpoint
+        assert state["world_size"] == 2 and len(state["rng"]) == 2
+        model = load_model(tmp_path / name)
+        assert sum(p.numel() for p in model.parameters()) == one.num_params
+
+
+def test_cli_stop_resume_and_errors(data, tmp_path):
+    from typer.testing import CliRunner
+
+    from hylo.cli_train import train_app
+
+    y = tmp_path / "c.yaml"
+    y.write_text(json.dumps(_cfg(data, max_steps=4, out_dir=str(tmp_path / "run"))))
+    r = CliRunner()
+    res = r.invoke(train_app, [str(y), "--stop-at-step", "2", "--no-progress"])
+    assert res.exit_code == 0 and "done: 2 steps" in res.output, res.output
+    res = r.invoke(train_app, [str(y), "--no-progress"])
+    assert res.exit_code == 1 and "--resume" in res.output
+    res = r.invoke(train_app, [str(y), "--resume", "--no-progress", "--set", "logging.log_interval=2"])
+    assert res.exit_code == 0 and "resuming from" in res.output and "done: 4 steps" in res.output, res.output
+    res = r.invoke(train_app, [str(y), "--set", "optimizer.lrr=1", "--out-dir", str(tmp_path / "other")])
+    assert res.exit_code == 1 and "optimizer.lrr" in res.output
+    res = r.invoke(train_app, [str(y), "--set", "optimizer.lr=1e30", "--set", "optimizer.grad_clip=0",
+                               "--set", "schedule.warmup=0", "--out-dir", str(tmp_path / "nan"), "--no-progress"])
+    assert res.exit_code == 2 and "non-finite" in res.output
+
+
+def test_in_process_api_leaves_no_files(data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p for p in Path(data).rglob("*"))
+    cfg = TrainConfig.from_dict(_cfg(data, checkpoint_interval=1, eval_interval=2, out_dir=str(tmp_path / "x")))
+    res = train(cfg, max_tokens=3 * 4 * 32)  # the config's out_dir is ignored: only the argument counts
+    assert res.steps == 3 and res.out_dir is None and res.checkpoint is None and math.isfinite(res.val_loss)
+    assert [e["step"] for e in res.evals] == [2, 3]
+    assert list(tmp_path.iterdir()) == [] and sorted(Path(data).rglob("*")) == before
+
+
+def test_config_yaml_and_errors(data, tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text(f"model: {{preset: tiny-all, hidden_size: 32}}\ndata: {data}\nmax_tokens: 1000\n"
+                 "optimizer: {lr: 1.0e-3, betas: [0.9, 0.99], eps: 1e-6}\nschedule: {kind: wsd, warmup: 0.1}\n")
+    cfg = TrainConfig.from_yaml(y)
+    assert cfg.optimizer.betas == (0.9, 0.99) and cfg.schedule.kind == "wsd" and cfg.optimizer.eps == 1e-6
+    mc = cfg.model_config(tokenizer_vocab=300)
+    assert mc.hidden_size == 32 and mc.vocab_size == 300 and mc.num_meta_tokens == 4  # preset + overrides + auto
+    assert cfg.total_steps() == 1000 // (8 * 256) or cfg.total_steps() == 1
+    for bad, msg in [({"optimiser": {}}, "unknown training config key 'optimiser'"),
+                     ({"optimizer": {"learning_rate": 1}}, "optimizer.learning_rate"),
+                     ({"schedule": {"kind": "linear"}}, "schedule.kind"),
+                     ({"schedule": {"warmup": 1.5}}, "fraction"),
+                     ({"batch_size": 0}, "batch_size")]:
+        with pytest.raises(TrainConfigError, match=msg):
+            TrainConfig.from_dict(bad)
+    with pytest.raises(TrainConfigError, match="vocab_size"):
+        TrainConfig.from_dict({"model": {"preset": "tiny-all", "vocab_size": 100}}).model_config(512)
+
+
+def test_schedules():
+    cos = Schedule("cosine", 100, warmup_steps=10, min_lr_ratio=0.1)
+    assert cos(0) == pytest.approx(0.1) and cos(9) == pytest.approx(1.0) and cos(10) == pytest.approx(1.0)
+    assert cos(99) == pytest.approx(0.1) and cos(55) < cos(30)
+    wsd = Schedule("wsd", 100, warmup_steps=10, min_lr_ratio=0.0, decay_fraction=0.2)
+    assert wsd(50) == 1.0 and wsd(79) == 1.0 and wsd(80) < 1.0 and wsd(99) == pytest.approx(0.0)
+    assert Schedule("constant", 100, 0)(99) == 1.0

@@ -1,0 +1,58 @@
+"""Weight normalization: which matrices, which axis, and the invariants after optimizer steps."""
+
+import torch
+
+from hylo import HybridLM, HyloConfig
+from hylo.weightnorm import normalize_weights, weight_norm_targets
+
+
+def model(tied=True, layers="a f swa f"):
+    torch.manual_seed(0)
+    cfg = HyloConfig(vocab_size=64, hidden_size=32, layers=layers, attn_num_heads=4, swa_window=4,
+                     weight_norm=True, tie_word_embeddings=tied, num_meta_tokens=2)
+    return HybridLM(cfg)
+
+
+def check_invariants(m):
+    names = {n: d for n, _, d in weight_norm_targets(m)}
+    assert names["layers.0.mixer.q_proj.weight"] == 1 and names["layers.0.mixer.o_proj.weight"] == 0
+    assert names["layers.1.mixer.up_proj.weight"] == 1 and names["layers.1.mixer.down_proj.weight"] == 0
+    for _, w, dim in weight_norm_targets(m):
+        torch.testing.assert_close(w.norm(dim=dim), torch.ones(w.shape[1 - dim]), atol=1e-5, rtol=0)
+
+
+def test_targets_and_axes_after_steps():
+    m = model(tied=False)
+    assert "lm_head.weight" in {n for n, _, _ in weight_norm_targets(m)}
+    check_invariants(m)  # already projected at init
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.0)
+    ids = torch.randint(0, 64, (2, 12))
+    for _ in range(3):
+        loss = m(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        q = m.layers[0].mixer.q_proj.weight
+        assert not torch.allclose(q.norm(dim=1), torch.ones(q.shape[0]), atol=1e-4)  # the step moved off the sphere
+        normalize_weights(m)
+        check_invariants(m)
+
+
+def test_tied_embedding_not_projected_but_logits_use_unit_rows():
+    m = model(tied=True)
+    assert "lm_head.weight" not in {n for n, _, _ in weight_norm_targets(m)}
+    emb = m.embed_tokens.weight
+    assert not torch.allclose(emb.norm(dim=1), torch.ones(64))
+    h = torch.randn(1, 3, 32)
+    ref = h @ (emb / emb.norm(dim=1, keepdim=True)).T
+    torch.testing.assert_close(m.logits(h), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_vectors_untouched():
+    m = model()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if p.dim() == 1:
+                p.fill_(3.0)
+    normalize_weights(m)
+    assert all(torch.all(p == 3.0) for n, p in m.named_parameters() if p.dim() == 1)
