@@ -41,9 +41,12 @@ def versions() -> dict:
         except Exception as e:  # noqa: BLE001
             out[mod] = f"unavailable ({type(e).__name__})"
     try:
-        out["commit"] = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
-    except Exception:  # noqa: BLE001
-        out["commit"] = "unknown"
+        out["commit"] = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
+                                                stderr=subprocess.DEVNULL).strip()
+    except Exception:  # noqa: BLE001  (the device copy of the tree has no .git: pass HYLO_COMMIT)
+        import os
+
+        out["commit"] = os.environ.get("HYLO_COMMIT", "unknown")
     return out
 
 

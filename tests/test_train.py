@@ -155,11 +155,14 @@ def test_two_ranks_match_one_process(data, tmp_path):
         (tmp_path / f"{name}.yaml").write_text(json.dumps(cfg))  # JSON is YAML
     (tmp_path / "launch.py").write_text(LAUNCH)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(tmp_path / "launch.py"), str(tmp_path / "ddp.yaml"), str(tmp_path / "fsdp.yaml")],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("world 2") == 2 and proc.stdout.count("done:") == 2  # rank 0 alone prints
+    # one torchrun per run: re-creating the default process group inside one process can read the previous
+    # group's stale gloo addresses from the rendezvous store (seen under load)
+    for name in ("ddp", "fsdp"):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               str(tmp_path / "launch.py"), str(tmp_path / f"{name}.yaml")],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert proc.stdout.count("world 2") == 1 and proc.stdout.count("done:") == 1  # rank 0 alone prints
     for name in ("ddp", "fsdp"):
         lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         ranks2 = [(r["step"], r["loss"]) for r in lines if r["kind"] == "train"]

@@ -387,7 +387,11 @@ class Trainer:
     def run(self) -> Result:
         self.info = D.setup(self.cfg.device)
         try:
-            return self._run()
+            result = self._run()
+            # rank 0 may still be writing (curves.png) after the last collective: leave the process group
+            # together, or a rank that starts its next run early talks to a peer that is tearing down
+            D.barrier(self.info)
+            return result
         finally:
             if hasattr(self, "metrics"):
                 self.metrics.close()
