@@ -235,3 +235,24 @@ def test_schedules():
     wsd = Schedule("wsd", 100, warmup_steps=10, min_lr_ratio=0.0, decay_fraction=0.2)
     assert wsd(50) == 1.0 and wsd(79) == 1.0 and wsd(80) < 1.0 and wsd(99) == pytest.approx(0.0)
     assert Schedule("constant", 100, 0)(99) == 1.0
+
+
+def test_finished_run_exports_hf_model_that_load_opens(data, tmp_path):
+    """`<out>/model` is a Hugging Face folder with the tokenizer; `hylo.loading.load` opens it, the run folder and
+    the checkpoint file, all with the same weights; bad paths get a LoadError that names them."""
+    from hylo.loading import LoadError, load
+
+    res = train(_cfg(data, max_steps=2), out_dir=tmp_path / "run")
+    assert (tmp_path / "run" / "model" / "config.json").is_file()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    outs = []
+    for spec in (tmp_path / "run" / "model", tmp_path / "run", res.checkpoint):
+        model, tok = load(spec, device="cpu")
+        assert tok is not None and len(tok) == 512
+        with torch.no_grad():
+            outs.append(model(ids).logits)
+    torch.testing.assert_close(outs[0], outs[1])
+    torch.testing.assert_close(outs[0], outs[2])
+    for bad in (tmp_path / "nope", data):
+        with pytest.raises(LoadError, match=str(bad.name)):
+            load(bad, device="cpu")

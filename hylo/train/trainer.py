@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,6 +219,31 @@ class Trainer:
         if self.info.is_main:
             self.last_ckpt = str(save_checkpoint(self.out / "checkpoints", step, state, self.cfg.keep_checkpoints))
         self.last_ckpt = D.broadcast_object(self.last_ckpt, self.info)
+        D.barrier(self.info)
+
+    def _export(self) -> None:
+        """Write the finished model as a Hugging Face folder ``<out_dir>/model`` (config.json, safetensors and
+        the data's tokenizer), the form that ``hylo generate``, ``hylo eval`` and ``from_pretrained`` open."""
+        from ..loading import _tokenizer_from_manifest
+        from ..model import HybridLM
+
+        msd = self._state(self.step, self.tokens)["model"] if self.cfg.fsdp and self.info.distributed \
+            else self.raw.state_dict()
+        if self.info.is_main:
+            target = self.out / "model"
+            tmp = self.out / ".model.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            export = HybridLM(self.raw.config)
+            export.load_state_dict({k: v.detach().to("cpu") for k, v in msd.items()})
+            export.save_pretrained(str(tmp))
+            tok_spec = _tokenizer_from_manifest(self.cfg.to_dict())
+            if tok_spec is not None:
+                from ..data.tokenizer import load_tokenizer
+
+                load_tokenizer(tok_spec).save_pretrained(str(tmp))
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+            self._say(f"model: {target}")
         D.barrier(self.info)
 
     def _restore(self, state: dict) -> None:
@@ -455,6 +481,8 @@ class Trainer:
             val_loss = self.metrics.evals[-1]["val_loss"]
         if self.out is not None and (self.last_ckpt is None or not self.last_ckpt.endswith(f"step_{self.step:08d}.pt")):
             self._save(self.step, self.tokens)
+        if self.out is not None and self.step >= self.total_steps:
+            self._export()
         if self.out is not None and info.is_main and self.step >= self.total_steps:
             if plot_curves(self.metrics.history, self.metrics.evals, self.out / "curves.png"):
                 self._say(f"loss curves: {self.out / 'curves.png'}")
