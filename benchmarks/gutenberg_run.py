@@ -1,0 +1,140 @@
+"""A short real training run: a ~75M Nemotron-Flash-style hybrid on the Gutenberg corpus, with and without
+weight normalization, equal tokens, then perplexity on held-out books and WikiText-103 valid.
+
+Both runs use the same data order, seed, schedule and learning rate; only ``model.weight_norm`` differs (with it
+on, weight decay is 0, as Nemotron-Flash does). Writes a JSON with both runs' curves and evaluations, and one PNG
+with the two training curves and validation points.
+
+    python benchmarks/gutenberg_run.py --data DATA_DIR --heldout gutenberg_val.txt.gz \\
+        --wikitext wiki.valid.tokens --tokens 40_000_000 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from hylo.presets import NEMOTRON_FLASH_1B
+from hylo.train import train
+
+MODEL = dict(hidden_size=640, layers=NEMOTRON_FLASH_1B, attn_num_heads=10, attn_num_kv_heads=2,
+             deltanet_num_heads=10, mamba2_head_dim=64, mamba2_state_size=64, num_meta_tokens=32)
+
+
+def versions() -> dict:
+    out = {"torch": torch.__version__}
+    for name in ("triton", "fla", "transformers"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:
+            out[name] = None
+    return out
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r, color in zip(runs, ("tab:blue", "tab:orange")):
+        if "history" not in r:
+            continue
+        h = [x for x in r["history"] if x.get("kind", "train") == "train"]
+        ax.plot([x["tokens"] / 1e6 for x in h], [x["loss"] for x in h], color=color, alpha=0.6, lw=1,
+                label=f"train, weight norm {'on' if r['weight_norm'] else 'off'}")
+        ev = r.get("evals", [])
+        ax.plot([x["tokens"] / 1e6 for x in ev], [x["val_loss"] for x in ev], "o-", color=color, ms=4,
+                label=f"held-out, weight norm {'on' if r['weight_norm'] else 'off'}")
+    ax.set_xlabel("training tokens (M)")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylim(top=min(8.0, ax.get_ylim()[1]))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("~75M Nemotron-Flash-style hybrid on Gutenberg, H100")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--heldout", help="held-out books (.txt/.txt.gz) for `hylo eval ppl`")
+    ap.add_argument("--wikitext", help="wiki.valid.tokens")
+    ap.add_argument("--tokens", type=int, default=40_000_000)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--eval-context", type=int, default=2048)
+    ap.add_argument("--eval-stride", type=int, default=1024)
+    ap.add_argument("--eval-max-tokens", type=int, default=400_000)
+    ap.add_argument("--modes", nargs="*", default=["on", "off"])
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"benchmark": "gutenberg_run", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "versions": versions(), "commit": os.environ.get("HYLO_COMMIT"), "model": MODEL, "tokens": args.tokens,
+              "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr, "runs": []}
+    for mode in args.modes:
+        wn = mode == "on"
+        run = {"weight_norm": wn}
+        tmp = Path(tempfile.mkdtemp(prefix=f"hylo-wn-{mode}-"))
+        try:
+            t0 = time.perf_counter()
+            res = train(dict(model=dict(MODEL, weight_norm=wn), data=args.data, seq_len=args.seq_len,
+                             batch_size=args.batch_size, max_tokens=args.tokens,
+                             optimizer=dict(lr=args.lr, weight_decay=0.1, grad_clip=1.0),
+                             schedule=dict(kind="cosine", warmup=0.02, min_lr_ratio=0.1), eval_interval=100,
+                             eval_batches=16, compile=args.compile, logging=dict(log_interval=10)),
+                        out_dir=tmp / "run", progress=False)
+            run.update(wall_s=time.perf_counter() - t0, train_s=res.elapsed_s, steps=res.steps, tokens=res.tokens,
+                       params=res.num_params, tokens_per_s=res.tokens_per_s, val_loss=res.val_loss,
+                       val_ppl=res.val_ppl, train_loss=res.train_loss, history=res.history, evals=res.evals)
+            print(f"weight norm {mode}: {res.steps} steps, {res.tokens:,} tokens in {res.elapsed_s:.0f} s, "
+                  f"val loss {res.val_loss:.4f} (ppl {res.val_ppl:.2f})", flush=True)
+            from hylo.eval import perplexity
+            from hylo.loading import load
+
+            model, tok = load(tmp / "run", device="cuda", dtype=torch.bfloat16, need_tokenizer=True)
+            for key, path in (("heldout_books", args.heldout), ("wikitext103_valid", args.wikitext)):
+                if path:
+                    r = perplexity(model, tok, path, context=args.eval_context, stride=args.eval_stride,
+                                   max_tokens=args.eval_max_tokens)
+                    run[key] = r
+                    print(f"  {key}: {json.dumps({k: v for k, v in r.items() if not isinstance(v, (list, dict))})}",
+                          flush=True)
+            del model
+        except Exception as e:
+            run["error"] = f"{type(e).__name__}: {e}"
+            run["traceback"] = traceback.format_exc()[-3000:]
+            print(run["traceback"], flush=True)
+        result["runs"].append(run)
+        torch.cuda.empty_cache()
+        (out / "gutenberg_run.json").write_text(json.dumps(result, indent=1))
+    plot(result["runs"], out / "gutenberg_run.png")
+    print(f"\n{'weight norm':<12}{'tokens':>12}{'train s':>9}{'tok/s':>10}{'val ppl':>9}{'books ppl':>10}"
+          f"{'wiki ppl':>10}{'wiki bpb':>9}")
+    for r in result["runs"]:
+        if "error" in r:
+            print(f"{'on' if r['weight_norm'] else 'off':<12} ERROR {r['error'][:90]}")
+            continue
+        b, w = r.get("heldout_books", {}), r.get("wikitext103_valid", {})
+        print(f"{'on' if r['weight_norm'] else 'off':<12}{r['tokens']:>12,}{r['train_s']:>9.0f}"
+              f"{r['tokens_per_s']:>10,.0f}{r['val_ppl']:>9.2f}{b.get('ppl', float('nan')):>10.2f}"
+              f"{w.get('ppl', float('nan')):>10.2f}{w.get('bits_per_byte', float('nan')):>9.3f}")
+
+
+if __name__ == "__main__":
+    main()
