@@ -69,6 +69,7 @@ class HybridLM(PreTrainedModel, GenerationMixin):
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._meta_template: tuple | None = None
+        self._unit_head: tuple | None = None  # (weight version, unit-row LM head) for inference
         self.post_init()
         if config.weight_norm:
             from .weightnorm import normalize_weights
@@ -118,7 +119,13 @@ class HybridLM(PreTrainedModel, GenerationMixin):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         w = self.lm_head.weight
         if self.config.weight_norm:  # Nemotron-Flash: logits use unit-norm lm_head rows
-            w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-6)
+            if torch.is_grad_enabled():
+                w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-6)
+            else:  # inference: normalize once per version of the weights, not at every decode step
+                key = (w.data_ptr(), w._version, w.dtype)
+                if self._unit_head is None or self._unit_head[0] != key:
+                    self._unit_head = (key, w / w.norm(dim=1, keepdim=True).clamp_min(1e-6))
+                w = self._unit_head[1]
         return F.linear(h, w)
 
     def hidden_states(self, input_ids=None, inputs_embeds=None, cache: HybridCache | None = None) -> torch.Tensor:

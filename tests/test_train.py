@@ -256,3 +256,32 @@ def test_finished_run_exports_hf_model_that_load_opens(data, tmp_path):
     for bad in (tmp_path / "nope", data):
         with pytest.raises(LoadError, match=str(bad.name)):
             load(bad, device="cpu")
+
+
+def test_tensorboard_and_wandb_get_the_jsonl_scalars(data, tmp_path, monkeypatch):
+    """TensorBoard event files hold the same train/eval scalars as metrics.jsonl (read back with TensorBoard's own
+    reader); W&B (a stand-in module recording the calls: the real client needs an account or its service binary)
+    gets init with the run id and resume, one log per record at its step, and finish."""
+    import sys
+    import types
+
+    tb_reader = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    calls = []
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: calls.append(("init", kw)) or fake
+    fake.log = lambda d, step: calls.append(("log", d, step))
+    fake.finish = lambda: calls.append(("finish",))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    res = train(_cfg(data, max_steps=4, eval_interval=2, logging=dict(log_interval=1, tensorboard=True, wandb=True,
+                                                                         run_name="tb")), out_dir=tmp_path / "run")
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    acc = tb_reader.EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    tb_loss = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert tb_loss == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in recs if r["kind"] == "train"]
+    assert [e.step for e in acc.Scalars("eval/val_loss")] == [r["step"] for r in recs if r["kind"] == "eval"]
+    assert calls[0][0] == "init" and calls[0][1]["name"] == "tb" and calls[0][1]["resume"] == "allow"
+    logged = [(c[2], c[1]) for c in calls if c[0] == "log"]
+    assert [s for s, _ in logged] == [r["step"] for r in recs]
+    assert logged[0][1]["train/loss"] == recs[0]["loss"] and calls[-1] == ("finish",)
+    assert res.steps == 4

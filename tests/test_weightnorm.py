@@ -56,3 +56,18 @@ def test_vectors_untouched():
                 p.fill_(3.0)
     normalize_weights(m)
     assert all(torch.all(p == 3.0) for n, p in m.named_parameters() if p.dim() == 1)
+
+
+def test_inference_head_cache_follows_weight_updates():
+    """Without grad the unit-row LM head is computed once per weight version: same logits as the training path,
+    and an in-place update (optimizer step) is seen at the next call."""
+    m = model()
+    h = torch.randn(2, 3, 32)
+    with torch.no_grad():
+        a = m.logits(h)
+    torch.testing.assert_close(a, m.logits(h).detach())
+    with torch.no_grad():
+        m.lm_head.weight.mul_(torch.rand(64, 1) + 0.5).add_(0.1)
+        b = m.logits(h)
+    assert not torch.allclose(a, b)
+    torch.testing.assert_close(b, m.logits(h).detach())

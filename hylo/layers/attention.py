@@ -6,8 +6,9 @@ Decode state:
   slot ``p % R``. Keys are stored after RoPE, so the slot order does not matter to softmax.
 
 Paths: the reference computes softmax(QKᵀ)V explicitly in float32 (CPU, tests). The fast path uses
-``scaled_dot_product_attention`` (flash kernel for causal attention) and flex attention with a
-sliding-window block mask for `swa` prefill/training.
+``scaled_dot_product_attention`` (flash kernel for causal attention; a lower-right causal bias when a prefill
+continues a cache, so no per-length compilation) and flex attention with a sliding-window block mask for `swa`
+prefill/training.
 """
 
 from __future__ import annotations
@@ -94,6 +95,10 @@ def attention(q, k, v, window: int | None, q_offset: int) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     if full_window and Tq == 1:
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    if full_window:  # cached prefill (meta tokens, chunks): the causal diagonal sits at the lower right
+        from torch.nn.attention.bias import causal_lower_right
+
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(Tq, Tk), enable_gqa=True)
     w = window if window is not None else Tk + 1
     block_mask = _swa_block_mask(w, Tq, Tk, str(q.device))
     return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=True)
