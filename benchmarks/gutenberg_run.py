@@ -80,7 +80,14 @@ def main() -> None:
     ap.add_argument("--eval-max-tokens", type=int, default=400_000)
     ap.add_argument("--modes", nargs="*", default=["on", "off"])
     ap.add_argument("--out", required=True)
+    ap.add_argument("--smoke", action="store_true", help="a tiny model on the CPU: checks the script only")
     args = ap.parse_args()
+    if args.smoke:
+        MODEL.update(hidden_size=64, attn_num_heads=4, attn_num_kv_heads=2, deltanet_num_heads=4, mamba2_head_dim=16,
+                     mamba2_state_size=16, mamba2_chunk_size=16, num_meta_tokens=4, layers="d f m2 f a f")
+        args.tokens, args.seq_len, args.batch_size = 40 * 4 * 64, 64, 4
+        args.eval_context, args.eval_stride, args.eval_max_tokens = 64, 32, 2000
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": "gutenberg_run", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -96,7 +103,7 @@ def main() -> None:
             res = train(dict(model=dict(MODEL, weight_norm=wn), data=args.data, seq_len=args.seq_len,
                              batch_size=args.batch_size, max_tokens=args.tokens,
                              optimizer=dict(lr=args.lr, weight_decay=0.1, grad_clip=1.0),
-                             schedule=dict(kind="cosine", warmup=0.02, min_lr_ratio=0.1), eval_interval=100,
+                             schedule=dict(kind="cosine", warmup=0.02, min_lr_ratio=0.1), eval_interval=10 if args.smoke else 100,
                              eval_batches=16, compile=args.compile, logging=dict(log_interval=10)),
                         out_dir=tmp / "run", progress=False)
             run.update(wall_s=time.perf_counter() - t0, train_s=res.elapsed_s, steps=res.steps, tokens=res.tokens,
@@ -107,7 +114,7 @@ def main() -> None:
             from hylo.eval import perplexity
             from hylo.loading import load
 
-            model, tok = load(tmp / "run", device="cuda", dtype=torch.bfloat16, need_tokenizer=True)
+            model, tok = load(tmp / "run", device=device, need_tokenizer=True)
             for key, path in (("heldout_books", args.heldout), ("wikitext103_valid", args.wikitext)):
                 if path:
                     r = perplexity(model, tok, path, context=args.eval_context, stride=args.eval_stride,

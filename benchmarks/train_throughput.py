@@ -8,6 +8,7 @@ same run. For the hybrid, each operator's block (pre-norm + mixer + residual) is
 backward at the same shape, to show where its time goes.
 
     python benchmarks/train_throughput.py --data DATA_DIR --out results.json
+    python benchmarks/train_throughput.py --data DATA_DIR --out smoke.json --smoke   # CPU, tiny: checks the script
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import os
 import platform
 import statistics
+import time
 import traceback
 
 import torch
@@ -47,20 +49,30 @@ def versions() -> dict:
     return out
 
 
-def matmul_tflops(n: int = 8192, reps: int = 20) -> float:
-    a, b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16), torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+def _median_ms(fn, reps: int) -> float:
+    """Median milliseconds of ``fn()`` after 3 warm-up calls (CUDA events on a GPU, the host clock on the CPU)."""
     for _ in range(3):
-        a @ b
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        for _ in range(reps):
-            a @ b
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / reps)
-    return 2 * n ** 3 / statistics.median(times) / 1e12
+        fn()
+    ts = []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            torch.cuda.synchronize()
+            ts.append(s.elapsed_time(e))
+        else:
+            t = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(ts)
+
+
+def matmul_tflops(n: int = 8192, reps: int = 20, device: str = "cuda") -> float:
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    ms = _median_ms(lambda: [a @ b for _ in range(reps)], 5) / reps
+    return 2 * n ** 3 / (ms / 1e3) / 1e12
 
 
 def steady_tps(history: list[dict], skip: int) -> float:
@@ -72,60 +84,36 @@ def steady_tps(history: list[dict], skip: int) -> float:
 
 
 def block_times(model: HybridLM, batch: int, seq_len: int, reps: int = 10) -> dict:
-    """Forward and forward+backward ms of one block of each operator, alone, bf16 autocast."""
+    """Forward and forward+backward ms of one block of each operator, alone, bf16 autocast; and of the head."""
     out = {}
-    seen = set()
+    dev = next(model.parameters()).device
     d = model.config.hidden_size
-    for i, block in enumerate(model.layers):
-        if block.op in seen:
+    autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")  # noqa: E731
+    for block in model.layers:
+        if block.op in out:
             continue
-        seen.add(block.op)
-        x = torch.randn(batch, seq_len, d, device="cuda", requires_grad=True)
-        g = torch.randn(batch, seq_len, d, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(batch, seq_len, d, device=dev, requires_grad=True)
+        g = torch.randn(batch, seq_len, d, device=dev)
 
-        def fwd():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+        def fwd(block=block, x=x):
+            with autocast():
                 return block(x)
 
-        def fwd_bwd():
+        def fwd_bwd(fwd=fwd, g=g):
             y = fwd()
-            y.backward(g)
+            y.backward(g.to(y.dtype))
 
-        res = {}
-        for name, fn in (("fwd_ms", lambda: fwd()), ("fwd_bwd_ms", fwd_bwd)):
-            for _ in range(3):
-                fn()
-            ts = []
-            for _ in range(reps):
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                fn()
-                e.record()
-                torch.cuda.synchronize()
-                ts.append(s.elapsed_time(e))
-            res[name] = statistics.median(ts)
-        res["count"] = sum(b.op == block.op for b in model.layers)
-        out[block.op] = res
-    # the head: final norm + LM head + cross-entropy over the vocabulary
-    h = torch.randn(batch, seq_len, d, device="cuda", requires_grad=True)
-    y = torch.randint(0, model.config.vocab_size, (batch * seq_len,), device="cuda")
+        out[block.op] = {"fwd_ms": _median_ms(fwd, reps), "fwd_bwd_ms": _median_ms(fwd_bwd, reps),
+                         "count": sum(b.op == block.op for b in model.layers)}
+    h = torch.randn(batch, seq_len, d, device=dev, requires_grad=True)
+    y = torch.randint(0, model.config.vocab_size, (batch * seq_len,), device=dev)
 
-    def head():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+    def head():  # final norm + LM head + cross-entropy over the vocabulary
+        with autocast():
             logits = model.logits(model.norm(h))
         torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y).backward()
 
-    for _ in range(3):
-        head()
-    ts = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        head()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e))
-    out["lm_head+loss"] = {"fwd_bwd_ms": statistics.median(ts), "count": 1}
+    out["lm_head+loss"] = {"fwd_bwd_ms": _median_ms(head, reps), "count": 1}
     return out
 
 
@@ -140,23 +128,33 @@ def main() -> None:
     ap.add_argument("--vocab-size", type=int, default=32768)
     ap.add_argument("--models", nargs="*", default=list(MODELS))
     ap.add_argument("--compile", nargs="*", default=["eager", "compiled"])
+    ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script, numbers mean nothing")
     args = ap.parse_args()
-    assert torch.cuda.is_available(), "needs a CUDA device"
-    name = torch.cuda.get_device_name()
-    measured_peak = matmul_tflops()
+    if args.smoke:
+        for m in MODELS.values():
+            m.update(hidden_size=64, attn_num_heads=4, attn_num_kv_heads=2, deltanet_num_heads=4, mamba2_head_dim=16,
+                     mamba2_state_size=16, mamba2_chunk_size=16)
+        MODELS["attn-125m"]["layers"] = "a f a f"
+        args.seq_len, args.batch_size, args.steps, args.skip, args.vocab_size = 64, 2, 12, 5, 16384
+        args.compile = ["eager"]
+    elif not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA device (or --smoke to check the script on the CPU)")
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    measured_peak = matmul_tflops(128 if args.smoke else 8192, device="cuda" if torch.cuda.is_available() else "cpu")
     sheet_peak = peak_bf16_tflops(name)
     result = {"benchmark": "train_throughput", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "device": name, "versions": versions(), "commit": os.environ.get("HYLO_COMMIT"),
               "seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps, "skip": args.skip,
               "vocab_size": args.vocab_size, "peak_tflops_datasheet": sheet_peak,
-              "peak_tflops_measured_matmul_8192": measured_peak, "runs": []}
+              "peak_tflops_measured_matmul": measured_peak, "smoke": args.smoke, "runs": []}
     print(f"{name}: bf16 matmul {measured_peak:.0f} TFLOP/s measured, {sheet_peak} datasheet", flush=True)
     for mname in args.models:
         mcfg = dict(MODELS[mname], vocab_size=args.vocab_size)
         for mode in args.compile:
             run = {"model": mname, "mode": mode, "model_config": mcfg}
             try:
-                torch.cuda.reset_peak_memory_stats()
+                if torch.cuda.is_available():
+                    torch.cuda.reset_peak_memory_stats()
                 res = train(dict(model=mcfg, data=args.data, seq_len=args.seq_len, batch_size=args.batch_size,
                                  max_steps=args.steps, optimizer=dict(lr=1e-3), schedule=dict(kind="constant"),
                                  eval_batches=1, compile=mode == "compiled", logging=dict(log_interval=5)),
@@ -167,7 +165,7 @@ def main() -> None:
                            forward_flops_by_operator=fl["by_operator"], model_tflops=tps * fl["train"] / 1e12,
                            mfu_datasheet=tps * fl["train"] / (sheet_peak * 1e12) if sheet_peak else None,
                            mfu_measured_peak=tps * fl["train"] / (measured_peak * 1e12),
-                           final_loss=res.train_loss, peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+                           final_loss=res.train_loss, peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None)
                 if mode == "eager":
                     run["blocks"] = block_times(res.model, args.batch_size, args.seq_len)
                 del res

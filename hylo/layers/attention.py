@@ -104,6 +104,20 @@ def attention(q, k, v, window: int | None, q_offset: int) -> torch.Tensor:
     return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=True)
 
 
+def decode_attention(q, k, v, mask) -> torch.Tensor:
+    """One query per row over a static cache: ``q [B, H, 1, Dh]``, ``k, v [B, Hkv, L, Dh]``, ``mask [B, 1, 1, L]``.
+
+    Two grouped matrix products that read K and V once, without expanding them to ``H`` heads (SDPA with a mask
+    and GQA falls back to its math kernel, which copies the whole cache per step); softmax in float32.
+    """
+    B, H, _, Dh = q.shape
+    Hkv = k.shape[1]
+    qg = q.reshape(B, Hkv, H // Hkv, Dh)  # query heads of a KV group are adjacent (as enable_gqa assumes)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * (1.0 / math.sqrt(Dh))  # [B, Hkv, g, L]
+    p = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return torch.matmul(p.to(v.dtype), v).reshape(B, H, 1, Dh)
+
+
 # ----------------------------------------------------------------------------- the layer
 class Attention(Layer):
     """Multi-head attention with GQA and RoPE; ``window`` makes it sliding-window attention (`swa`)."""
@@ -186,7 +200,7 @@ class Attention(Layer):
             valid = (pos[:, None] - torch.remainder(pos[:, None] - s[None, :], cap)) >= 0
         mask = valid[:, None, None, :]  # [B, 1, 1, cap]
         if use_fast(x, needs_fla=False):
-            o = F.scaled_dot_product_attention(q, state["k"], state["v"], attn_mask=mask, enable_gqa=True)
+            o = decode_attention(q, state["k"], state["v"], mask)
         else:
             o = attention_ref(q, state["k"], state["v"], mask)
         return self._out(o)
