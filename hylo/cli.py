@@ -33,6 +33,34 @@ def _register_train() -> None:
 
 
 _register_train()
+
+
+def _register_generate() -> None:
+    from .cli_generate import generate_command
+
+    app.command("generate", help="Generate text from a model folder, run folder or checkpoint.")(generate_command)
+
+
+_register_generate()
+
+
+def _register_eval() -> None:
+    from .cli_eval import eval_app
+
+    app.add_typer(eval_app, name="eval", help="Evaluate models: perplexity, retrieval, MQAR, lm-eval-harness.")
+
+
+_register_eval()
+
+
+def _register_profile() -> None:
+    from .cli_profile import profile_command
+
+    app.command("profile", help="Latency, throughput and memory on a GPU; per-operator LUT and predictor.")(
+        profile_command)
+
+
+_register_profile()
 console = Console()
 
 DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}

@@ -1,0 +1,184 @@
+"""`DecodeRunner`: a static decode cache and one decode step for a fixed batch size, optionally a CUDA graph.
+
+Every decode step of a hylo model has static shapes (``HybridLM.decode_step``: per-row positions live in the
+tensor ``cache.pos``, KV caches are preallocated to ``max_len``, recurrent states are fixed-size), so the whole
+step -- embedding, every layer, final norm, LM head -- can be captured once and replayed: one graph launch per
+token instead of hundreds of kernel launches from Python, which is what bounds small-model decoding.
+
+The runner is the low-level piece the engine and the profiler share:
+
+    runner = DecodeRunner(model, batch_size=8, max_len=4096)     # graphed on CUDA, eager elsewhere
+    runner.set_positions(1024)                                   # every row holds 1024 tokens of context
+    logits = runner.step(tokens)                                 # tokens LongTensor[8] -> logits [8, V]
+
+Positions are counted in *real* tokens (meta tokens excluded): after ``reset()`` a row is at position 0 and
+holds only the meta-token state. ``step`` writes each row's token at its own position and advances every row
+by one. Note that attention's decode step attends over the whole preallocated ``max_len`` (masked), so its cost
+depends on ``max_len``, not on the current position.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..cache import HybridCache
+
+
+def row_view(cache: HybridCache, start: int, stop: int) -> HybridCache:
+    """A cache over rows ``start:stop`` of ``cache`` that shares its storage (states and ``pos``).
+
+    Writes through the view (prefill of some rows, a decode step of the first rows) land in ``cache``. The
+    view's ``seq_len`` is the meta-token count: set it to the rows' common length before a prefill.
+    """
+    if not 0 <= start < stop <= cache.batch_size:
+        raise ValueError(f"rows {start}:{stop} are outside the cache's batch of {cache.batch_size}")
+    states = [{k: t[start:stop] for k, t in st.items()} for st in cache.states]
+    view = HybridCache(states, stop - start, cache.max_len, num_meta_tokens=cache.num_meta_tokens)
+    view.pos = cache.pos[start:stop]
+    view.seq_len = cache.num_meta_tokens
+    return view
+
+
+@torch.no_grad()
+def reset_cache(model, cache: HybridCache) -> None:
+    """Every row back to the state right after the meta tokens (zeros without them), at position 0."""
+    n = cache.num_meta_tokens
+    for st in cache.states:
+        for t in st.values():
+            t.zero_()  # attention KV too: stale entries are masked, but a stale NaN would still poison softmax@V
+    if n:
+        for block, src, dst in zip(model.layers, model._meta_state(), cache.states):
+            block.mixer.copy_state(src, dst, n)
+    cache.pos.fill_(n)
+    cache.seq_len = n
+
+
+def _positions(pos, batch_size: int) -> list[int]:
+    if isinstance(pos, torch.Tensor):
+        pos = pos.tolist()
+    if isinstance(pos, int):
+        return [pos] * batch_size
+    pos = [int(p) for p in pos]
+    if len(pos) != batch_size:
+        raise ValueError(f"set_positions takes one int or {batch_size} positions (one per row), got {len(pos)}")
+    return pos
+
+
+class DecodeRunner:
+    """Static cache + one decode step for a fixed batch size, optionally captured as a CUDA graph.
+
+    ``cuda_graph=None`` captures on CUDA devices and runs eagerly elsewhere. ``cache`` lets several runners share
+    one cache (e.g. ``row_view(big, 0, b)`` for a batch bucket ``b``); by default the runner builds
+    ``model.new_cache(batch_size, max_len)``. ``pool`` is a CUDA graph memory pool shared between captures.
+    When graphed, ``step`` returns a static output buffer that the next ``step`` overwrites.
+    """
+
+    cache: HybridCache
+
+    def __init__(self, model, batch_size: int, max_len: int, cuda_graph: bool | None = None, *,
+                 cache: HybridCache | None = None, pool=None, warmup: int = 2):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        for name in ("new_cache", "decode_step"):
+            if not hasattr(model, name):
+                raise TypeError(f"DecodeRunner needs a hylo HybridLM (new_cache/decode_step); got "
+                                f"{type(model).__name__}")
+        self.model = model
+        self.batch_size = batch_size
+        self.device = next(model.parameters()).device
+        if cuda_graph is None:
+            cuda_graph = self.device.type == "cuda"
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model on a CUDA device; it is on {self.device}")
+        if cache is None:
+            cache = model.new_cache(batch_size, max_len)
+        elif cache.batch_size != batch_size:
+            raise ValueError(f"the cache holds {cache.batch_size} rows, the runner was asked for {batch_size}")
+        self.cache = cache
+        self.num_meta_tokens = cache.num_meta_tokens
+        self.max_len = cache.max_len - cache.num_meta_tokens  # real tokens
+        self._max_pos = cache.num_meta_tokens  # host-side upper bound of the rows' absolute positions
+        self._tokens = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self._logits: torch.Tensor | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if cuda_graph:
+            self._capture(pool, warmup)
+        else:
+            self.reset()
+
+    @property
+    def graphed(self) -> bool:
+        return self.graph is not None
+
+    # ------------------------------------------------------------------ public
+    def reset(self) -> None:
+        """Back to the meta-token state, every row at position 0."""
+        reset_cache(self.model, self.cache)
+        self._max_pos = self.num_meta_tokens
+
+    def set_positions(self, pos: int | Sequence[int] | torch.Tensor) -> None:
+        """Put row(s) at context length ``pos`` (real tokens; one int for all rows or one per row), e.g. to time
+        decoding at a given context. The states are left as they are (their values do not change the cost)."""
+        ps = _positions(pos, self.batch_size)
+        if min(ps) < 0 or max(ps) >= self.max_len:
+            raise ValueError(f"positions must lie in [0, {self.max_len - 1}] (the cache holds {self.max_len} "
+                             f"tokens and a step writes one more); got min {min(ps)}, max {max(ps)}")
+        n = self.num_meta_tokens
+        self.cache.pos.copy_(torch.tensor(ps, dtype=torch.long) + n)
+        self._max_pos = n + max(ps)
+        self.cache.seq_len = self._max_pos
+
+    def positions(self) -> list[int]:
+        """Each row's current context length in real tokens (a host sync)."""
+        return [p - self.num_meta_tokens for p in self.cache.pos.tolist()]
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (``LongTensor[B]``), advance every row by one; returns logits ``[B, V]``."""
+        if self._max_pos >= self.cache.max_len:
+            raise ValueError(f"the cache is full: a row is at position {self._max_pos - self.num_meta_tokens} of "
+                             f"{self.max_len}; reset() or set_positions() first")
+        if tokens.shape != (self.batch_size,):
+            raise ValueError(f"step takes LongTensor[{self.batch_size}] (one token per row), got shape "
+                             f"{tuple(tokens.shape)}")
+        out = self._step(tokens)
+        self._max_pos += 1
+        return out
+
+    # ------------------------------------------------------------------ internals
+    def _step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The step without host-side position checks (the engine keeps its own exact accounting)."""
+        if self.graph is None:
+            # per-row positions live in cache.pos; seq_len (one number for all rows) only has to pass
+            # decode_step's capacity check
+            self.cache.seq_len = min(self._max_pos, self.cache.max_len - 1)
+            return self.model.decode_step(tokens.to(self.device), self.cache)
+        self._tokens.copy_(tokens, non_blocking=True)
+        self.graph.replay()
+        return self._logits
+
+    @torch.no_grad()
+    def _capture(self, pool, warmup: int) -> None:
+        n = self.num_meta_tokens
+        self.reset()
+        self.cache.seq_len = n
+        # warm up on a side stream (lazy initialisations, kernel selection) as torch.cuda.graphs requires;
+        # positions are put back after each step so a tiny max_len cannot overflow
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(max(1, warmup)):
+                self.model.decode_step(self._tokens, self.cache)
+                self.cache.pos.fill_(n)
+                self.cache.seq_len = n
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            self._logits = self.model.decode_step(self._tokens, self.cache)
+        self.cache.seq_len = n
+        self.graph = graph
+        self.reset()  # warm-up steps wrote junk into the states

@@ -1,0 +1,192 @@
+"""Decode latency and throughput of a model predicted from a :class:`HyloConfig` and a measured LUT, without
+building the model (parameter and state sizes come from single layers on the meta device: no memory, no weights).
+
+One decode step is predicted as ``overhead + embed + sum over layers (norm + op) + head`` (see
+:mod:`hylo.profile.lut`), at the model's cache length (context + meta tokens). Memory: weights + batch x (state
+bytes per sequence + the largest per-row temporary memory of a layer's step, as measured for the LUT).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .lut import LUT, Lookup, model_pieces
+from .pieces import state_bytes, step_bytes, weight_bytes
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def lut_dtype(lut: LUT) -> torch.dtype:
+    name = lut.meta.get("dtype", "bfloat16")
+    if name not in DTYPES:
+        raise ValueError(f"LUT dtype {name!r} is not one of {list(DTYPES)}")
+    return DTYPES[name]
+
+
+# ----------------------------------------------------------------------------- memory
+def model_memory(config, context: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """``{"weights_bytes", "state_bytes_per_seq", "cache_len"}`` of a model with ``config`` whose cache holds
+    ``context`` tokens (plus its meta tokens), counted from meta-device layers."""
+    db = torch.empty((), dtype=dtype).element_size()
+    D, V = config.hidden_size, config.vocab_size
+    n_meta = config.num_meta_tokens
+    cache_len = context + n_meta
+    w = 0
+    st = 0
+    for op, sig, count in model_pieces(config):
+        if op in ("norm", "embed", "head", "overhead"):
+            continue
+        w += count * weight_bytes(op, sig, db)
+        st += count * state_bytes(op, sig, cache_len, dtype)
+    w += db * (len(config.layers) * D + D + V * D + n_meta * D)  # block norms, final norm, embedding, meta
+    if not config.tie_word_embeddings:
+        w += db * V * D
+    return {"weights_bytes": int(w), "state_bytes_per_seq": int(st), "cache_len": int(cache_len)}
+
+
+def max_batch(memory_bytes: float, per_seq_bytes: float, weight_bytes: float = 0.0, fixed_bytes: float = 0.0,
+              margin: float = 0.9, cap: int | None = None) -> int:
+    """The largest batch whose memory fits: ``weights + fixed + batch x per_seq <= margin x memory``.
+
+    ``memory_bytes`` is what the process may use (free device memory, or the device's memory with the weights
+    counted in ``weight_bytes``); ``per_seq_bytes`` the decode state plus temporaries of one row. 0 when even one
+    row does not fit; at most ``cap``."""
+    if not 0 < margin <= 1:
+        raise ValueError(f"margin must be in (0, 1], got {margin}")
+    if per_seq_bytes <= 0:
+        raise ValueError(f"per_seq_bytes must be > 0, got {per_seq_bytes}")
+    avail = memory_bytes * margin - weight_bytes - fixed_bytes
+    b = max(0, int(avail // per_seq_bytes))
+    return min(b, cap) if cap is not None else b
+
+
+def integrate_steps(points: list[tuple[float, float]], n_tokens: int) -> float:
+    """Total time of ``n_tokens`` decode steps (positions ``0 .. n_tokens-1``) from step times sampled at some
+    positions: ``points = [(position, ms), ...]``; trapezoid between the samples, the end values held constant
+    outside them. Returns ms."""
+    if not points:
+        raise ValueError("integrate_steps needs at least one (position, ms) point")
+    if n_tokens < 1:
+        raise ValueError(f"n_tokens must be >= 1, got {n_tokens}")
+    pts = sorted(points)
+    xs = [min(max(p, 0.0), float(n_tokens)) for p, _ in pts]
+    ys = [m for _, m in pts]
+    total = ys[0] * xs[0] + ys[-1] * (n_tokens - xs[-1])
+    for i in range(len(xs) - 1):
+        total += 0.5 * (ys[i] + ys[i + 1]) * (xs[i + 1] - xs[i])
+    return total
+
+
+# ----------------------------------------------------------------------------- latency
+@dataclass
+class DecodePrediction:
+    context: int
+    batch: int
+    ms_per_token: float  # ms per decode step (every row gets one token)
+    tokens_per_s: float
+    by_op: dict = field(default_factory=dict)  # ms per step by piece, all layers of one operator summed
+    scaled: list = field(default_factory=list)  # pieces estimated from other widths
+    extrapolated: bool = False
+
+    def to_dict(self) -> dict:
+        return {"context": self.context, "batch": self.batch, "ms_per_token": self.ms_per_token,
+                "tokens_per_s": self.tokens_per_s, "by_op": self.by_op, "scaled": self.scaled,
+                "extrapolated": self.extrapolated}
+
+
+def predict_decode(config, lut: LUT, context: int, batch: int = 1, space: str = "linear") -> DecodePrediction:
+    """Predicted ms per decode step with a cache of ``context`` tokens (plus meta tokens) and ``batch`` rows."""
+    if context < 1 or batch < 1:
+        raise ValueError(f"context and batch must be >= 1, got context={context}, batch={batch}")
+    dtype = lut_dtype(lut)
+    cache_len = context + config.num_meta_tokens
+
+    def work(op, sig, ctx, b):
+        return step_bytes(op, sig, ctx, b, dtype)
+
+    total, by_op, scaled, extra = 0.0, {}, [], False
+    for op, sig, count in model_pieces(config):
+        # the per-step overhead (token copy, graph launch) does not depend on the batch: measured at batch 1
+        r: Lookup = lut.lookup(op, sig, cache_len, 1 if op == "overhead" else batch, space=space, work=work)
+        by_op[op] = by_op.get(op, 0.0) + count * r.ms
+        total += count * r.ms
+        extra |= r.extrapolated
+        if r.how != "exact" and op not in scaled:
+            scaled.append(op)
+    return DecodePrediction(context, batch, total, 1e3 * batch / total, by_op, scaled, extra)
+
+
+def predict_generate(config, lut: LUT, n_tokens: int = 8192, batch: int = 1, cache: str = "static",
+                     points: int = 12, space: str = "linear") -> dict:
+    """Predicted seconds to decode ``n_tokens`` tokens from an empty context.
+
+    ``cache="static"``: the cache is allocated for ``n_tokens`` up front (hylo's engine), so every step costs the
+    step at that cache length. ``cache="growing"``: the cache length follows the context (an engine that sizes
+    its cache to the live context, as a dynamic KV cache does): the step time integrated over the context,
+    sampled at ``points`` geometrically spaced lengths."""
+    if cache == "static":
+        ms = predict_decode(config, lut, n_tokens, batch, space).ms_per_token
+        return {"seconds": n_tokens * ms / 1e3, "tokens": n_tokens, "batch": batch, "cache": cache,
+                "ms_per_token": ms}
+    if cache != "growing":
+        raise ValueError(f"cache must be 'static' or 'growing', got {cache!r}")
+    ctxs = sorted({max(1, round(math.exp(math.log(n_tokens) * i / (points - 1)))) for i in range(points)})
+    pts = [(c, predict_decode(config, lut, c, batch, space).ms_per_token) for c in ctxs]
+    total = integrate_steps(pts, n_tokens)
+    return {"seconds": total / 1e3, "tokens": n_tokens, "batch": batch, "cache": cache,
+            "ms_per_token": total / n_tokens}
+
+
+# ----------------------------------------------------------------------------- throughput
+def _temp_per_row(lut: LUT, op: str, sig: dict, context: int) -> float:
+    """Temporary bytes per row of one step of ``op`` (LUT entries' ``temp_bytes``, nearest context, largest
+    batch); 0 when the table has none."""
+    best = None
+    for e in lut.entries:
+        if e["op"] != op or e["sig"] != sig or "error" in e or not e.get("temp_bytes"):
+            continue
+        d = abs(math.log(max(e["context"], 1) / max(context, 1)))
+        key = (d, -e["batch"])
+        if best is None or key < best[0]:
+            best = (key, e["temp_bytes"] / e["batch"])
+    return float(best[1]) if best else 0.0
+
+
+def predict_max_batch(config, lut: LUT, context: int, memory_bytes: float | None = None, margin: float = 0.9,
+                      cap: int | None = 1024) -> dict:
+    """Largest batch that fits at ``context``: ``{"batch", "weights_bytes", "per_seq_bytes", "memory_bytes"}``.
+
+    ``memory_bytes`` defaults to the LUT's ``meta.free_bytes`` (device memory free before anything was loaded)."""
+    if memory_bytes is None:
+        memory_bytes = lut.meta.get("free_bytes")
+        if memory_bytes is None:
+            raise ValueError("the LUT records no free_bytes (built on a CPU?): pass memory_bytes")
+    dtype = lut_dtype(lut)
+    mem = model_memory(config, context, dtype)
+    cache_len = mem["cache_len"]
+    from .lut import effective_context
+
+    temp = max([_temp_per_row(lut, op, sig, effective_context(op, sig, cache_len))
+                for op, sig, _ in model_pieces(config)] or [0.0])
+    per_seq = mem["state_bytes_per_seq"] + temp
+    b = max_batch(memory_bytes, per_seq, mem["weights_bytes"], 0.0, margin, cap)
+    return {"batch": b, "weights_bytes": mem["weights_bytes"], "per_seq_bytes": int(per_seq),
+            "state_bytes_per_seq": mem["state_bytes_per_seq"], "temp_bytes_per_row": int(temp),
+            "memory_bytes": int(memory_bytes), "margin": margin, "capped": cap is not None and b == cap}
+
+
+def predict_throughput(config, lut: LUT, context: int, batch: int | None = None, memory_bytes: float | None = None,
+                       margin: float = 0.9, cap: int | None = 1024, space: str = "linear") -> dict:
+    """Generated tokens/s at ``context`` and ``batch`` (default: the largest batch that fits)."""
+    info = None
+    if batch is None:
+        info = predict_max_batch(config, lut, context, memory_bytes, margin, cap)
+        batch = info["batch"]
+        if batch < 1:
+            return {"context": context, "batch": 0, "tokens_per_s": 0.0, "ms_per_step": None, "max_batch": info}
+    p = predict_decode(config, lut, context, batch, space)
+    return {"context": context, "batch": batch, "tokens_per_s": p.tokens_per_s, "ms_per_step": p.ms_per_token,
+            "max_batch": info, "scaled": p.scaled, "extrapolated": p.extrapolated}
