@@ -79,6 +79,24 @@ def make_config(D: int) -> HyloConfig:
                       mamba2_state_size=128, deltanet_num_heads=heads, gdn_num_heads=heads, jet_num_heads=heads)
 
 
+def gated_backward(op: str) -> str | None:
+    """Which backward the gated linear operators take here (HYLO_GATED_BWD, see hylo.ops.chunk_bwd)."""
+    if op not in ("mamba2", "gdn", "jet"):
+        return None
+    from hylo.ops.chunk_bwd import gated_bwd_mode
+
+    mode = gated_bwd_mode()
+    if mode != "auto":
+        return mode
+    if op == "mamba2":
+        from hylo.ops.ssd import fla_backward_supported
+        own = fla_backward_supported(False)
+    else:
+        from hylo.ops.delta_rule import fla_gated_backward_supported
+        own = fla_gated_backward_supported(None, None, None, None, None)
+    return "fla" if own else "triton (fla's kernels + hylo's dqkwg)"
+
+
 def bench_op(op: str, cfg: HyloConfig, B: int, T: int) -> dict:
     torch.manual_seed(0)
     dev = "cuda"
@@ -93,6 +111,8 @@ def bench_op(op: str, cfg: HyloConfig, B: int, T: int) -> dict:
     gy = torch.randn(B, T, cfg.hidden_size, device=dev).bfloat16().float()
     res: dict = {"op": op, "B": B, "T": T, "D": cfg.hidden_size,
                  "params": sum(p.numel() for p in layer.parameters())}
+    if gated_backward(op):
+        res["gated_backward"] = gated_backward(op)
 
     # --- reference: float32 weights and activations, reference path
     with backend("ref"):

@@ -151,8 +151,9 @@ def test_custom_backward_function_dtypes_and_partial_grads():
 
 
 def test_dispatch(monkeypatch):
-    """On the fast path: fla's own op when its backward runs (or no grad is needed), else the Function."""
-    calls = []
+    """On the fast path: fla's own op when its backward runs (or no grad is needed); else, by HYLO_GATED_BWD,
+    fla's blocks with hylo's dqkwg (auto / triton / torch), the recompute Function, or fla's op regardless."""
+    calls, hylo_calls = [], []
 
     def fake_fla(q, k, v, beta, g=None, scale=None, initial_state=None, output_final_state=False,
                  use_qk_l2norm=False):
@@ -161,23 +162,44 @@ def test_dispatch(monkeypatch):
             q, k = l2norm(q), l2norm(k)
         return _ref_fwd(q, k, v, beta, g, scale, initial_state, output_final_state)
 
+    def fake_hylo(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                  use_qk_l2norm_in_kernel=False, dqkwg="triton"):
+        hylo_calls.append((dqkwg, use_qk_l2norm_in_kernel))
+        return delta_rule_chunked(l2norm(q), l2norm(k), v, beta, g, scale, initial_state, output_final_state)
+
+    monkeypatch.delenv("HYLO_GATED_BWD", raising=False)
     monkeypatch.setattr(D, "use_fast", lambda x, needs_fla=True: True)
     monkeypatch.setattr(D, "fla_forward", fake_fla)
+    monkeypatch.setattr(D, "chunk_gated_delta_rule", fake_hylo)
     monkeypatch.setattr(D, "fla_gated_backward_supported", lambda *a: False)
     q, k, v, beta, g, s0 = (t.float() for t in make(30))
     q.requires_grad_()
+    o_ref, _ = delta_rule_naive(l2norm(q), l2norm(k), v, beta, g, None, s0)
+
     o, h = delta_rule(q, k, v, beta, g, initial_state=s0, output_final_state=True, use_qk_l2norm=True)
-    assert type(o.grad_fn).__name__ == "FlaGatedDeltaRuleBackward" and calls == [False]
-    o2, _ = delta_rule_naive(l2norm(q), l2norm(k), v, beta, g, None, s0)
-    torch.testing.assert_close(o, o2)
-    with torch.no_grad():  # no backward needed: fla's op directly, l2norm in its kernel
+    assert hylo_calls == [("triton", True)] and calls == []  # auto, fla's backward refused: hylo's dqkwg
+    torch.testing.assert_close(o, o_ref)
+    for mode, dqkwg in (("torch", "torch"), ("triton", "triton")):
+        monkeypatch.setenv("HYLO_GATED_BWD", mode)
+        delta_rule(q, k, v, beta, g, initial_state=s0, use_qk_l2norm=True)
+        assert hylo_calls[-1] == (dqkwg, True)
+    monkeypatch.setenv("HYLO_GATED_BWD", "recompute")
+    o, h = delta_rule(q, k, v, beta, g, initial_state=s0, output_final_state=True, use_qk_l2norm=True)
+    assert type(o.grad_fn).__name__ == "FlaGatedDeltaRuleBackward" and calls == [False] and len(hylo_calls) == 3
+    torch.testing.assert_close(o, o_ref)
+    monkeypatch.setenv("HYLO_GATED_BWD", "fla")  # fla's op even where it refuses the backward
+    delta_rule(q, k, v, beta, g, use_qk_l2norm=True)
+    assert calls == [False, True]
+    monkeypatch.setenv("HYLO_GATED_BWD", "recompute")
+    with torch.no_grad():  # no backward needed: fla's op directly, l2norm in its kernel, whatever the mode
         delta_rule(q, k, v, beta, g, use_qk_l2norm=True)
-    assert calls == [False, True]
+    assert calls == [False, True, True]
     delta_rule(q, k, v, beta, None, use_qk_l2norm=True)  # float32 without gates: fla refuses it, reference runs
-    assert calls == [False, True]
+    assert calls == [False, True, True]
+    monkeypatch.setenv("HYLO_GATED_BWD", "auto")
     monkeypatch.setattr(D, "fla_gated_backward_supported", lambda *a: True)
     o, _ = delta_rule(q, k, v, beta, g, use_qk_l2norm=True)
-    assert type(o.grad_fn).__name__ != "FlaGatedDeltaRuleBackward" and calls == [False, True, True]
+    assert calls == [False, True, True, True] and len(hylo_calls) == 3
 
 
 def test_backward_detection_override(monkeypatch):

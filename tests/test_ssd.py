@@ -128,22 +128,39 @@ def test_custom_backward_bf16_and_partial_grads():
     assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all() and B.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("fla_bwd", [False, True])
-def test_ssd_dispatch_with_fake_fast_path(monkeypatch, fla_bwd):
-    """With the fast path forced and fla stubbed, ``ssd`` takes fla's or hylo's backward and both are right."""
-    monkeypatch.setattr(S, "use_fast", lambda x: True)
-    monkeypatch.setattr(S, "fla_forward", fake_fla)
-    monkeypatch.setattr(S, "fla_backward_supported", lambda *_: fla_bwd)
+@pytest.mark.parametrize("mode,fla_bwd,path", [("auto", True, "fla"), ("auto", False, "triton"),
+                                               ("torch", True, "torch"), ("triton", False, "triton"),
+                                               ("recompute", False, "recompute"), ("fla", False, "fla")])
+def test_ssd_dispatch_with_fake_fast_path(monkeypatch, mode, fla_bwd, path):
+    """With the fast path forced and fla stubbed, ``ssd`` takes the backward HYLO_GATED_BWD names (auto: fla's
+    own where it runs, else fla's blocks with hylo's dqkwg) and the gradients are right."""
     calls = []
+
+    def fake_fla_any(x, dt, A, B, C, initial_state=None, output_final_state=False, impl=None):
+        calls.append("fla" if impl is None else None)
+        return fla_forward(x, dt, A, B, C, initial_state, output_final_state, impl=impl or simple_gla_ref)
+
+    def fake_hylo(q, k, v, g, scale=None, initial_state=None, output_final_state=False, dqkwg="triton"):
+        calls[-1] = dqkwg
+        return simple_gla_ref(q, k, v, g, scale, initial_state, output_final_state)
+
+    monkeypatch.setenv("HYLO_GATED_BWD", mode)
+    monkeypatch.setattr(S, "use_fast", lambda x: True)
+    monkeypatch.setattr(S, "fla_forward", fake_fla_any)
+    monkeypatch.setattr(S, "chunk_simple_gla", fake_hylo)
+    monkeypatch.setattr(S, "fla_backward_supported", lambda *_: fla_bwd)
     orig = SSDFlaForward.apply
-    monkeypatch.setattr(SSDFlaForward, "apply", lambda *a: calls.append(1) or orig(*a))
+    monkeypatch.setattr(SSDFlaForward, "apply", lambda *a: calls.append("recompute") or orig(*a))
     inputs = make(19, dtype=torch.float32)
     wy, wh = _loss_weights(19)
     ref = _grads(lambda *a: ssd_naive(*a[:5], a[5], True), [t.double() for t in inputs], wy, wh)
     got = _grads(lambda *a: ssd(*a[:5], chunk_size=16, initial_state=a[5], output_final_state=True), inputs, wy, wh)
-    assert bool(calls) != fla_bwd
+    assert calls[0] == path, calls
     for r, g in zip(ref, got):
         torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # no backward needed: fla's op, whatever the mode
+        ssd(*inputs[:5], initial_state=inputs[5])
+    assert calls[-1] == "fla"
 
 
 def test_ssd_cpu_uses_chunked():

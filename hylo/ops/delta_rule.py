@@ -28,9 +28,16 @@ So ``D = U - W S0`` with ``[U | W] = (I + M)^-1 [diag(beta) V | diag(beta e^G) K
 
 Fast path. fla 0.6.0 refuses the backward of ``chunk_gated_delta_rule`` on Hopper with Triton in
 [3.4, 3.7.1) (fla issue #640; the check is in ``fla.ops.common.chunk_o.chunk_bwd_dqkwg``) while its forward
-and ``chunk_delta_rule``'s backward work. :func:`fla_gated_backward_supported` mirrors fla's condition;
-where the backward is refused, :class:`FlaGatedDeltaRule` runs fla's forward and a backward that
-recomputes :func:`delta_rule_chunked` in float32 under autograd.
+and ``chunk_delta_rule``'s backward work. :func:`fla_gated_backward_supported` mirrors fla's condition.
+``HYLO_GATED_BWD`` (:func:`hylo.ops.chunk_bwd.gated_bwd_mode`) picks the gated backward when one is needed:
+
+- ``auto`` (default): fla's own op where its backward runs; where fla refuses it,
+  :func:`hylo.ops.chunk_bwd.chunk_gated_delta_rule` -- fla's forward and fla's backward kernels, in fla's
+  order, with hylo's Triton kernel for the one step fla gets wrong (``dqkwg``);
+- ``triton`` / ``torch``: that path everywhere, with hylo's ``dqkwg`` in Triton / in PyTorch;
+- ``fla``: fla's own op everywhere (fla raises on the blocked setups);
+- ``recompute``: :class:`FlaGatedDeltaRule`, fla's forward and a backward that recomputes
+  :func:`delta_rule_chunked` in float32 under autograd (13-30x fla's forward on H100; kept for comparison).
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from hylo.ops.backend import use_fast
+from hylo.ops.chunk_bwd import chunk_gated_delta_rule, gated_bwd_mode
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -204,7 +212,8 @@ def fla_forward(q, k, v, beta, g=None, scale=None, initial_state=None, output_fi
 
 
 class FlaGatedDeltaRule(torch.autograd.Function):
-    """fla's forward, hylo's backward: recompute :func:`delta_rule_chunked` in float32 under autograd.
+    """fla's forward, hylo's backward: recompute :func:`delta_rule_chunked` in float32 under autograd
+    (``HYLO_GATED_BWD=recompute``; slow, kept for comparison).
 
     ``fwd(q, k, v, beta, g, scale, initial_state, output_final_state) -> (o, ht)`` is the fast forward
     (fla's kernel; tests pass the reference). The recompute costs one more (PyTorch) forward; gradients
@@ -247,9 +256,10 @@ def delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None, output_fin
                use_qk_l2norm: bool = False):
     """The (gated) delta rule over a sequence; returns ``(o [B, T, H, V] in q.dtype, final state float32 | None)``.
 
-    CUDA with fla: ``chunk_delta_rule`` (g None) or ``chunk_gated_delta_rule``, with fla's backward where
-    it runs and :class:`FlaGatedDeltaRule` where fla refuses it. fla's ``chunk_delta_rule`` rejects float32,
-    so float32 without gates takes the reference. Otherwise :func:`delta_rule_chunked`.
+    CUDA with fla: ``chunk_delta_rule`` (g None) or ``chunk_gated_delta_rule``; when a gated backward is
+    needed, the path ``HYLO_GATED_BWD`` picks (module docstring; by default fla's own where it runs, else
+    fla's kernels with hylo's ``dqkwg``). fla's ``chunk_delta_rule`` rejects float32, so float32 without
+    gates takes the reference. Otherwise :func:`delta_rule_chunked`.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if initial_state is not None:
@@ -258,8 +268,14 @@ def delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None, output_fin
     if fast:
         tensors = (q, k, v, beta) + tuple(t for t in (g, initial_state) if t is not None)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        if g is None or not needs_grad or fla_gated_backward_supported(q, k, v, g, beta):
+        mode = gated_bwd_mode() if g is not None and needs_grad else "fla"
+        if mode == "fla" or (mode == "auto" and fla_gated_backward_supported(q, k, v, g, beta)):
             return fla_forward(q, k, v, beta, g, scale, initial_state, output_final_state, use_qk_l2norm)
+        if mode != "recompute":
+            return chunk_gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                                          output_final_state=output_final_state,
+                                          use_qk_l2norm_in_kernel=use_qk_l2norm,
+                                          dqkwg="torch" if mode == "torch" else "triton")
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
     if fast:

@@ -22,9 +22,16 @@ Fast path. fla has no SSD kernel, but SSD is simple GLA with a per-head scalar l
 ``chunk_simple_gla(q=C, k=B, v=dt*x, g=dt*A, scale=1)``; fla's state is ``[B, H, K, V] = [B, H, N, P]``,
 the transpose of ours. fla 0.6.0 refuses the *backward* of gated chunk kernels on Hopper with
 Triton in [3.4, 3.7.1) (fla issue #640; the check is in ``fla.ops.common.chunk_o.chunk_bwd_dqkwg``),
-while its forward is fine. :func:`fla_backward_supported` mirrors that check; where fla's backward is
-refused, :class:`SSDFlaForward` runs fla's forward and a backward that recomputes :func:`ssd_chunked`
-in float32 under autograd (optionally torch.compile'd: ``HYLO_SSD_COMPILE_BWD=1``).
+while its forward is fine. :func:`fla_backward_supported` mirrors that check. ``HYLO_GATED_BWD``
+(:func:`hylo.ops.chunk_bwd.gated_bwd_mode`) picks the backward when one is needed:
+
+- ``auto`` (default): fla's own op where its backward runs; where fla refuses it,
+  :func:`hylo.ops.chunk_bwd.chunk_simple_gla` -- fla's forward and fla's backward kernels, in fla's order,
+  with hylo's Triton kernel for the one step fla gets wrong (``dqkwg``);
+- ``triton`` / ``torch``: that path everywhere, with hylo's ``dqkwg`` in Triton / in PyTorch;
+- ``fla``: fla's own op everywhere (fla raises on the blocked setups);
+- ``recompute``: :class:`SSDFlaForward`, fla's forward and a backward that recomputes :func:`ssd_chunked`
+  in float32 under autograd (optionally torch.compile'd: ``HYLO_SSD_COMPILE_BWD=1``), kept for comparison.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from hylo.ops.backend import use_fast
+from hylo.ops.chunk_bwd import chunk_simple_gla, gated_bwd_mode
 
 
 def _heads(t: torch.Tensor, H: int) -> torch.Tensor:
@@ -201,7 +209,8 @@ def _chunked_grads(fn, leaves, dy, dht, chunk_size):
 
 
 class SSDFlaForward(torch.autograd.Function):
-    """fla's forward, hylo's backward: recompute :func:`ssd_chunked` in float32 under autograd.
+    """fla's forward, hylo's backward: recompute :func:`ssd_chunked` in float32 under autograd
+    (``HYLO_GATED_BWD=recompute``; slow, kept for comparison).
 
     The recompute costs one more forward and keeps ``[chunk, chunk]`` decay matrices per head alive
     during the backward. ``HYLO_SSD_COMPILE_BWD=1`` torch.compiles it (about 2x faster on H100; the first
@@ -240,14 +249,19 @@ class SSDFlaForward(torch.autograd.Function):
 def ssd(x, dt, A, B, C, chunk_size: int = 256, initial_state=None, output_final_state: bool = False):
     """SSD over a sequence; returns ``(y [B,T,H,P] in x.dtype, final state [B,H,P,N] float32 | None)``.
 
-    CUDA with fla: fla's chunk kernel (its own chunk size, 64); fla's backward where it runs, else
-    :class:`SSDFlaForward` (recompute chunk ``BWD_CHUNK``). Otherwise :func:`ssd_chunked` with ``chunk_size``;
-    the chunk size changes only rounding, never the result.
+    CUDA with fla: fla's chunk kernel (its own chunk size, 64); when a backward is needed, the path
+    ``HYLO_GATED_BWD`` picks (module docstring; by default fla's own where it runs, else fla's kernels with
+    hylo's ``dqkwg``; ``recompute``: :class:`SSDFlaForward` with chunk ``BWD_CHUNK``). Otherwise
+    :func:`ssd_chunked` with ``chunk_size``; the chunk size changes only rounding, never the result.
     """
     if not use_fast(x):
         return ssd_chunked(x, dt, A, B, C, chunk_size, initial_state, output_final_state)
     tensors = (x, dt, A, B, C) + (() if initial_state is None else (initial_state,))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if not needs_grad or fla_backward_supported(x.dtype == torch.float32):
+    mode = gated_bwd_mode() if needs_grad else "fla"
+    if mode == "fla" or (mode == "auto" and fla_backward_supported(x.dtype == torch.float32)):
         return fla_forward(x, dt, A, B, C, initial_state, output_final_state)
-    return SSDFlaForward.apply(x, dt, A, B, C, initial_state, output_final_state, BWD_CHUNK, fla_forward)
+    if mode == "recompute":
+        return SSDFlaForward.apply(x, dt, A, B, C, initial_state, output_final_state, BWD_CHUNK, fla_forward)
+    impl = functools.partial(chunk_simple_gla, dqkwg="torch" if mode == "torch" else "triton")
+    return fla_forward(x, dt, A, B, C, initial_state, output_final_state, impl=impl)
