@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import sys
 import time
 import traceback
@@ -35,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hylo import HybridLM  # noqa: E402
 from hylo.engine import DecodeRunner, Engine, SamplingParams  # noqa: E402
 from hylo.presets import preset  # noqa: E402
+from hylo.runinfo import versions  # noqa: E402
 
 MODELS = {"tiny-all-d256": ("tiny-all", dict(hidden_size=256)), "nemotron-flash-1b": ("nemotron-flash-1b", {})}
 RAGGED = [29, 17, 41, 8]
@@ -42,17 +42,6 @@ NEW = 32
 DEV = "cuda"  # --device cpu: a smoke test of this script (no graphs: "graphed" runs eager)
 
 
-def versions() -> dict:
-    import os
-
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("triton", "fla", "transformers"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception as e:  # noqa: BLE001
-            out[mod] = f"unavailable ({type(e).__name__})"
-    out["commit"] = os.environ.get("HYLO_COMMIT", "unknown")
-    return out
 
 
 def build(name: str) -> HybridLM:

@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import sys
 import time
 import traceback
@@ -43,21 +41,13 @@ from hylo.eval.common import Precision  # noqa: E402
 from hylo.eval.ppl import sliding_window_nll  # noqa: E402
 from hylo.eval.retrieval import greedy_generate  # noqa: E402
 from hylo.presets import preset  # noqa: E402
+from hylo.runinfo import versions  # noqa: E402
 
 DEV = "cuda"
 FP32 = Precision("fp32", torch.float32, False)
 AMP = Precision("amp-bf16", torch.float32, True)
 
 
-def versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("triton", "fla", "transformers"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception as e:  # noqa: BLE001
-            out[mod] = f"unavailable ({type(e).__name__})"
-    out["commit"] = os.environ.get("HYLO_COMMIT", "unknown")
-    return out
 
 
 def build(name: str, device=None, dtype=torch.float32) -> HybridLM:

@@ -32,7 +32,6 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 import traceback
@@ -47,6 +46,7 @@ from hylo.ops import chunk_bwd  # noqa: E402
 from hylo.ops import delta_rule as D  # noqa: E402
 from hylo.ops import ssd as S  # noqa: E402
 from hylo.ops.backend import backend  # noqa: E402
+from hylo.runinfo import versions  # noqa: E402
 
 # name: (kind, B, T, H, K, V)  -- for ssd: K = state size N (fla's K), V = head dim P
 CASES = {  # in run order: the d1024 shapes first, so a run cut short keeps the most useful ones
@@ -60,15 +60,6 @@ CASES = {  # in run order: the d1024 shapes first, so a run cut short keeps the 
 }
 
 
-def versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("triton", "fla", "transformers"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception as e:  # noqa: BLE001
-            out[mod] = f"unavailable ({type(e).__name__})"
-    out["commit"] = os.environ.get("HYLO_COMMIT", "unknown")
-    return out
 
 
 def cuda_time(fn, warmup: int = 2, rep: int = 7) -> float:

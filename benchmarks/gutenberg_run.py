@@ -24,19 +24,12 @@ import torch
 
 from hylo.presets import NEMOTRON_FLASH_1B
 from hylo.train import train
+from hylo.runinfo import versions
 
 MODEL = dict(hidden_size=640, layers=NEMOTRON_FLASH_1B, attn_num_heads=10, attn_num_kv_heads=2,
              deltanet_num_heads=10, mamba2_head_dim=64, mamba2_state_size=64, num_meta_tokens=32)
 
 
-def versions() -> dict:
-    out = {"torch": torch.__version__}
-    for name in ("triton", "fla", "transformers"):
-        try:
-            out[name] = __import__(name).__version__
-        except Exception:
-            out[name] = None
-    return out
 
 
 def plot(runs: list[dict], path: Path) -> None:

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
-import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -29,25 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hylo.config import HyloConfig  # noqa: E402
 from hylo.layers import layer_class  # noqa: E402
 from hylo.ops.backend import backend  # noqa: E402
+from hylo.runinfo import versions  # noqa: E402
 
 OPS = ["attn", "swa", "mamba2", "deltanet", "gdn", "jet", "ffn"]
 
 
-def versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("triton", "fla", "transformers"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception as e:  # noqa: BLE001
-            out[mod] = f"unavailable ({type(e).__name__})"
-    try:
-        out["commit"] = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
-                                                stderr=subprocess.DEVNULL).strip()
-    except Exception:  # noqa: BLE001  (the device copy of the tree has no .git: pass HYLO_COMMIT)
-        import os
-
-        out["commit"] = os.environ.get("HYLO_COMMIT", "unknown")
-    return out
 
 
 def cuda_time(fn, warmup: int = 3, rep: int = 10) -> float:

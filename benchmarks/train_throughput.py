@@ -17,18 +17,17 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import statistics
 import time
 import traceback
 
 import torch
 
-import hylo
 from hylo.flops import model_flops, peak_bf16_tflops
 from hylo.model import HybridLM
 from hylo.presets import NEMOTRON_FLASH_1B
 from hylo.train import train
+from hylo.runinfo import versions
 
 MODELS = {
     # 12 x (attn + SwiGLU) at 768: 117M parameters with a 32k vocabulary (tied)
@@ -39,14 +38,6 @@ MODELS = {
 }
 
 
-def versions() -> dict:
-    out = {"torch": torch.__version__, "python": platform.python_version(), "hylo": hylo.__version__}
-    for name in ("triton", "fla", "transformers"):
-        try:
-            out[name] = __import__(name).__version__
-        except Exception:
-            out[name] = None
-    return out
 
 
 def _median_ms(fn, reps: int) -> float:

@@ -7,12 +7,9 @@ else ``git rev-parse`` of the source tree when available).
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,49 +20,11 @@ from rich.table import Table
 console = Console()
 
 
-def _version(mod: str) -> str | None:
-    try:
-        m = __import__(mod)
-    except Exception:
-        return None
-    return getattr(m, "__version__", None)
-
-
-def _commit() -> str | None:
-    if os.environ.get("HYLO_COMMIT"):
-        return os.environ["HYLO_COMMIT"]
-    root = Path(__file__).resolve().parents[2]
-    if not (root / ".git").exists():
-        return None
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-    except Exception:
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
 def metadata() -> dict[str, Any]:
-    """Date, host device (GPU name if CUDA is available), Python/torch/transformers/triton/fla versions, commit."""
-    import torch
+    """Date, device, library versions and commit (:mod:`hylo.runinfo`), plus the command line."""
+    from ..runinfo import metadata as run_metadata
 
-    if torch.cuda.is_available():
-        device = torch.cuda.get_device_name(0)
-    else:
-        device = f"cpu ({platform.processor() or platform.machine()})"
-    import hylo
-
-    return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": device,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": _version("transformers"),
-        "triton": _version("triton"),
-        "fla": _version("fla"),
-        "hylo": getattr(hylo, "__version__", None),
-        "commit": _commit(),
-        "argv": sys.argv,
-    }
+    return {**run_metadata(), "argv": sys.argv}
 
 
 def _jsonable(x):

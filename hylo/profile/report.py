@@ -22,9 +22,7 @@ A measurement that fails is recorded under ``errors`` (and left out of its list)
 from __future__ import annotations
 
 import datetime
-import os
 import platform
-import subprocess
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,26 +30,11 @@ from typing import Callable
 
 import torch
 
+from ..runinfo import versions
+
 PROFILE_SCHEMA = "hylo.profile/1"
 
 
-def versions() -> dict:
-    """python, torch, triton, fla, transformers versions and the hylo commit (env ``HYLO_COMMIT``, else git)."""
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("triton", "fla", "transformers"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception as e:  # noqa: BLE001
-            out[mod] = f"unavailable ({type(e).__name__})"
-    commit = os.environ.get("HYLO_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL,
-                                             cwd=Path(__file__).resolve().parent).strip()
-        except Exception:  # noqa: BLE001
-            commit = "unknown"
-    out["commit"] = commit
-    return out
 
 
 def environment(device="cuda") -> dict:

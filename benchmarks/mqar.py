@@ -1,0 +1,157 @@
+"""MQAR on one GPU: does hylo separate the operators the way Zoology does? One call, about 6 minutes on an H100:
+
+    HYLO_COMMIT=$(git rev-parse HEAD) python benchmarks/mqar.py --out benchmarks/results/mqar-h100
+
+Every pattern is a 2-mixer model (mixer, FFN, mixer, FFN) at width 64 (Zoology's smallest), trained on the
+same mix of MQAR settings (sequence lengths 256 and 512, 4 to 128 key-value pairs, vocabulary 8192) for the
+same wall-clock budget, then scored on each setting. Expected, as in the literature: attention solves every
+setting; pure recurrent models (Mamba2, DeltaNet, Gated DeltaNet) and small-window SWA lose accuracy as the
+pairs grow past what their fixed-size state holds; a hybrid with one attention layer recovers most of it.
+
+Writes ``mqar.json`` (per-model accuracy by setting, steps, state size, the separation checks, environment) and
+``mqar.png`` (accuracy against pairs, one line per pattern, one panel per length) into ``--out``. A model that
+fails is recorded with its error and the run goes on. ``--smoke`` runs a tiny version on the CPU (a minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hylo.eval import mqar  # noqa: E402
+
+# name -> layer pattern; names go into the plot legend
+PATTERNS = {
+    "attn": "a f a f",
+    "mamba2": "m2 f m2 f",
+    "deltanet": "d f d f",
+    "gdn": "gdn f gdn f",
+    "swa (w=32)": "swa f swa f",
+    "gdn + attn": "gdn f a f",
+    "mamba2 + attn": "m2 f a f",
+    "deltanet + attn": "d f a f",
+}
+PURE_RECURRENT = ("mamba2", "deltanet", "gdn")
+HYBRIDS = ("gdn + attn", "mamba2 + attn", "deltanet + attn")
+
+
+def separation(result: dict) -> dict:
+    """The issue's three claims, checked on the hardest settings (most pairs at each length)."""
+    runs = {r["name"]: r for r in result["runs"] if not r.get("error")}
+    tests = [mqar.parse_setting(s) for s in result["settings"]["test"]]
+    hardest = {}
+    for L, n in tests:
+        hardest[L] = max(hardest.get(L, 0), n)
+    hard_keys = [f"{L}x{n}" for L, n in sorted(hardest.items())]
+    easy_keys = [f"{L}x{min(n for LL, n in tests if LL == L)}" for L in sorted(hardest)]
+
+    def mean(name, keys):
+        r = runs.get(name)
+        return None if r is None else sum(r["accuracy"][k] for k in keys) / len(keys)
+
+    out = {"hard_settings": hard_keys, "easy_settings": easy_keys, "models": {}}
+    for name in runs:
+        out["models"][name] = {"easy": mean(name, easy_keys), "hard": mean(name, hard_keys),
+                               "all": sum(runs[name]["accuracy"].values()) / len(runs[name]["accuracy"])}
+    attn = out["models"].get("attn")
+    out["attention_solves"] = None if attn is None else attn["all"] >= 0.9
+    drops = {n: out["models"][n]["easy"] - out["models"][n]["hard"] for n in PURE_RECURRENT if n in out["models"]}
+    out["recurrent_drop"] = drops
+    out["recurrent_degrade"] = bool(drops) and all(d >= 0.2 for d in drops.values())
+    if attn is not None:
+        rec = {n: out["models"][n]["hard"] / max(attn["hard"], 1e-9) for n in HYBRIDS if n in out["models"]}
+        best_pure = max((out["models"][n]["hard"] for n in PURE_RECURRENT if n in out["models"]), default=None)
+        out["hybrid_recovery"] = rec  # hybrid accuracy / attention accuracy on the hardest settings
+        out["hybrids_recover"] = bool(rec) and all(v >= 0.8 for v in rec.values()) and (
+            best_pure is None or min(out["models"][n]["hard"] for n in rec) > best_pure)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="folder for mqar.json and mqar.png")
+    ap.add_argument("--budget", type=float, default=300.0,
+                    help="seconds of training for all models together (shared out as the run goes)")
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--vocab-size", type=int, default=8192)
+    ap.add_argument("--max-steps", type=int, default=20_000, help="upper bound; the budget usually binds first")
+    ap.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=list(PATTERNS))
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU run to check the script")
+    args = ap.parse_args()
+
+    t_start = time.perf_counter()
+    if args.smoke:
+        cfg = mqar.HarnessConfig(patterns=[], hidden=[32], train=mqar.grid([32, 64], [2, 4, 8]),
+                                 test=mqar.grid([32, 64], [2, 4, 8, 16]), vocab_size=128, train_examples=256,
+                                 test_examples=64, steps=args.max_steps if args.max_steps < 20_000 else 40,
+                                 batch_size=16, lr=args.lr, model={"swa_window": 8}, log_interval=20,
+                                 eval_batch_size=64, calib_steps=6)
+    else:
+        cfg = mqar.HarnessConfig(patterns=[], hidden=[args.hidden], train=mqar.grid([256, 512], [4, 8, 16, 32, 64, 128]),
+                                 test=mqar.grid([256, 512], [4, 8, 16, 32, 64, 128]), vocab_size=args.vocab_size,
+                                 train_examples=20_000, test_examples=1_000, steps=args.max_steps,
+                                 batch_size=args.batch_size, lr=args.lr, warmup=0.05, model={"swa_window": 32},
+                                 log_interval=500, eval_batch_size=500)
+    cfg.patterns = [PATTERNS[n] for n in args.patterns]
+    cfg.validate()
+    device = mqar.resolve_device(cfg.device)
+    print(f"device {device} ({mqar.environment()['device']}); {len(cfg.patterns)} models, "
+          f"{args.budget:.0f}s of training in all", flush=True)
+    train, tests = mqar.build_data(cfg)
+    train, tests = train.to(device), {k: d.to(device) for k, d in tests.items()}
+    print(f"data: {len(train):,} training examples over {len(cfg.train)} settings, "
+          f"{len(tests)} test settings ({time.perf_counter() - t_start:.1f}s)", flush=True)
+
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "patterns"}
+    settings.update(patterns=dict(zip(args.patterns, cfg.patterns)), budget_s=args.budget, smoke=args.smoke)
+    result = {"kind": "mqar", "benchmark": "benchmarks/mqar.py", "environment": mqar.environment(),
+              "settings": settings, "runs": []}
+    t_train0 = time.perf_counter()
+    for i, name in enumerate(args.patterns):
+        left = len(args.patterns) - i
+        budget = max(5.0, (args.budget - (time.perf_counter() - t_train0)) / left)
+        one = dataclasses.replace(cfg, time_budget_s=budget, max_time_s=1.5 * budget + 10)
+        print(f"[{i + 1}/{len(args.patterns)}] {name}: {PATTERNS[name]} · {budget:.0f}s budget "
+              f"({time.perf_counter() - t_start:.0f}s elapsed)", flush=True)
+        try:
+            rec = mqar.train_one(PATTERNS[name], cfg.hidden[0], one, train, tests, device,
+                                 log=lambda s: print(s, flush=True))
+            rec["name"] = name
+            print(f"  {name}: " + " ".join(f"{k} {v:.2f}" for k, v in rec["accuracy"].items())
+                  + f" · {rec['steps']} steps in {rec['train_time_s']:.0f}s", flush=True)
+        except Exception as e:  # noqa: BLE001 - record and go on
+            rec = {"name": name, "layers": PATTERNS[name], "hidden": cfg.hidden[0], "accuracy": {},
+                   "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=10)}
+            print(f"  {name} FAILED: {rec['error']}", flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        result["runs"].append(rec)
+        mqar.save({**result, "table": mqar.table_rows(result)}, args.out, plot=False)  # partial results
+    result["table"] = mqar.table_rows(result)
+    try:
+        result["separation"] = separation(result)
+    except Exception as e:  # noqa: BLE001
+        result["separation"] = {"error": f"{type(e).__name__}: {e}"}
+    result["total_time_s"] = round(time.perf_counter() - t_start, 1)
+    paths = mqar.save(result, args.out)
+    mqar.print_summary(result)
+    sep = result["separation"]
+    print(f"separation: attention solves {sep.get('attention_solves')}, recurrent models degrade "
+          f"{sep.get('recurrent_degrade')} (drop easy->hard {sep.get('recurrent_drop')}), hybrids recover "
+          f"{sep.get('hybrids_recover')} (hybrid/attention on hardest {sep.get('hybrid_recovery')})")
+    print(f"wrote {', '.join(map(str, paths.values()))} in {result['total_time_s']:.0f}s")
+    return 0 if any(not r.get("error") for r in result["runs"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
