@@ -149,8 +149,18 @@ class HybridLM(PreTrainedModel, GenerationMixin):
         return self.norm(x)
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None,
-                labels=None, use_cache=None, logits_to_keep: int | torch.Tensor = 0, return_dict=True, **kwargs):
-        """Hugging Face style forward. ``labels`` (same shape as ``input_ids``, -100 ignored) are shifted inside."""
+                labels=None, use_cache=None, logits_to_keep: int | torch.Tensor = 0, return_dict=True,
+                targets=None, **kwargs):
+        """Hugging Face style forward. ``labels`` (same shape as ``input_ids``, -100 ignored) are shifted inside.
+
+        ``targets`` (the trainer's form: already the next tokens, same shape as ``input_ids``) returns only the
+        mean cross-entropy, with ``logits=None``: under ``torch.compile`` the LM head and the loss then compile
+        together, and no float32 copy of the logits outlives the step.
+        """
+        if targets is not None:
+            logits = self.logits(self.hidden_states(input_ids, inputs_embeds))
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            return CausalLMOutputWithPast(loss=loss, logits=None)
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("HybridLM.forward does not take padded batches (attention_mask has zeros): "
                              "recurrent operators have no notion of padding. Use hylo's engine for ragged batches.")

@@ -104,6 +104,22 @@ def test_loss_is_shifted_cross_entropy():
     torch.testing.assert_close(out.loss, ref)
 
 
+def test_targets_give_the_trainers_loss_without_logits():
+    """``targets`` (next tokens, unshifted) give mean cross-entropy over every position, -100 ignored, with meta
+    tokens stripped, and the same gradients as the loss computed from the logits."""
+    torch.manual_seed(0)
+    m = HybridLM(preset("tiny-all"))
+    x, y = torch.randint(0, 512, (2, 9)), torch.randint(0, 512, (2, 9))
+    y[0, 3] = -100
+    out = m(x, targets=y)
+    ref = torch.nn.functional.cross_entropy(m(x).logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, ref)
+    g1 = torch.autograd.grad(out.loss, m.embed_tokens.weight)[0]
+    g2 = torch.autograd.grad(ref, m.embed_tokens.weight)[0]
+    torch.testing.assert_close(g1, g2)
+
+
 def test_init_keeps_residual_stream_bounded_at_depth():
     """With the scaled residual init the output RMS of a 48-layer stack stays within a small factor of its input."""
     torch.manual_seed(0)

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import dist as D
 from .checkpoint import (latest_checkpoint, load_checkpoint, rng_state,
@@ -368,8 +367,7 @@ class Trainer:
                 break
             x, y = x.to(self.info.device, non_blocking=True), y.to(self.info.device, non_blocking=True)
             with self._autocast():
-                logits = net(input_ids=x).logits
-            total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()).double()
+                total += net(input_ids=x, targets=y).loss.double()
         net.train(was_training)
         return float(D.all_reduce_mean(total / n, self.info))
 
@@ -391,8 +389,7 @@ class Trainer:
             sync = contextlib.nullcontext() if not ddp or micro == cfg.grad_accum - 1 else self.model.no_sync()
             with sync:
                 with self._autocast():
-                    logits = self.model(input_ids=x).logits
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+                    loss = self.model(input_ids=x, targets=y).loss
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
         loss_t = D.all_reduce_mean(loss_sum / cfg.grad_accum, info)
