@@ -1,0 +1,174 @@
+"""MQAR (hylo.eval.mqar): the generator against a hand-written oracle, accuracy, loss masking, padding, the
+harness and `hylo eval mqar` at toy sizes on the CPU."""
+
+import json
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from hylo.eval import mqar
+from hylo.eval.mqar import HarnessConfig, MQARError, accuracy, generate
+
+
+def oracle(row: list[int], num_pairs: int) -> dict[int, int]:
+    """Position -> expected next token, read off one input row by hand: each key after the pairs asks for the
+    value that followed it in the pairs."""
+    table = {row[2 * i]: row[2 * i + 1] for i in range(num_pairs)}
+    return {t: table[tok] for t, tok in enumerate(row) if t >= 2 * num_pairs and tok in table}
+
+
+@pytest.mark.parametrize("noise", [False, True])
+def test_every_query_asks_for_its_pairs_value(noise):
+    V, n, L = 64, 6, 40
+    d = generate(V, n, L, num_examples=200, seed=3, noise=noise)
+    assert d.inputs.shape == d.targets.shape == (200, L)
+    assert d.query_pos.shape == d.answers.shape == (200, n)
+    for i in range(200):
+        row, tgt = d.inputs[i].tolist(), d.targets[i].tolist()
+        keys, values = row[0:2 * n:2], row[1:2 * n:2]
+        assert len(set(keys)) == n and len(set(values)) == n
+        assert all(1 <= k < V // 2 for k in keys) and all(V // 2 <= v < V for v in values)
+        scored = {t: y for t, y in enumerate(tgt) if y != -100}
+        assert len(scored) == n  # one query per key, every other position unscored
+        assert sorted(row[t] for t in scored) == sorted(keys)
+        assert all(t >= 2 * n and (t - 2 * n) % 2 == 0 for t in scored)
+        if noise:  # random fillers may repeat a key by chance; the scored positions are the queries
+            table = dict(zip(keys, values))
+            assert all(table[row[t]] == y for t, y in scored.items())
+        else:
+            assert oracle(row, n) == scored
+            assert all(tok == 0 for t, tok in enumerate(row) if t >= 2 * n and t not in scored)
+        assert d.query_pos[i].tolist() == sorted(scored)
+        assert d.answers[i].tolist() == [scored[t] for t in sorted(scored)]
+
+
+def test_deterministic_for_a_seed():
+    a, b = generate(128, 8, 64, 50, seed=7), generate(128, 8, 64, 50, seed=7)
+    c = generate(128, 8, 64, 50, seed=8)
+    assert torch.equal(a.inputs, b.inputs) and torch.equal(a.targets, b.targets)
+    assert not torch.equal(a.inputs, c.inputs)
+
+
+def test_small_key_pool_still_unique():
+    d = generate(vocab_size=2 * 9 + 2, num_pairs=9, seq_len=36, num_examples=100, seed=0)  # keys 1..9, all used
+    assert all(sorted(r[0:18:2]) == list(range(1, 10)) for r in d.inputs.tolist())
+
+
+def test_query_offsets_follow_a_decreasing_power_law():
+    d = generate(1024, 4, 200, 4000, seed=1)
+    slot = ((d.query_pos - 8) // 2).flatten()
+    counts = torch.bincount(slot, minlength=96).float()
+    assert counts[:10].sum() > 2 * counts[-10:].sum()
+    u = generate(1024, 4, 200, 4000, seed=1, power_a=1.0)  # uniform offsets
+    cu = torch.bincount(((u.query_pos - 8) // 2).flatten(), minlength=96).float()
+    assert cu[:10].sum() < 1.5 * cu[-10:].sum()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(vocab_size=64, num_pairs=8, seq_len=31), "seq_len=31 is too short"),
+    (dict(vocab_size=16, num_pairs=8, seq_len=64), "vocab_size=16 is too small"),
+    (dict(vocab_size=64, num_pairs=0, seq_len=64), "num_pairs=0"),
+    (dict(vocab_size=64, num_pairs=2, seq_len=64, num_examples=0), "num_examples=0"),
+    (dict(vocab_size=64, num_pairs=2, seq_len=64, power_a=0.0), "power_a=0.0"),
+])
+def test_invalid_settings_raise_clear_errors(kwargs, match):
+    with pytest.raises(MQARError, match=match):
+        generate(**kwargs)
+
+
+def test_accuracy_against_the_oracle():
+    d = generate(64, 4, 24, 30, seed=2)
+    preds = torch.zeros_like(d.targets)
+    for i, row in enumerate(d.inputs.tolist()):
+        for t, y in oracle(row, 4).items():
+            preds[i, t] = y
+    assert accuracy(preds, d.targets) == (120, 120)
+    wrong = preds.clone()
+    wrong[torch.arange(5), d.query_pos[:5, 0]] = 0  # break 5 answers (0 is never a value)
+    wrong[:, 0] = 7  # unscored positions do not count
+    assert accuracy(wrong, d.targets) == (115, 120)
+    logits = torch.nn.functional.one_hot(wrong, 64).float()
+    assert accuracy(logits, d.targets) == (115, 120)
+
+
+def test_loss_matches_hybridlm_labels_and_padding_is_exact():
+    """mqar_loss (query positions only) equals HybridLM's own shifted-label loss with hf_labels, and right
+    padding does not change causal predictions (attention and a recurrent operator)."""
+    torch.manual_seed(0)
+    from hylo.model import HybridLM
+
+    model = HybridLM(mqar.model_config("a f d f", 32, 64)).eval()
+    d = generate(64, 3, 20, 8, seed=4)
+    with torch.no_grad():
+        ours = mqar.mqar_loss(model, d.inputs, d.query_pos, d.answers)
+        theirs = model(d.inputs, labels=d.hf_labels()).loss
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        p = mqar.pad_to(d, 28, 5)
+        assert p.inputs.shape == (8, 28) and p.answers.shape == (8, 5) and (p.answers[:, 3:] == -100).all()
+        torch.testing.assert_close(mqar.query_logits(model, p.inputs, p.query_pos)[:, :3],
+                                   mqar.query_logits(model, d.inputs, d.query_pos), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(mqar.mqar_loss(model, p.inputs, p.query_pos, p.answers), ours)
+
+
+def _tiny(**kw) -> HarnessConfig:
+    base = dict(patterns=["a f", "d f"], hidden=[32], train=[(16, 2), (32, 4)], test=[(16, 2), (32, 4), (32, 8)],
+                vocab_size=64, train_examples=64, test_examples=16, steps=4, batch_size=8, log_interval=2,
+                device="cpu")
+    return HarnessConfig(**{**base, **kw})
+
+
+def test_harness_writes_json_and_plot(tmp_path):
+    logs = []
+    res = mqar.run(_tiny(), log=logs.append)
+    paths = mqar.save(res, tmp_path)
+    data = json.loads(paths["json"].read_text())
+    assert [r["name"] for r in data["runs"]] == ["a f", "d f"]
+    for r in data["runs"]:
+        assert r["error"] is None and r["steps"] == 4
+        assert set(r["accuracy"]) == {"16x2", "32x4", "32x8"}
+        assert all(0.0 <= a <= 1.0 for a in r["accuracy"].values())
+    assert len(data["table"]) == 6 and {"pattern", "hidden", "seq_len", "num_pairs", "accuracy"} <= set(data["table"][0])
+    assert paths["png"].stat().st_size > 1000
+    assert any("d f" in line for line in logs)
+
+
+def test_harness_records_a_failing_model_and_goes_on(monkeypatch):
+    real = mqar.train_one
+
+    def flaky(pattern, *a, **k):
+        if pattern == "d f":
+            raise RuntimeError("kernel exploded")
+        return real(pattern, *a, **k)
+
+    monkeypatch.setattr(mqar, "train_one", flaky)
+    res = mqar.run(_tiny(patterns=["d f", "a f"], steps=2), log=lambda s: None)
+    assert res["runs"][0]["error"] == "RuntimeError: kernel exploded"
+    assert res["runs"][1]["error"] is None and res["runs"][1]["accuracy"]
+    assert [r["accuracy"] for r in res["table"] if r["pattern"] == "d f"] == [None] * 3
+
+
+def test_harness_rejects_bad_settings():
+    with pytest.raises(MQARError, match="seq_len=16 is too short"):
+        _tiny(test=[(16, 8)]).validate()
+    with pytest.raises(ValueError, match="layers"):
+        _tiny(patterns=["a q"]).validate()
+
+
+def test_cli_takes_several_values_per_flag(tmp_path):
+    app = typer.Typer()
+    mqar.register(app)
+    app.command("noop")(lambda: None)  # a second command keeps `mqar` a subcommand, as under `hylo eval`
+    out = tmp_path / "res"
+    r = CliRunner().invoke(app, ["mqar", "--patterns", "a f", "swa f", "--hidden", "32", "--seq-lens", "16", "32",
+                                 "--pairs", "2", "4", "8", "--steps", "2", "--vocab-size", "64",
+                                 "--train-examples", "32", "--test-examples", "8", "--swa-window", "4",
+                                 "--device", "cpu", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    data = json.loads((out / "mqar.json").read_text())
+    assert [x["name"] for x in data["runs"]] == ["a f", "swa f"]
+    assert [list(s) for s in data["settings"]["test"]] == [[16, 2], [16, 4], [32, 2], [32, 4], [32, 8]]  # 16x8 skipped
+    assert (out / "mqar.png").exists()
+    bad = CliRunner().invoke(app, ["mqar", "--seq-lens", "8", "--pairs", "4", "--out", str(out)])
+    assert bad.exit_code == 1 and "no test setting fits" in bad.output
