@@ -79,6 +79,31 @@ def load_for_eval(model: str, tokenizer: str | None, device: str | None, dtype: 
     return m, tok, dev, prec
 
 
+def prepare_loaded(model, tokenizer, device, dtype: str | None):
+    """``(model, tokenizer, device, precision)`` for a model already in memory: moved to ``device`` if one is
+    given, its weights' dtype kept (an explicit other ``dtype`` is an error), autocast only over fp32 weights;
+    ``tokenizer`` is required and may be a path."""
+    import os
+
+    p = next(model.parameters())
+    dev = p.device if device is None else resolve_device(device)
+    if dev != p.device:
+        model = model.to(dev)
+    want = resolve_precision(dtype, dev)
+    if dtype not in (None, "auto", "amp-bf16") and want.weights != p.dtype:
+        raise EvalError(f"dtype {dtype!r} asked for, but the model's weights are {p.dtype}: cast the model "
+                        "first, or pass its path to have it loaded in that dtype")
+    autocast = want.autocast and p.dtype == torch.float32
+    prec = Precision("amp-bf16" if autocast else str(p.dtype).removeprefix("torch."), p.dtype, autocast)
+    if tokenizer is None:
+        raise EvalError("a tokenizer is needed with a loaded model")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from ..data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer)
+    return model, tokenizer, dev, prec
+
+
 def prefix_token_id(tok) -> int | None:
     """The token put before the text so its first token is scored too: BOS, else EOS (hylo's data puts EOS
     before every document but the first), else ``None``."""

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .common import EvalError, Precision, check_vocab, logits_last, prefix_token_id, resolve_precision
+from .common import EvalError, Precision, check_vocab, logits_last, prefix_token_id
 
 SEPARATOR = "<|endoftext|>"
 _SEP_LINE = re.compile(r"(?:^|\r?\n)<\|endoftext\|>(?:\r?\n|$)")
@@ -392,7 +392,7 @@ def perplexity(model, tokenizer=None, data: str | os.PathLike | EvalTokens | Non
     Returns a dict: ``tokens_scored``, ``bytes_scored``, ``nll`` (mean nats/token), ``ppl``, ``bits_per_token``,
     ``bits_per_byte`` and the settings.
     """
-    from .common import load_for_eval, resolve_device
+    from .common import load_for_eval, prepare_loaded
 
     check_window(context, stride)
     if max_tokens is not None and max_tokens < 1:
@@ -409,22 +409,7 @@ def perplexity(model, tokenizer=None, data: str | os.PathLike | EvalTokens | Non
                                                     _manifest_tokenizer(data) if tokenizer is None else None)
     else:
         model_name = _model_name(model)
-        p = next(model.parameters())
-        dev = p.device if device is None else resolve_device(device)
-        if dev != p.device:
-            model = model.to(dev)
-        want = resolve_precision(dtype, dev)
-        if dtype not in (None, "auto", "amp-bf16") and want.weights != p.dtype:
-            raise EvalError(f"dtype {dtype!r} asked for, but the model's weights are {p.dtype}: cast the model "
-                            "first, or pass its path to have it loaded in that dtype")
-        autocast = want.autocast and p.dtype == torch.float32
-        prec = Precision("amp-bf16" if autocast else str(p.dtype).removeprefix("torch."), p.dtype, autocast)
-        if tokenizer is None:
-            raise EvalError("a tokenizer is needed with a loaded model")
-        if isinstance(tokenizer, (str, os.PathLike)):
-            from ..data.tokenizer import load_tokenizer
-
-            tokenizer = load_tokenizer(tokenizer)
+        model, tokenizer, dev, prec = prepare_loaded(model, tokenizer, device, dtype)
     was_training = model.training
     model.eval()
     try:

@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .common import EvalError, Precision, check_vocab, prefix_token_id, resolve_precision
+from .common import EvalError, Precision, check_vocab, prefix_token_id
 
 INTRO = ("There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the pass key.\n\n")
@@ -176,7 +176,7 @@ def passkey_retrieval(model, tokenizer=None, *, lengths: Sequence[int] = DEFAULT
     ids[B, n]`` replaces greedy decoding (tests, other engines). Returns a dict with ``accuracy`` (a lengths x depths
     matrix), ``overall`` and every trial.
     """
-    from .common import load_for_eval, resolve_device
+    from .common import load_for_eval, prepare_loaded, resolve_device
 
     lengths = [int(x) for x in lengths]
     if not lengths or any(x < 1 for x in lengths):
@@ -197,17 +197,7 @@ def passkey_retrieval(model, tokenizer=None, *, lengths: Sequence[int] = DEFAULT
         model, tokenizer, dev, prec = load_for_eval(str(model), tokenizer, device, dtype)
     else:
         model_name = str(getattr(model, "name_or_path", "") or type(model).__name__)
-        p = next(model.parameters())
-        dev = p.device
-        want = resolve_precision(dtype, dev)
-        autocast = want.autocast and p.dtype == torch.float32
-        prec = Precision("amp-bf16" if autocast else str(p.dtype).removeprefix("torch."), p.dtype, autocast)
-        if tokenizer is None:
-            raise EvalError("a tokenizer is needed with a loaded model")
-        if isinstance(tokenizer, (str, os.PathLike)):
-            from ..data.tokenizer import load_tokenizer
-
-            tokenizer = load_tokenizer(tokenizer)
+        model, tokenizer, dev, prec = prepare_loaded(model, tokenizer, device, dtype)
     hay = Haystack(hay_path, tokenizer)
     bos = prefix_token_id(tokenizer) if prefix else None
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
