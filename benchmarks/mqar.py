@@ -2,11 +2,20 @@
 
     HYLO_COMMIT=$(git rev-parse HEAD) python benchmarks/mqar.py --out benchmarks/results/mqar-h100
 
-Every pattern is a 2-mixer model (mixer, FFN, mixer, FFN) at width 64 (Zoology's smallest), trained on the
-same mix of MQAR settings (sequence lengths 256 and 512, 4 to 128 key-value pairs, vocabulary 8192) for the
-same wall-clock budget, then scored on each setting. Expected, as in the literature: attention solves every
-setting; pure recurrent models (Mamba2, DeltaNet, Gated DeltaNet) and small-window SWA lose accuracy as the
-pairs grow past what their fixed-size state holds; a hybrid with one attention layer recovers most of it.
+Every pattern is a model of two sequence mixers and no MLP at width 128, as Zoology's MQAR models are, trained on
+the same mix of MQAR settings (sequence lengths 512 and 1024 with 8 to 256 key-value pairs, plus short easy
+settings; vocabulary 1024) for the same wall-clock budget, then scored on each setting. Expected, as in the
+literature: attention solves every setting; pure recurrent models (Mamba2, DeltaNet, Gated DeltaNet) and
+small-window SWA lose accuracy as the pairs grow past what their fixed-size state holds; a hybrid with one
+attention layer recovers most of it.
+
+Choices (tuned on the CPU at small scale): width 128 and short easy settings in the mix, because pure attention
+in hylo has RoPE but no short convolution and otherwise sits on a loss plateau for thousands of steps before the
+induction circuit forms (at width 64, or vocabulary >= 1024 without easy settings, it did not leave it within
+1500-2000 steps); the recurrent operators have short convolutions and learn MQAR in a few hundred steps. The
+budget is shared out as the run goes (time left / models left); a model whose probe (one batch of 1024x256)
+reaches 99% stops early and leaves its time to the rest. Pairs go up to 256 because at width 128 the recurrent
+states hold a lot: on the CPU, DeltaNet at width 64 still recalled 32 pairs (seq 128) as well as DeltaNet+attention.
 
 Writes ``mqar.json`` (per-model accuracy by setting, steps, state size, the separation checks, environment) and
 ``mqar.png`` (accuracy against pairs, one line per pattern, one panel per length) into ``--out``. A model that
@@ -28,16 +37,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hylo.eval import mqar  # noqa: E402
 
-# name -> layer pattern; names go into the plot legend
+# name -> layer pattern (Zoology's MQAR models: two sequence mixers, no MLP); names go into the plot legend
 PATTERNS = {
-    "attn": "a f a f",
-    "mamba2": "m2 f m2 f",
-    "deltanet": "d f d f",
-    "gdn": "gdn f gdn f",
-    "swa (w=32)": "swa f swa f",
-    "gdn + attn": "gdn f a f",
-    "mamba2 + attn": "m2 f a f",
-    "deltanet + attn": "d f a f",
+    "attn": "a a",
+    "gdn + attn": "gdn a",
+    "mamba2 + attn": "m2 a",
+    "deltanet + attn": "d a",
+    "mamba2": "m2 m2",
+    "deltanet": "d d",
+    "gdn": "gdn gdn",
+    "swa (w=32)": "swa swa",
 }
 PURE_RECURRENT = ("mamba2", "deltanet", "gdn")
 HYBRIDS = ("gdn + attn", "mamba2 + attn", "deltanet + attn")
@@ -65,7 +74,7 @@ def separation(result: dict) -> dict:
     out["attention_solves"] = None if attn is None else attn["all"] >= 0.9
     drops = {n: out["models"][n]["easy"] - out["models"][n]["hard"] for n in PURE_RECURRENT if n in out["models"]}
     out["recurrent_drop"] = drops
-    out["recurrent_degrade"] = bool(drops) and all(d >= 0.2 for d in drops.values())
+    out["recurrent_degrade"] = bool(drops) and all(d >= 0.15 for d in drops.values())
     if attn is not None:
         rec = {n: out["models"][n]["hard"] / max(attn["hard"], 1e-9) for n in HYBRIDS if n in out["models"]}
         best_pure = max((out["models"][n]["hard"] for n in PURE_RECURRENT if n in out["models"]), default=None)
@@ -78,12 +87,12 @@ def separation(result: dict) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="folder for mqar.json and mqar.png")
-    ap.add_argument("--budget", type=float, default=300.0,
+    ap.add_argument("--budget", type=float, default=250.0,
                     help="seconds of training for all models together (shared out as the run goes)")
-    ap.add_argument("--hidden", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--vocab-size", type=int, default=8192)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--vocab-size", type=int, default=1024)
     ap.add_argument("--max-steps", type=int, default=20_000, help="upper bound; the budget usually binds first")
     ap.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=list(PATTERNS))
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run to check the script")
@@ -91,17 +100,18 @@ def main() -> int:
 
     t_start = time.perf_counter()
     if args.smoke:
-        cfg = mqar.HarnessConfig(patterns=[], hidden=[32], train=mqar.grid([32, 64], [2, 4, 8]),
-                                 test=mqar.grid([32, 64], [2, 4, 8, 16]), vocab_size=128, train_examples=256,
-                                 test_examples=64, steps=args.max_steps if args.max_steps < 20_000 else 40,
+        test = mqar.grid([32, 64], [2, 4, 8, 16])
+        cfg = mqar.HarnessConfig(patterns=[], hidden=[32], train=[(16, 2, 2.0)] + test, test=test, vocab_size=128,
+                                 train_examples=256, test_examples=64, steps=min(args.max_steps, 40),
                                  batch_size=16, lr=args.lr, model={"swa_window": 8}, log_interval=20,
-                                 eval_batch_size=64, calib_steps=6)
+                                 eval_interval=20, stop_accuracy=0.99, eval_batch_size=16, calib_steps=6)
     else:
-        cfg = mqar.HarnessConfig(patterns=[], hidden=[args.hidden], train=mqar.grid([256, 512], [4, 8, 16, 32, 64, 128]),
-                                 test=mqar.grid([256, 512], [4, 8, 16, 32, 64, 128]), vocab_size=args.vocab_size,
-                                 train_examples=20_000, test_examples=1_000, steps=args.max_steps,
-                                 batch_size=args.batch_size, lr=args.lr, warmup=0.05, model={"swa_window": 32},
-                                 log_interval=500, eval_batch_size=500)
+        test = mqar.grid([512, 1024], [8, 16, 32, 64, 128, 256])
+        cfg = mqar.HarnessConfig(patterns=[], hidden=[args.hidden], train=mqar.default_train_mix(test), test=test,
+                                 vocab_size=args.vocab_size, train_examples=4_000, test_examples=1_024,
+                                 steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, warmup=0.05,
+                                 model={"swa_window": 32}, log_interval=250, eval_interval=250,
+                                 stop_accuracy=0.99, eval_batch_size=args.batch_size)
     cfg.patterns = [PATTERNS[n] for n in args.patterns]
     cfg.validate()
     device = mqar.resolve_device(cfg.device)

@@ -35,6 +35,9 @@ def plot_result(result: dict, path: str | Path) -> bool:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4,
                             color=colors[k % len(colors)], label=name)
             ax.set_xscale("log", base=2)
+            xs = sorted({r["num_pairs"] for r in rows if r["hidden"] == h and r["seq_len"] == L})
+            ax.set_xticks(xs, [str(x) for x in xs])
+            ax.minorticks_off()
             ax.set_ylim(-0.02, 1.02)
             ax.grid(alpha=0.3)
             ax.set_title(f"seq len {L}, width {h}", fontsize=10)
