@@ -129,7 +129,8 @@ def test_harness_writes_json_and_plot(tmp_path):
         assert r["error"] is None and r["steps"] == 4
         assert set(r["accuracy"]) == {"16x2", "32x4", "32x8"}
         assert all(0.0 <= a <= 1.0 for a in r["accuracy"].values())
-    assert len(data["table"]) == 6 and {"pattern", "hidden", "seq_len", "num_pairs", "accuracy"} <= set(data["table"][0])
+    assert len(data["table"]) == 6
+    assert {"pattern", "hidden", "seq_len", "num_pairs", "accuracy"} <= set(data["table"][0])
     assert paths["png"].stat().st_size > 1000
     assert any("d f" in line for line in logs)
 
