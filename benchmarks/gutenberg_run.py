@@ -64,6 +64,9 @@ def main() -> None:
     ap.add_argument("--heldout", help="held-out books (.txt/.txt.gz) for `hylo eval ppl`")
     ap.add_argument("--wikitext", help="wiki.valid.tokens")
     ap.add_argument("--tokens", type=int, default=40_000_000)
+    ap.add_argument("--train-seconds", type=float, default=None,
+                    help="size each run to about this much training time instead of --tokens: a 30-step calibration "
+                         "(weight norm on, same shapes) measures tokens/s first; --tokens then caps the result")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -87,6 +90,17 @@ def main() -> None:
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "versions": versions(), "commit": os.environ.get("HYLO_COMMIT"), "model": MODEL, "tokens": args.tokens,
               "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr, "runs": []}
+    if args.train_seconds:
+        cal = train(dict(model=dict(MODEL, weight_norm=True), data=args.data, seq_len=args.seq_len,
+                         batch_size=args.batch_size, max_steps=8 if args.smoke else 30, eval_batches=1,
+                         optimizer=dict(lr=args.lr), schedule=dict(kind="constant"), compile=args.compile,
+                         logging=dict(log_interval=5)), progress=False)
+        recs = [r for r in cal.history if r.get("kind", "train") == "train" and r["step"] >= 10 - 5 * args.smoke]
+        tps = (recs[-1]["tokens"] - recs[0]["tokens"]) / (recs[-1]["elapsed_s"] - recs[0]["elapsed_s"])
+        per_step = args.seq_len * args.batch_size
+        args.tokens = min(args.tokens, max(1, int(tps * args.train_seconds / per_step)) * per_step)
+        result.update(tokens=args.tokens, calibration_tokens_per_s=tps, train_seconds_target=args.train_seconds)
+        print(f"calibration: {tps:,.0f} tok/s -> {args.tokens:,} tokens per run", flush=True)
     for mode in args.modes:
         wn = mode == "on"
         run = {"weight_norm": wn}
