@@ -45,6 +45,8 @@ def generate_command(
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len",
                                               help="cache length per row (default: longest prompt + new tokens)"),
     cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="capture the decode step (CUDA)"),
+    compile: bool = typer.Option(False, "--compile", help="compile the decode step (torch.compile) before capture: "
+                                 "faster steps, a slower start"),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="stream the text of a single prompt"),
 ):
     """Generate text from a hylo model with its tokenizer (batched, CUDA-graphed decoding on GPUs)."""
@@ -66,7 +68,7 @@ def generate_command(
         if max_seq_len is None:
             max_seq_len = max(len(tok.encode(p)) for p in prompt) + 1 + max_new_tokens  # +1: a BOS token
         engine = Engine(model, tok, max_batch_size=len(prompt), max_seq_len=max_seq_len,
-                        cuda_graphs=cuda_graphs and torch.device(dev).type == "cuda")
+                        cuda_graphs=cuda_graphs and torch.device(dev).type == "cuda", compile=compile)
         if len(prompt) == 1 and stream:
             console.print(Text(prompt[0], style="dim"), end="")
 

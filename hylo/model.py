@@ -116,9 +116,10 @@ class HybridLM(PreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     # ------------------------------------------------------------------ core
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's weight as the logits use it: with weight normalization, unit-norm rows (Nemotron-Flash)."""
         w = self.lm_head.weight
-        if self.config.weight_norm:  # Nemotron-Flash: logits use unit-norm lm_head rows
+        if self.config.weight_norm:
             if torch.is_grad_enabled():
                 w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-6)
             else:  # inference: normalize once per version of the weights, not at every decode step
@@ -126,7 +127,10 @@ class HybridLM(PreTrainedModel, GenerationMixin):
                 if self._unit_head is None or self._unit_head[0] != key:
                     self._unit_head = (key, w / w.norm(dim=1, keepdim=True).clamp_min(1e-6))
                 w = self._unit_head[1]
-        return F.linear(h, w)
+        return w
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.head_weight())
 
     def hidden_states(self, input_ids=None, inputs_embeds=None, cache: HybridCache | None = None) -> torch.Tensor:
         """Final-normed hidden states ``[B, T, D]`` for the real tokens (meta tokens stripped)."""

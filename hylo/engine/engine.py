@@ -149,11 +149,14 @@ class Engine:
     ``max_batch_size`` bounds the prompts per call. ``cuda_graphs=None`` captures the decode step on CUDA
     (lazily, once per batch bucket) and runs eagerly elsewhere. ``add_bos`` starts each *text* prompt with the
     tokenizer's BOS token when it has one and its encoder does not add it (hylo's data pipeline separates
-    documents with EOS = BOS, so a prompt then reads as the start of a document). Not thread-safe.
+    documents with EOS = BOS, so a prompt then reads as the start of a document). ``compile`` (``True`` or a
+    ``torch.compile`` mode) compiles each bucket's decode step before its capture (see :class:`DecodeRunner`).
+    Not thread-safe.
     """
 
     def __init__(self, model, tokenizer=None, max_batch_size: int = 8, max_seq_len: int = 2048,
-                 cuda_graphs: bool | None = None, prefill_chunk: int = 2048, add_bos: bool = True):
+                 cuda_graphs: bool | None = None, prefill_chunk: int = 2048, add_bos: bool = True,
+                 compile: bool | str = False):
         for name in ("new_cache", "decode_step", "hidden_states"):
             if not hasattr(model, name):
                 raise TypeError(f"the engine runs hylo models (HybridLM); got {type(model).__name__}. "
@@ -174,6 +177,7 @@ class Engine:
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs the model on a CUDA device; it is on {self.device}")
         self.cuda_graphs = cuda_graphs
+        self.compile = compile
         self.vocab_size = model.config.vocab_size
         self.buckets = _buckets(max_batch_size)
         with torch.no_grad():
@@ -199,7 +203,8 @@ class Engine:
         bucket = next(b for b in self.buckets if b >= batch_size)
         if bucket not in self._runners:
             self._runners[bucket] = DecodeRunner(self.model, bucket, self.max_seq_len, self.cuda_graphs,
-                                                 cache=row_view(self.cache, 0, bucket), pool=self._pool)
+                                                 cache=row_view(self.cache, 0, bucket), pool=self._pool,
+                                                 compile=self.compile)
         return self._runners[bucket]
 
     def warmup(self) -> None:

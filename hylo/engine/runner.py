@@ -15,6 +15,11 @@ Positions are counted in *real* tokens (meta tokens excluded): after ``reset()``
 holds only the meta-token state. ``step`` writes each row's token at its own position and advances every row
 by one. Note that attention's decode step attends over the whole preallocated ``max_len`` (masked), so its cost
 depends on ``max_len``, not on the current position.
+
+``compile=True`` runs the step through ``torch.compile`` (inductor) before the graph is captured, as gpt-fast
+does: a graph of eager kernels still pays one small kernel per norm, RoPE, gate and residual add; inductor fuses
+them, which is what brings decoding at batch 1 near the memory-bandwidth floor. The states are updated in place
+(inductor re-inplaces the cache writes; ``tests/test_engine.py`` checks compiled == eager).
 """
 
 from __future__ import annotations
@@ -72,13 +77,14 @@ class DecodeRunner:
     ``cuda_graph=None`` captures on CUDA devices and runs eagerly elsewhere. ``cache`` lets several runners share
     one cache (e.g. ``row_view(big, 0, b)`` for a batch bucket ``b``); by default the runner builds
     ``model.new_cache(batch_size, max_len)``. ``pool`` is a CUDA graph memory pool shared between captures.
-    When graphed, ``step`` returns a static output buffer that the next ``step`` overwrites.
+    When graphed, ``step`` returns a static output buffer that the next ``step`` overwrites. ``compile``: ``True``
+    or a ``torch.compile`` mode (e.g. ``"max-autotune-no-cudagraphs"``) compiles the step first.
     """
 
     cache: HybridCache
 
     def __init__(self, model, batch_size: int, max_len: int, cuda_graph: bool | None = None, *,
-                 cache: HybridCache | None = None, pool=None, warmup: int = 2):
+                 cache: HybridCache | None = None, pool=None, warmup: int = 2, compile: bool | str = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if max_len < 1:
@@ -105,6 +111,7 @@ class DecodeRunner:
         self._tokens = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self._logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
+        self._fn = self._compiled_step(compile) if compile else None
         if cuda_graph:
             self._capture(pool, warmup)
         else:
@@ -150,13 +157,42 @@ class DecodeRunner:
         return out
 
     # ------------------------------------------------------------------ internals
+    def _compiled_step(self, mode: bool | str):
+        """``tokens -> logits`` over this runner's cache, compiled; the same computation as ``decode_step``
+        without its host-side bookkeeping (``seq_len``), which would otherwise be a guard on a Python int and
+        recompile at every position."""
+        model, states, pos = self.model, self.cache.states, self.cache.pos
+        with torch.no_grad():  # the (unit-row) head is fixed here: the weights are not trained under a runner
+            head = model.head_weight()
+
+        def step(tokens: torch.Tensor) -> torch.Tensor:
+            x = model.embed_tokens(tokens.view(-1, 1))
+            for block, st in zip(model.layers, states):
+                x = block.step(x, st, pos)
+            pos.add_(1)
+            return torch.nn.functional.linear(model.norm(x), head)[:, 0]
+
+        # every runner compiles the same code object with other closure tensors: one dynamo cache entry per
+        # runner (batch bucket), so let an engine's buckets exceed the default limit of 8 entries
+        cfg = torch._dynamo.config
+        name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+        setattr(cfg, name, max(getattr(cfg, name), 64))
+        kw = {} if mode is True else {"mode": mode}
+        return torch.compile(step, dynamic=False, **kw)
+
+    def _call(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One step on the cache; ``seq_len`` (one number for all rows) only has to pass the capacity check."""
+        if self._fn is None:
+            return self.model.decode_step(tokens, self.cache)
+        out = self._fn(tokens)
+        self.cache.seq_len += 1
+        return out
+
     def _step(self, tokens: torch.Tensor) -> torch.Tensor:
         """The step without host-side position checks (the engine keeps its own exact accounting)."""
         if self.graph is None:
-            # per-row positions live in cache.pos; seq_len (one number for all rows) only has to pass
-            # decode_step's capacity check
             self.cache.seq_len = min(self._max_pos, self.cache.max_len - 1)
-            return self.model.decode_step(tokens.to(self.device), self.cache)
+            return self._call(tokens.to(self.device))
         self._tokens.copy_(tokens, non_blocking=True)
         self.graph.replay()
         return self._logits
@@ -172,13 +208,13 @@ class DecodeRunner:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(max(1, warmup)):
-                self.model.decode_step(self._tokens, self.cache)
+                self._call(self._tokens)
                 self.cache.pos.fill_(n)
                 self.cache.seq_len = n
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            self._logits = self.model.decode_step(self._tokens, self.cache)
+            self._logits = self._call(self._tokens)
         self.cache.seq_len = n
         self.graph = graph
         self.reset()  # warm-up steps wrote junk into the states

@@ -190,9 +190,11 @@ class Attention(Layer):
         q, k, v = self._qkv(x, pos[:, None])  # [B, H, 1, Dh]
         cap = state["k"].shape[2]
         slot = pos % cap if self.window is not None else pos
-        idx = slot.view(B, 1, 1, 1).expand(B, self.num_kv_heads, 1, self.head_dim)
-        state["k"].scatter_(2, idx, k)
-        state["v"].scatter_(2, idx, v)
+        rows = torch.arange(B, device=x.device)
+        # an indexed assignment (index_put_), not scatter_: torch.compile updates the cache in place only for
+        # index_put_; a scatter_ compiles to copy cache -> scatter -> copy back, two copies of the cache per step
+        state["k"][rows, :, slot] = k[:, :, 0]
+        state["v"][rows, :, slot] = v[:, :, 0]
         s = torch.arange(cap, device=x.device)
         if self.window is None:
             valid = s[None, :] <= pos[:, None]
