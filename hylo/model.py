@@ -69,7 +69,6 @@ class HybridLM(PreTrainedModel, GenerationMixin):
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._meta_template: tuple | None = None
-        self._unit_head: tuple | None = None  # (weight version, unit-row LM head) for inference
         self.post_init()
         if config.weight_norm:
             from .weightnorm import normalize_weights
@@ -117,16 +116,14 @@ class HybridLM(PreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ core
     def head_weight(self) -> torch.Tensor:
-        """The LM head's weight as the logits use it: with weight normalization, unit-norm rows (Nemotron-Flash)."""
+        """The LM head's weight as the logits use it: with weight normalization, unit-norm rows (Nemotron-Flash).
+
+        Computed at every call: a cache keyed on the weight's version counter went stale on CUDA, where the fused
+        AdamW step updates the tied embedding without bumping it. Decoding normalizes once per runner instead
+        (:class:`hylo.engine.DecodeRunner`)."""
         w = self.lm_head.weight
         if self.config.weight_norm:
-            if torch.is_grad_enabled():
-                w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-6)
-            else:  # inference: normalize once per version of the weights, not at every decode step
-                key = (w.data_ptr(), w._version, w.dtype)
-                if self._unit_head is None or self._unit_head[0] != key:
-                    self._unit_head = (key, w / w.norm(dim=1, keepdim=True).clamp_min(1e-6))
-                w = self._unit_head[1]
+            w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-6)
         return w
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -238,7 +235,9 @@ class HybridLM(PreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def _meta_state(self) -> list:
-        """Per-layer state after the meta tokens, batch 1; computed once per set of weights."""
+        """Per-layer state after the meta tokens, batch 1; computed once per set of weights (keyed on the
+        parameters' version counters: an optimizer that updates in place without bumping them, like torch's fused
+        AdamW, needs ``torch.autograd.graph.increment_version`` after its step, as hylo's trainer does)."""
         key = tuple((p.data_ptr(), p._version) for p in self.parameters())
         if self._meta_template is None or self._meta_template[0] != key:
             p = self.meta_tokens

@@ -249,7 +249,6 @@ def test_compiled_decode_step_matches_eager():
         outs = eng.generate(prompts, SamplingParams(max_new_tokens=6))
         for p, o in zip(prompts, outs):
             assert o.token_ids == reference_greedy(m, p, 6)
-    assert eng.runner(1)._fn is not None
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
 
 

@@ -121,6 +121,27 @@ def test_weight_norm_forces_zero_decay_and_keeps_unit_norms(data, tmp_path):
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0] and not any("weight_decay" in n for n in plain.notes)
 
 
+def test_validation_with_weight_norm_under_a_fused_optimizer(data, monkeypatch):
+    """On the H100 (fused AdamW) the validation loss of a weight-norm run went stale: the unit-row head was cached
+    on the weight's version counter, which the fused step does not bump. Force the fused AdamW on the CPU: the
+    trainer's last validation loss must equal the returned model's, recomputed."""
+    import functools
+
+    from hylo.data.loader import TokenLoader
+
+    monkeypatch.setattr(torch.optim, "AdamW", functools.partial(torch.optim.AdamW, fused=True))
+    res = train(_cfg(data, model=dict(weight_norm=True, num_meta_tokens=2), max_steps=6, eval_interval=2,
+                     optimizer=dict(lr=2e-2)), return_model=True)
+    assert len(res.evals) >= 2
+    loader = TokenLoader(str(data), "val", 32, 4, 0, "sequential", 0, 1)
+    m, losses = res.model.eval(), []
+    for i, (x, y) in enumerate(loader):  # with grad: the path that never had a cache
+        if i == 2:
+            break
+        losses.append(m(input_ids=x, targets=y).loss.item())
+    assert res.val_loss == pytest.approx(sum(losses) / 2, abs=1e-5)
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path):
     cfg = _cfg(data, optimizer=dict(lr=1e30, grad_clip=0), schedule=dict(kind="constant", warmup=0),
                checkpoint_interval=1, max_steps=20)

@@ -58,9 +58,29 @@ def test_vectors_untouched():
     assert all(torch.all(p == 3.0) for n, p in m.named_parameters() if p.dim() == 1)
 
 
+def test_logits_follow_updates_that_do_not_bump_versions():
+    """The fused AdamW changes weights without bumping their version counters (on CUDA the trainer's optimizer is
+    fused): logits without grad must still use the new unit-row head, equal to the training path's. A cache keyed
+    on versions failed this on the H100 (a stale head in the trainer's validation loss)."""
+    m = model()
+    h = torch.randn(2, 3, 32)
+    with torch.no_grad():
+        a = m.logits(h)
+    opt = torch.optim.AdamW(m.parameters(), lr=0.5, fused=True)
+    m.lm_head.weight.grad = torch.randn_like(m.lm_head.weight)
+    v = m.lm_head.weight._version
+    opt.step()
+    with torch.no_grad():
+        b = m.logits(h)
+    assert not torch.allclose(a, b)
+    torch.testing.assert_close(b, m.logits(h).detach())
+    w = m.lm_head.weight
+    torch.testing.assert_close(b, torch.nn.functional.linear(h, w / w.norm(dim=1, keepdim=True)))
+    assert w._version == v  # the premise: the fused step did not bump the version
+
+
 def test_inference_head_cache_follows_weight_updates():
-    """Without grad the unit-row LM head is computed once per weight version: same logits as the training path,
-    and an in-place update (optimizer step) is seen at the next call."""
+    """Without grad: same logits as the training path, and an in-place update is seen at the next call."""
     m = model()
     h = torch.randn(2, 3, 32)
     with torch.no_grad():

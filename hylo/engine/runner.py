@@ -78,7 +78,9 @@ class DecodeRunner:
     one cache (e.g. ``row_view(big, 0, b)`` for a batch bucket ``b``); by default the runner builds
     ``model.new_cache(batch_size, max_len)``. ``pool`` is a CUDA graph memory pool shared between captures.
     When graphed, ``step`` returns a static output buffer that the next ``step`` overwrites. ``compile``: ``True``
-    or a ``torch.compile`` mode (e.g. ``"max-autotune-no-cudagraphs"``) compiles the step first.
+    or a ``torch.compile`` mode (e.g. ``"max-autotune-no-cudagraphs"``) compiles the step first. The runner reads
+    the weights at every step, except a weight-normalized LM head, normalized once here: build a new runner (or
+    engine) after changing the weights of such a model.
     """
 
     cache: HybridCache
@@ -111,7 +113,7 @@ class DecodeRunner:
         self._tokens = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self._logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
-        self._fn = self._compiled_step(compile) if compile else None
+        self._fn = self._make_step(compile)
         if cuda_graph:
             self._capture(pool, warmup)
         else:
@@ -157,12 +159,12 @@ class DecodeRunner:
         return out
 
     # ------------------------------------------------------------------ internals
-    def _compiled_step(self, mode: bool | str):
-        """``tokens -> logits`` over this runner's cache, compiled; the same computation as ``decode_step``
-        without its host-side bookkeeping (``seq_len``), which would otherwise be a guard on a Python int and
-        recompile at every position."""
+    def _make_step(self, mode: bool | str):
+        """``tokens -> logits`` over this runner's cache: the same computation as ``decode_step`` without its
+        host-side bookkeeping (``seq_len``, which compiled would be a guard on a Python int and recompile at every
+        position), with the weight-normalized head computed once here; compiled when ``mode`` is set."""
         model, states, pos = self.model, self.cache.states, self.cache.pos
-        with torch.no_grad():  # the (unit-row) head is fixed here: the weights are not trained under a runner
+        with torch.no_grad():
             head = model.head_weight()
 
         def step(tokens: torch.Tensor) -> torch.Tensor:
@@ -172,6 +174,8 @@ class DecodeRunner:
             pos.add_(1)
             return torch.nn.functional.linear(model.norm(x), head)[:, 0]
 
+        if not mode:
+            return step
         # every runner compiles the same code object with other closure tensors: one dynamo cache entry per
         # runner (batch bucket), so let an engine's buckets exceed the default limit of 8 entries
         cfg = torch._dynamo.config
@@ -182,8 +186,6 @@ class DecodeRunner:
 
     def _call(self, tokens: torch.Tensor) -> torch.Tensor:
         """One step on the cache; ``seq_len`` (one number for all rows) only has to pass the capacity check."""
-        if self._fn is None:
-            return self.model.decode_step(tokens, self.cache)
         out = self._fn(tokens)
         self.cache.seq_len += 1
         return out

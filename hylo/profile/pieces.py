@@ -99,7 +99,6 @@ class HeadPiece(nn.Module):
         self.norm = RMSNorm(self.hidden_size)
         self.lm_head = nn.Linear(self.hidden_size, sig["vocab_size"], bias=False)
         self.config = SimpleNamespace(weight_norm=bool(sig["weight_norm"]))
-        self._unit_head = None
 
     def head_weight(self):
         from ..model import HybridLM

@@ -318,6 +318,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, wd), lr=cfg.optimizer.lr,
                                            betas=cfg.optimizer.betas, eps=cfg.optimizer.eps,
                                            **({"fused": True} if fused else {}))
+        self._params = [p for p in self.model.parameters()]
         self.total_steps = cfg.total_steps(info.world_size)
         self.scheduler = make_scheduler(self.optimizer, Schedule(
             cfg.schedule.kind, self.total_steps, cfg.warmup_steps(self.total_steps), cfg.schedule.min_lr_ratio,
@@ -447,6 +448,9 @@ class Trainer:
                         f"training stopped before applying the update; {where}. Lower optimizer.lr, lengthen "
                         f"schedule.warmup or set optimizer.grad_clip, then resume.", self.step + 1, self.last_ckpt)
                 self.optimizer.step()
+                # the fused AdamW (CUDA) updates parameters without bumping their version counters; bump them so
+                # caches keyed on versions (HybridLM's meta-token state) see the new weights
+                torch.autograd.graph.increment_version(self._params)
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.raw.config.weight_norm:
