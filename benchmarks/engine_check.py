@@ -9,9 +9,10 @@ For two random-weight models in bf16 (``tiny-all`` at hidden 256: every operator
   tokens (teacher forcing: equal to recomputing the forward for every new token up to the first mismatch).
   bf16 near-ties can flip late, so the first mismatching position is reported rather than failing; also one
   decode step's logits graphed vs eager (max abs diff), and seeded sampling graphed vs eager;
-- speed: one decode step (``DecodeRunner`` at context 128 in a 512-token cache) for batch 1 and 8, graphed and
-  eager, in ms/step (CUDA events), and end-to-end engine decoding (graph replay + sampling + host loop) in
-  ms/step and tokens/s for 64 new tokens.
+- the same forced decoding with the step compiled by inductor before capture (``compile=True``);
+- speed: one decode step (``DecodeRunner`` at context 128 in a 512-token cache) for batch 1 and 8, graphed,
+  eager and compiled + graphed, in ms/step (CUDA events), and end-to-end engine decoding (graph replay +
+  sampling + host loop) in ms/step and tokens/s for 64 new tokens.
 
 Each case is recorded on its own; a failure is stored with its traceback and the script goes on. About 2 minutes
 on an H100 (most of it compiling flex attention for the prefill shapes and the eager 1B runs).
@@ -106,17 +107,18 @@ def check_correctness(model) -> dict:
     out["step_logits_max_abs_diff_graphed_vs_eager"] = max(diffs)
     del rg, re_
     out["forced_decode"] = forced_decode(model)
+    out["forced_decode_compiled"] = forced_decode(model, compile=True)  # the step through inductor, then graphed
     return out
 
 
 @torch.no_grad()
-def forced_decode(model, B: int = 4, L: int = 29, n: int = 32) -> dict:
+def forced_decode(model, B: int = 4, L: int = 29, n: int = 32, compile: bool = False) -> dict:
     """Random-weight greedy continuations repeat a token, so also force *random* tokens through the graphed
     decode step (after a cached prefill) and compare its logits with one full forward over the same sequence."""
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(5)
     seq = torch.randint(0, V, (B, L + n), generator=g).to(DEV)
-    r = DecodeRunner(model, B, L + n, cuda_graph=DEV == "cuda")
+    r = DecodeRunner(model, B, L + n, cuda_graph=DEV == "cuda", compile=compile)
     h = model.hidden_states(seq[:, :L], cache=r.cache)
     steps = [model.logits(h[:, -1])] + [r.step(seq[:, t]).clone() for t in range(L, L + n - 1)]
     got = torch.stack(steps, 1).float()
@@ -126,8 +128,9 @@ def forced_decode(model, B: int = 4, L: int = 29, n: int = 32) -> dict:
             "argmax_agreement": (got.argmax(-1) == ref.argmax(-1)).float().mean().item()}
 
 
-def time_runner(model, B: int, graphed: bool, ctx: int = 128, max_len: int = 512, steps: int = 50) -> float:
-    r = DecodeRunner(model, B, max_len, cuda_graph=graphed and DEV == "cuda")
+def time_runner(model, B: int, graphed: bool, ctx: int = 128, max_len: int = 512, steps: int = 50,
+                compile: bool = False) -> float:
+    r = DecodeRunner(model, B, max_len, cuda_graph=graphed and DEV == "cuda", compile=compile)
     tok = torch.randint(0, model.config.vocab_size, (B,), device=DEV)
     r.set_positions(ctx)
     for _ in range(5):
@@ -183,7 +186,6 @@ def main():
     DEV = args.device
     if DEV == "cuda" and not torch.cuda.is_available():
         sys.exit("engine_check.py needs a CUDA device (or --device cpu for a smoke test)")
-    import torch._dynamo
 
     for knob in ("recompile_limit", "cache_size_limit"):  # flex attention compiles once per prefill shape
         if hasattr(torch._dynamo.config, knob):
@@ -204,7 +206,8 @@ def main():
         for B in (1, 8):
             run_case(results, name, f"runner_step_b{B}", lambda: {
                 "batch": B, "context": 128, "max_len": 512,
-                "graphed_ms": time_runner(model, B, True), "eager_ms": time_runner(model, B, False)})
+                "graphed_ms": time_runner(model, B, True), "eager_ms": time_runner(model, B, False),
+                "compiled_graphed_ms": time_runner(model, B, True, compile=True)})
             for graphed in (True, False):
                 run_case(results, name, f"engine_b{B}_{'graphed' if graphed else 'eager'}",
                          lambda: {"batch": B, "graphed": graphed, **time_engine(model, B, graphed)})
