@@ -47,9 +47,13 @@ def plot(runs: list[dict], path: Path) -> None:
         h = [x for x in r["history"] if x.get("kind", "train") == "train"]
         ax.plot([x["tokens"] / 1e6 for x in h], [x["loss"] for x in h], color=color, alpha=0.6, lw=1,
                 label=f"train, weight norm {'on' if r['weight_norm'] else 'off'}")
-        ev = r.get("evals", [])
-        ax.plot([x["tokens"] / 1e6 for x in ev], [x["val_loss"] for x in ev], "o-", color=color, ms=4,
-                label=f"held-out, weight norm {'on' if r['weight_norm'] else 'off'}")
+        if "heldout_books" in r:  # the exported model on held-out books (sliding window), at the end
+            ax.plot([r["tokens"] / 1e6], [r["heldout_books"]["nll"]], "*", color=color, ms=12,
+                    label=f"held-out books (exported model), weight norm {'on' if r['weight_norm'] else 'off'}")
+        ev = [] if r.get("evals_invalid") else r.get("evals", [])
+        if ev:
+            ax.plot([x["tokens"] / 1e6 for x in ev], [x["val_loss"] for x in ev], "o-", color=color, ms=4,
+                    label=f"validation split (during training), weight norm {'on' if r['weight_norm'] else 'off'}")
     ax.set_xlabel("training tokens (M)")
     ax.set_ylabel("loss (nats/token)")
     ax.set_ylim(top=min(8.0, ax.get_ylim()[1]))
@@ -62,7 +66,7 @@ def plot(runs: list[dict], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--data")
     ap.add_argument("--heldout", help="held-out books (.txt/.txt.gz) for `hylo eval ppl`")
     ap.add_argument("--wikitext", help="wiki.valid.tokens")
     ap.add_argument("--tokens", type=int, default=40_000_000)
@@ -79,7 +83,14 @@ def main() -> None:
     ap.add_argument("--modes", nargs="*", default=["on", "off"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--smoke", action="store_true", help="a tiny model on the CPU: checks the script only")
+    ap.add_argument("--replot", type=Path, help="only redraw the PNG of this gutenberg_run.json into --out")
     args = ap.parse_args()
+    if not args.replot and not args.data:
+        ap.error("--data is required (a folder made by `hylo data prepare`)")
+    if args.replot:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        plot(json.loads(args.replot.read_text())["runs"], Path(args.out) / "gutenberg_run.png")
+        return
     if args.smoke:
         MODEL.update(hidden_size=64, attn_num_heads=4, attn_num_kv_heads=2, deltanet_num_heads=4, mamba2_head_dim=16,
                      mamba2_state_size=16, mamba2_chunk_size=16, num_meta_tokens=4, layers="d f m2 f a f")
