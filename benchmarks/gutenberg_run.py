@@ -81,6 +81,8 @@ def main() -> None:
     ap.add_argument("--eval-stride", type=int, default=1024)
     ap.add_argument("--eval-max-tokens", type=int, default=400_000)
     ap.add_argument("--modes", nargs="*", default=["on", "off"])
+    ap.add_argument("--runs-dir", type=Path, help="keep the run folders here (RUNS_DIR/wn-on, wn-off: checkpoints and "
+                                                  "the exported model) instead of a temporary folder")
     ap.add_argument("--out", required=True)
     ap.add_argument("--smoke", action="store_true", help="a tiny model on the CPU: checks the script only")
     ap.add_argument("--replot", type=Path, help="only redraw the PNG of this gutenberg_run.json into --out")
@@ -117,7 +119,7 @@ def main() -> None:
     for mode in args.modes:
         wn = mode == "on"
         run = {"weight_norm": wn}
-        tmp = Path(tempfile.mkdtemp(prefix=f"hylo-wn-{mode}-"))
+        tmp = args.runs_dir / f"wn-{mode}" if args.runs_dir else Path(tempfile.mkdtemp(prefix=f"hylo-wn-{mode}-"))
         try:
             t0 = time.perf_counter()
             res = train(dict(model=dict(MODEL, weight_norm=wn), data=args.data, seq_len=args.seq_len,
