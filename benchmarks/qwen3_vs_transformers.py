@@ -10,7 +10,8 @@ memory-bandwidth floor. One call:
 - hylo: the same weights imported with ``hylo.convert.from_transformers``; greedy decoding through
   ``hylo.engine.DecodeRunner`` (one CUDA graph per step, argmax fed back on the device) with a static cache of
   prompt + 64 tokens; also with the engine's default 2048-token cache (attention's step reads the whole cache);
-  and the same with the step compiled by inductor before capture (``DecodeRunner(compile=True)``).
+  and the same with the step compiled by inductor before capture (``DecodeRunner(compile=True)``); for both, the
+  GPU kernels of one step (count, summed time, the costliest) from torch.profiler.
 - floor: bytes read per step (every weight once: the tied embedding is read whole by the LM head; plus the KV
   cache) / device-to-device copy bandwidth measured here with a 1 GiB copy (read + write bytes / time).
 - agreement: greedy tokens of both for the first 16 new tokens (reported, not a failure: bf16 kernels differ and
@@ -129,6 +130,42 @@ def hylo_ms_per_token(runner: DecodeRunner, start: int, steps: int, repeats: int
     return statistics.median(times)
 
 
+@torch.no_grad()
+def kernel_profile(runner: DecodeRunner, dev, top: int = 12) -> dict:
+    """GPU kernels of one decode step, run outside the graph (the same kernels the graph replays): how many, their
+    summed time (busy time; the rest of a replay's time is gaps between kernels), and the costliest ones."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tok = torch.zeros(runner.batch_size, dtype=torch.long, device=dev)
+    runner.set_positions(16)
+    runner._fn(tok)  # warm
+    runner.set_positions(16)
+    sync(dev)
+    cuda = dev.type == "cuda"  # on the CPU (--smoke) the operators stand in for kernels
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        runner._fn(tok)
+        sync(dev)
+    kernels: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type == (torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU):
+            k = kernels.setdefault(e.name, [0, 0.0])
+            k[0] += 1
+            k[1] += (e.device_time_total if cuda else e.self_cpu_time_total) / 1e3
+    count = sum(v[0] for v in kernels.values())
+    busy = sum(v[1] for v in kernels.values())
+    worst = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"kernels_per_step": count, "kernel_ms_sum": busy,
+            "top": [{"name": n[:120], "calls": c, "ms": round(t, 4)} for n, (c, t) in worst]}
+
+
+def try_profile(res: dict, make_runner, dev) -> dict | None:
+    try:
+        return kernel_profile(make_runner(), dev)
+    except Exception as e:  # noqa: BLE001  (a diagnostic: never lose the timings for it)
+        res["errors"].append({"what": "kernel profile", "error": f"{type(e).__name__}: {e}"[:300]})
+        return None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results/qwen3-vs-transformers.json")
@@ -215,6 +252,7 @@ def main():
         res["hylo"]["ms_per_token_cache_2048"] = hylo_ms_per_token(r2, T, n, args.repeats, dev)
         res["hylo"]["kv_cache_bytes_2048"] = r2.cache.nbytes()
         del r2
+        res["hylo"]["kernels"] = try_profile(res, lambda: DecodeRunner(hy, 1, T + n, cuda_graph=False), dev)
         print(f"hylo: {ms:.3f} ms/token (cache {T + n}), {res['hylo']['ms_per_token_cache_2048']:.3f} ms/token "
               f"(cache 2048)", flush=True)
     except Exception as e:  # noqa: BLE001
@@ -237,6 +275,8 @@ def main():
         r2 = DecodeRunner(hy, 1, 2048, cuda_graph=graphs, compile=True)
         res["hylo_compiled"]["ms_per_token_cache_2048"] = hylo_ms_per_token(r2, T, n, args.repeats, dev)
         del r2
+        res["hylo_compiled"]["kernels"] = try_profile(
+            res, lambda: DecodeRunner(hy, 1, T + n, cuda_graph=False, compile=True), dev)
         print(f"hylo compiled: {msc:.3f} ms/token (cache {T + n}), "
               f"{res['hylo_compiled']['ms_per_token_cache_2048']:.3f} ms/token (cache 2048)", flush=True)
     except Exception as e:  # noqa: BLE001

@@ -1,6 +1,7 @@
 """MQAR (hylo.eval.mqar): the generator against a hand-written oracle, accuracy, loss masking, padding, the
 harness and `hylo eval mqar` at toy sizes on the CPU."""
 
+import dataclasses
 import json
 
 import pytest
@@ -201,10 +202,33 @@ def test_time_budget_fits_the_schedule_and_probe_can_stop_early(monkeypatch):
     calls = []
     monkeypatch.setattr(mqar, "evaluate", lambda model, data, *a: calls.append(len(data)) or (len(calls) >= 2))
     res = mqar.run(_tiny(patterns=["a f"], steps=50, eval_interval=3, log_interval=100, stop_accuracy=0.99,
-                         eval_batch_size=8),
+                         eval_batch_size=8, kernel_warmup=False),  # the warm-up would call evaluate too
                    log=lambda s: None)
     assert res["runs"][0]["steps"] == 6 and res["runs"][0]["solved_at"] == 6  # probes at 3 (fails), 6 (passes)
     assert calls[:2] == [8, 8]  # one batch (eval_batch_size) of the hardest setting; then the full test sets
+
+
+def test_kernel_warmup_leaves_training_unchanged():
+    """The untimed warm-up step (forward+backward, evaluation forwards) must not step the optimizer, leave
+    gradients behind, draw from the training sampler or move the RNG: losses, probes and accuracies are
+    identical with and without it."""
+    cfg = _tiny(patterns=["a d"], steps=6, log_interval=1, eval_interval=3, eval_batch_size=5, batch_size=4)
+    train, tests = mqar.build_data(cfg)
+    runs = {}
+    for flag in (False, True):
+        logs = []
+        runs[flag] = mqar.train_one("a d", 32, dataclasses.replace(cfg, kernel_warmup=flag), train, tests,
+                                    torch.device("cpu"), log=logs.append)
+        assert any("warm-up" in line for line in logs) == flag
+    off, on = runs[False], runs[True]
+    assert off["warmup_s"] == 0.0 and on["warmup_s"] > 0.0
+    assert len(on["history"]) == 6
+    for a, b in zip(off["history"], on["history"]):
+        assert a["step"] == b["step"] and a["loss"] == b["loss"]
+        assert {k: v for k, v in a.items() if k.startswith("acc_")} == {k: v for k, v in b.items()
+                                                                         if k.startswith("acc_")}
+    assert off["accuracy"] == on["accuracy"]
+    assert off["history"][0]["loss"] != off["history"][-1]["loss"]  # it did train
 
 
 def test_a_tiny_model_learns_recall_beyond_the_in_context_plateau():

@@ -277,7 +277,12 @@ class HarnessConfig:
     the step time is measured and the run length (and its cosine schedule) set to ``min(steps, what fits)``.
     ``max_time_s`` is a hard cap that stops a model mid-schedule (the run is marked truncated). Every
     ``eval_interval`` steps one batch of the hardest test setting is scored (the probe); with ``stop_accuracy``
-    a model whose probe reaches it stops there (``solved_at``), leaving time to the others."""
+    a model whose probe reaches it stops there (``solved_at``), leaving time to the others.
+
+    ``kernel_warmup`` runs one untimed forward+backward at the training batch's shape and the evaluation
+    forwards at the test shapes before the clock starts, so Triton compilation and autotuning (up to minutes per
+    new kernel shape on a GPU) is not charged to the model's budget; it leaves training exactly as it would be
+    without it (see :func:`warm_up`)."""
 
     patterns: list = field(default_factory=lambda: ["a f a f"])
     hidden: list[int] = field(default_factory=lambda: [64])
@@ -307,6 +312,7 @@ class HarnessConfig:
     time_budget_s: float | None = None
     calib_steps: int = 30
     stop_accuracy: float | None = None  # stop a model once the probe (see eval_interval) reaches this
+    kernel_warmup: bool = True  # untimed warm-up step before training (compile/autotune off the clock)
 
     def validate(self) -> None:
         if not self.patterns:
@@ -457,6 +463,40 @@ def build_data(cfg: HarnessConfig) -> tuple[MQARData, dict[str, MQARData]]:
     return train, tests
 
 
+def warm_up(model, loss_fn, train: MQARData, tests: dict[str, MQARData], cfg: HarnessConfig,
+            device: torch.device) -> float:
+    """Run every kernel the training run will use once, off the clock: a forward+backward on the first
+    ``batch_size`` training examples (fixed indices: the training sampler is not touched) and the no-grad
+    evaluation forwards at the probe's and the final evaluation's batch shapes. The optimizer does not step,
+    the gradients are dropped and the RNG states are restored, so training afterwards is the same as without
+    the warm-up. Returns the seconds it took."""
+    t = time.perf_counter()
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
+    was = model.training
+    model.train()
+    idx = torch.arange(cfg.batch_size, device=device) % len(train)
+    with _autocast(device, cfg.bf16):
+        loss = loss_fn(model, train.inputs[idx], train.query_pos[idx], train.answers[idx])
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    model.zero_grad(set_to_none=True)
+    test = next(iter(tests.values()))  # every test set is padded to the same length
+    n = len(test)
+    rows = {min(n, cfg.eval_batch_size), n % cfg.eval_batch_size}  # full batches and the last partial one
+    for r in sorted(r for r in rows if r):
+        evaluate(model, dataclasses.replace(test, inputs=test.inputs[:r], query_pos=test.query_pos[:r],
+                                            answers=test.answers[:r], targets=test.targets[:r]),
+                 cfg.eval_batch_size, cfg.bf16)
+    model.train(was)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_rng_state_all(cuda_rng)
+    torch.set_rng_state(cpu_rng)
+    return time.perf_counter() - t
+
+
 def train_one(pattern, hidden: int, cfg: HarnessConfig, train: MQARData, tests: dict[str, MQARData],
               device: torch.device, log: Callable[[str], None] = print) -> dict:
     """Train one model on the mix and score it on every test set. Returns a result record (no exceptions
@@ -486,6 +526,9 @@ def train_one(pattern, hidden: int, cfg: HarnessConfig, train: MQARData, tests: 
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     N = len(train)
     history: list[dict] = []
+    warmup_s = warm_up(model, loss_fn, train, tests, cfg, device) if cfg.kernel_warmup else 0.0
+    if cfg.kernel_warmup:
+        log(f"  {name} h={hidden}: kernel warm-up {warmup_s:.1f}s (not counted as training time)")
     t0 = time.perf_counter()
     truncated = False
     solved = 0
@@ -554,7 +597,7 @@ def train_one(pattern, hidden: int, cfg: HarnessConfig, train: MQARData, tests: 
     return {"name": name, "layers": mcfg.pattern_short, "hidden": hidden, "params": n_params,
             "state_bytes": state_bytes, "lr": lr, "steps": step, "planned_steps": total, "truncated": truncated,
             "solved_at": solved or None,
-            "train_time_s": round(train_time, 2), "eval_time_s": round(time.perf_counter() - t1, 2),
+            "warmup_s": round(warmup_s, 2), "train_time_s": round(train_time, 2), "eval_time_s": round(time.perf_counter() - t1, 2),
             "final_loss": history[-1]["loss"] if history else None, "accuracy": acc, "history": history,
             "error": None}
 
