@@ -99,6 +99,14 @@ def attention(q, k, v, window: int | None, q_offset: int) -> torch.Tensor:
         from torch.nn.attention.bias import causal_lower_right
 
         return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(Tq, Tk), enable_gqa=True)
+    if Tq != Tk:  # cached prefill of a windowed layer: an explicit mask, as compiled flex attention would
+        # recompile for every (Tq, Tk); K/V expanded to the query heads, so SDPA keeps a fused kernel with the mask
+        pos_q = torch.arange(q_offset, q_offset + Tq, device=q.device)
+        mask = window_mask(pos_q, torch.arange(Tk, device=q.device), window)
+        g = q.shape[1] // k.shape[1]
+        if g > 1:
+            k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     w = window if window is not None else Tk + 1
     block_mask = _swa_block_mask(w, Tq, Tk, str(q.device))
     return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=True)
