@@ -84,6 +84,33 @@ def separation(result: dict) -> dict:
     return out
 
 
+def merge(paths: list[Path], out: Path) -> int:
+    """Combine result files of several calls (e.g. a ``--patterns`` split) into one ``mqar.json`` + plot in
+    ``out``: the runs in the given order (a pattern in several files: the last one wins), the first file's
+    settings and environment, the separation checks recomputed on all runs."""
+    import json
+
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    tests = [results[0]["settings"]["test"]] + [r["settings"]["test"] for r in results[1:]]
+    if any(t != tests[0] for t in tests):
+        print(f"cannot merge: the files test different settings ({[len(t) for t in tests]} settings)")
+        return 1
+    runs = {}
+    for r in results:
+        for rec in r["runs"]:
+            runs[rec["name"]] = rec
+    order = [n for n in PATTERNS if n in runs] + [n for n in runs if n not in PATTERNS]
+    merged = {**results[0], "runs": [runs[n] for n in order], "merged_from": [str(p) for p in paths],
+              "environments": [r.get("environment") for r in results],
+              "total_time_s": sum(r.get("total_time_s") or 0 for r in results)}
+    merged["table"] = mqar.table_rows(merged)
+    merged["separation"] = separation(merged)
+    written = mqar.save(merged, out)
+    mqar.print_summary(merged)
+    print(f"merged {len(paths)} files ({len(order)} models) -> {', '.join(map(str, written.values()))}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="folder for mqar.json and mqar.png")
@@ -95,8 +122,18 @@ def main() -> int:
     ap.add_argument("--vocab-size", type=int, default=1024)
     ap.add_argument("--max-steps", type=int, default=20_000, help="upper bound; the budget usually binds first")
     ap.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=list(PATTERNS))
+    ap.add_argument("--curriculum", type=float, default=0.0,
+                    help="fraction of each model's steps over which batches move from the short settings "
+                         "(<= 128 tokens) to the whole mix (0: the mix from the start)")
+    ap.add_argument("--warmup", type=float, default=0.05, help="learning-rate warmup, fraction of the steps")
+    ap.add_argument("--no-kernel-warmup", action="store_true",
+                    help="do not run the untimed compile/autotune step before each model's clock starts")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run to check the script")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                    help="combine these result files (e.g. two --patterns calls) into --out; trains nothing")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, args.out)
 
     t_start = time.perf_counter()
     if args.smoke:
@@ -104,14 +141,18 @@ def main() -> int:
         cfg = mqar.HarnessConfig(patterns=[], hidden=[32], train=[(16, 2, 2.0)] + test, test=test, vocab_size=128,
                                  train_examples=256, test_examples=64, steps=min(args.max_steps, 40),
                                  batch_size=16, lr=args.lr, model={"swa_window": 8}, log_interval=20,
-                                 eval_interval=20, stop_accuracy=0.99, eval_batch_size=16, calib_steps=6)
+                                 eval_interval=20, stop_accuracy=0.99, eval_batch_size=16, calib_steps=6,
+                                 curriculum=args.curriculum, curriculum_len=32,
+                                 kernel_warmup=not args.no_kernel_warmup)
     else:
         test = mqar.grid([512, 1024], [8, 16, 32, 64, 128, 256])
         cfg = mqar.HarnessConfig(patterns=[], hidden=[args.hidden], train=mqar.default_train_mix(test), test=test,
                                  vocab_size=args.vocab_size, train_examples=4_000, test_examples=1_024,
-                                 steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, warmup=0.05,
-                                 model={"swa_window": 32}, log_interval=250, eval_interval=250,
-                                 stop_accuracy=0.99, eval_batch_size=args.batch_size)
+                                 steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+                                 warmup=args.warmup, model={"swa_window": 32}, log_interval=250,
+                                 eval_interval=250, stop_accuracy=0.99, eval_batch_size=args.batch_size,
+                                 curriculum=args.curriculum, curriculum_len=128,
+                                 kernel_warmup=not args.no_kernel_warmup)
     cfg.patterns = [PATTERNS[n] for n in args.patterns]
     cfg.validate()
     device = mqar.resolve_device(cfg.device)
@@ -140,7 +181,8 @@ def main() -> int:
             rec["name"] = name
             spent += rec["train_time_s"]
             print(f"  {name}: " + " ".join(f"{k} {v:.2f}" for k, v in rec["accuracy"].items())
-                  + f" · {rec['steps']} steps in {rec['train_time_s']:.0f}s", flush=True)
+                  + f" · {rec['steps']} steps in {rec['train_time_s']:.0f}s (+{rec['warmup_s']:.0f}s warm-up)",
+                  flush=True)
         except Exception as e:  # noqa: BLE001 - record and go on
             rec = {"name": name, "layers": PATTERNS[name], "hidden": cfg.hidden[0], "accuracy": {},
                    "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=10)}

@@ -158,6 +158,21 @@ def kernel_profile(runner: DecodeRunner, dev, top: int = 12) -> dict:
             "top": [{"name": n[:120], "calls": c, "ms": round(t, 4)} for n, (c, t) in worst]}
 
 
+def measure_hylo(hy, prompt, n: int, graphs: bool, compile: bool, repeats: int, dev) -> tuple[dict, list[int]]:
+    """ms/token of greedy decoding with a cache of prompt + ``n`` tokens and with a 2048-token cache."""
+    T = prompt.shape[1]
+    runner = DecodeRunner(hy, 1, T + n, cuda_graph=graphs, compile=compile)
+    tokens = hylo_greedy(hy, runner, prompt, n)[0].tolist()
+    rec = {"ms_per_token": hylo_ms_per_token(runner, T, n, repeats, dev), "cache_len": T + n,
+           "graphed": runner.graphed, "compiled": compile, "kv_cache_bytes": runner.cache.nbytes(),
+           "generate_s_incl_prefill": statistics.median(wall(lambda: hylo_greedy(hy, runner, prompt, n), dev, repeats))}
+    del runner
+    r2 = DecodeRunner(hy, 1, 2048, cuda_graph=graphs, compile=compile)
+    rec["ms_per_token_cache_2048"] = hylo_ms_per_token(r2, T, n, repeats, dev)
+    rec["kv_cache_bytes_2048"] = r2.cache.nbytes()
+    return rec, tokens
+
+
 def try_profile(res: dict, make_runner, dev) -> dict | None:
     try:
         return kernel_profile(make_runner(), dev)
@@ -237,52 +252,24 @@ def main():
                               "trace": traceback.format_exc()[-1500:]})
     save()
 
-    # --- hylo: DecodeRunner, CUDA graph, cache = prompt + new tokens (and the engine's default 2048)
+    # --- hylo: DecodeRunner, CUDA graph, cache = prompt + new tokens (and the engine's default 2048); then the same
+    # with the step compiled (inductor) before capture, which fuses the norms, RoPE, gates and adds
     hy_tokens = None
-    try:
-        runner = DecodeRunner(hy, 1, T + n, cuda_graph=graphs)
-        hy_tokens = hylo_greedy(hy, runner, prompt, n)[0].tolist()
-        ms = hylo_ms_per_token(runner, T, n, args.repeats, dev)
-        e2e = wall(lambda: hylo_greedy(hy, runner, prompt, n), dev, args.repeats)
-        kv_bytes = runner.cache.nbytes()
-        res["hylo"] = {"ms_per_token": ms, "cache_len": T + n, "graphed": runner.graphed,
-                       "generate_s_incl_prefill": statistics.median(e2e), "kv_cache_bytes": kv_bytes}
-        del runner
-        r2 = DecodeRunner(hy, 1, 2048, cuda_graph=graphs)
-        res["hylo"]["ms_per_token_cache_2048"] = hylo_ms_per_token(r2, T, n, args.repeats, dev)
-        res["hylo"]["kv_cache_bytes_2048"] = r2.cache.nbytes()
-        del r2
-        res["hylo"]["kernels"] = try_profile(res, lambda: DecodeRunner(hy, 1, T + n, cuda_graph=False), dev)
-        print(f"hylo: {ms:.3f} ms/token (cache {T + n}), {res['hylo']['ms_per_token_cache_2048']:.3f} ms/token "
-              f"(cache 2048)", flush=True)
-    except Exception as e:  # noqa: BLE001
-        res["errors"].append({"what": "hylo decode", "error": f"{type(e).__name__}: {e}"[:500],
-                              "trace": traceback.format_exc()[-1500:]})
-    save()
-
-    # --- hylo with the step compiled (inductor) before capture: fuses the norms, RoPE, gates and adds
-    try:
-        rc = DecodeRunner(hy, 1, T + n, cuda_graph=graphs, compile=True)
-        rc_tokens = hylo_greedy(hy, rc, prompt, n)[0].tolist()
-        msc = hylo_ms_per_token(rc, T, n, args.repeats, dev)
-        res["hylo_compiled"] = {"ms_per_token": msc, "cache_len": T + n, "graphed": rc.graphed,
-                                "kv_cache_bytes": rc.cache.nbytes()}
-        if hy_tokens is not None:
-            k = min(16, n)
-            res["hylo_compiled"]["greedy_agree_with_eager_kernels"] = sum(
-                x == y for x, y in zip(rc_tokens[:k], hy_tokens[:k]))
-        del rc
-        r2 = DecodeRunner(hy, 1, 2048, cuda_graph=graphs, compile=True)
-        res["hylo_compiled"]["ms_per_token_cache_2048"] = hylo_ms_per_token(r2, T, n, args.repeats, dev)
-        del r2
-        res["hylo_compiled"]["kernels"] = try_profile(
-            res, lambda: DecodeRunner(hy, 1, T + n, cuda_graph=False, compile=True), dev)
-        print(f"hylo compiled: {msc:.3f} ms/token (cache {T + n}), "
-              f"{res['hylo_compiled']['ms_per_token_cache_2048']:.3f} ms/token (cache 2048)", flush=True)
-    except Exception as e:  # noqa: BLE001
-        res["errors"].append({"what": "hylo compiled decode", "error": f"{type(e).__name__}: {e}"[:500],
-                              "trace": traceback.format_exc()[-1500:]})
-    save()
+    for key, compile in (("hylo", False), ("hylo_compiled", True)):
+        try:
+            rec, tokens = measure_hylo(hy, prompt, n, graphs, compile, args.repeats, dev)
+            rec["kernels"] = try_profile(res, lambda: DecodeRunner(hy, 1, T + n, cuda_graph=False, compile=compile), dev)
+            if compile and hy_tokens is not None:
+                k = min(16, n)
+                rec["greedy_agree_with_eager_kernels"] = sum(x == y for x, y in zip(tokens[:k], hy_tokens[:k]))
+            hy_tokens = hy_tokens or tokens
+            res[key] = rec
+            print(f"{key}: {rec['ms_per_token']:.3f} ms/token (cache {T + n}), {rec['ms_per_token_cache_2048']:.3f} "
+                  f"ms/token (cache 2048)", flush=True)
+        except Exception as e:  # noqa: BLE001
+            res["errors"].append({"what": f"{key} decode", "error": f"{type(e).__name__}: {e}"[:500],
+                                  "trace": traceback.format_exc()[-1500:]})
+        save()
 
     # --- agreement
     try:

@@ -282,7 +282,10 @@ class HarnessConfig:
     ``kernel_warmup`` runs one untimed forward+backward at the training batch's shape and the evaluation
     forwards at the test shapes before the clock starts, so Triton compilation and autotuning (up to minutes per
     new kernel shape on a GPU) is not charged to the model's budget; it leaves training exactly as it would be
-    without it (see :func:`warm_up`)."""
+    without it (see :func:`warm_up`).
+
+    ``curriculum`` > 0: batches start with only the training settings of length <= ``curriculum_len``; the
+    share of rows drawn from the whole mix grows linearly to 1 over that fraction of the (planned) steps."""
 
     patterns: list = field(default_factory=lambda: ["a f a f"])
     hidden: list[int] = field(default_factory=lambda: [64])
@@ -313,6 +316,8 @@ class HarnessConfig:
     calib_steps: int = 30
     stop_accuracy: float | None = None  # stop a model once the probe (see eval_interval) reaches this
     kernel_warmup: bool = True  # untimed warm-up step before training (compile/autotune off the clock)
+    curriculum: float = 0.0  # fraction of the run over which sampling moves from the short settings to the mix
+    curriculum_len: int = 128  # "short": training settings of at most this length
 
     def validate(self) -> None:
         if not self.patterns:
@@ -329,6 +334,11 @@ class HarnessConfig:
             _check_int(name, getattr(self, name), 1)
         _check_int("eval_interval", self.eval_interval, 0)
         _check_int("calib_steps", self.calib_steps, 2)
+        if not (isinstance(self.curriculum, (int, float)) and 0 <= self.curriculum <= 1):
+            raise MQARError(f"curriculum={self.curriculum!r} is invalid: a fraction of the steps in [0, 1]")
+        if self.curriculum and not any(parse_train_setting(x)[0] <= self.curriculum_len for x in self.train):
+            raise MQARError(f"curriculum_len={self.curriculum_len!r} leaves no training setting to start with: "
+                            f"the shortest is {min(parse_train_setting(x)[0] for x in self.train)}")
         if self.stop_accuracy is not None and not (isinstance(self.stop_accuracy, (int, float))
                                                    and 0 < self.stop_accuracy <= 1):
             raise MQARError(f"stop_accuracy={self.stop_accuracy!r} is invalid: a fraction in (0, 1], or None")
@@ -525,6 +535,12 @@ def train_one(pattern, hidden: int, cfg: HarnessConfig, train: MQARData, tests: 
     loss_fn = torch.compile(mqar_loss) if cfg.compile else mqar_loss
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     N = len(train)
+    short_rows = None
+    if cfg.curriculum:  # rows of the short settings (build_data concatenates the settings in order)
+        sizes = [(L, max(1, round(cfg.train_examples * w))) for L, _, w in map(parse_train_setting, cfg.train)]
+        short = torch.cat([torch.full((c,), L <= cfg.curriculum_len) for L, c in sizes])
+        assert short.numel() == N, "curriculum: the training set does not match cfg.train"
+        short_rows = short.nonzero().squeeze(1).to(device)
     history: list[dict] = []
     warmup_s = warm_up(model, loss_fn, train, tests, cfg, device) if cfg.kernel_warmup else 0.0
     if cfg.kernel_warmup:
@@ -552,6 +568,11 @@ def train_one(pattern, hidden: int, cfg: HarnessConfig, train: MQARData, tests: 
                 log(f"  {name} h={hidden}: {dt * 1e3:.1f} ms/step -> {total} steps in the "
                     f"{cfg.time_budget_s:.0f}s budget")
         idx = torch.randint(0, N, (cfg.batch_size,), device=device, generator=gen)
+        ramp = cfg.curriculum * total
+        if short_rows is not None and step <= ramp:  # row i keeps its mix draw with probability step/ramp
+            pick = short_rows[torch.randint(0, len(short_rows), (cfg.batch_size,), device=device, generator=gen)]
+            keep = torch.rand(cfg.batch_size, device=device, generator=gen) < step / ramp
+            idx = torch.where(keep, idx, pick)
         with _autocast(device, cfg.bf16):
             loss = loss_fn(model, train.inputs[idx], train.query_pos[idx], train.answers[idx])
         loss.backward()
