@@ -118,7 +118,9 @@ def main() -> None:
     ap.add_argument("--skip", type=int, default=15, help="warm-up steps left out of the tokens/s")
     ap.add_argument("--vocab-size", type=int, default=32768)
     ap.add_argument("--models", nargs="*", default=list(MODELS))
-    ap.add_argument("--compile", nargs="*", default=["eager", "compiled"])
+    ap.add_argument("--compile", nargs="*", default=["eager", "compiled"],
+                    help="eager, compiled (torch.compile default mode) or a torch.compile mode, e.g. "
+                         "max-autotune-no-cudagraphs")
     ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script, numbers mean nothing")
     args = ap.parse_args()
     if args.smoke:
@@ -148,7 +150,8 @@ def main() -> None:
                     torch.cuda.reset_peak_memory_stats()
                 res = train(dict(model=mcfg, data=args.data, seq_len=args.seq_len, batch_size=args.batch_size,
                                  max_steps=args.steps, optimizer=dict(lr=1e-3), schedule=dict(kind="constant"),
-                                 eval_batches=1, compile=mode == "compiled", logging=dict(log_interval=5)),
+                                 eval_batches=1, compile={"eager": False, "compiled": True}.get(mode, mode),
+                                 logging=dict(log_interval=5)),
                             progress=False, return_model=True)
                 fl = model_flops(res.model, args.seq_len)
                 tps = steady_tps(res.history, args.skip)

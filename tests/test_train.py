@@ -242,11 +242,13 @@ def test_config_yaml_and_errors(data, tmp_path):
                      ({"optimizer": {"learning_rate": 1}}, "optimizer.learning_rate"),
                      ({"schedule": {"kind": "linear"}}, "schedule.kind"),
                      ({"schedule": {"warmup": 1.5}}, "fraction"),
-                     ({"batch_size": 0}, "batch_size")]:
+                     ({"batch_size": 0}, "batch_size"),
+                     ({"compile": "fast"}, "torch.compile mode")]:
         with pytest.raises(TrainConfigError, match=msg):
             TrainConfig.from_dict(bad)
     with pytest.raises(TrainConfigError, match="vocab_size"):
         TrainConfig.from_dict({"model": {"preset": "tiny-all", "vocab_size": 100}}).model_config(512)
+    assert TrainConfig.from_dict({"compile": "max-autotune-no-cudagraphs"}).compile == "max-autotune-no-cudagraphs"
 
 
 def test_schedules():

@@ -20,7 +20,7 @@ YAML layout (every key optional except ``data``; unknown keys are errors that na
     out_dir: runs/tiny
     seed: 0
     bf16: true                   # autocast to bfloat16 on CUDA (ignored on CPU)
-    compile: false               # torch.compile the model
+    compile: false               # torch.compile the model: true, or a mode (max-autotune-no-cudagraphs, ...)
     fsdp: false                  # FSDP2 (fully_shard) instead of DDP under torchrun
     logging: {log_interval: 10, tensorboard: false, wandb: false, wandb_project: hylo, run_name: null}
 """
@@ -85,7 +85,7 @@ class TrainConfig:
     out_dir: str | None = None
     seed: int = 0
     bf16: bool = True
-    compile: bool = False
+    compile: bool | str = False
     fsdp: bool = False
     device: str = "auto"  # auto | cpu | cuda
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -177,6 +177,10 @@ class TrainConfig:
             raise TrainConfigError(f"'schedule.min_lr_ratio' must be in [0, 1], got {s.min_lr_ratio!r}")
         if not 0 < s.decay_fraction <= 1:
             raise TrainConfigError(f"'schedule.decay_fraction' must be in (0, 1], got {s.decay_fraction!r}")
+        modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+        if not isinstance(self.compile, bool) and self.compile not in modes:
+            raise TrainConfigError(f"'compile' must be true, false or a torch.compile mode ({', '.join(modes)}), "
+                                   f"got {self.compile!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise TrainConfigError(f"'device' must be auto, cpu or cuda, got {self.device!r}")
         pos_int("logging.log_interval", self.logging.log_interval)

@@ -306,7 +306,7 @@ class Trainer:
         self.raw = model
         self.num_params = sum(p.numel() for p in model.parameters())
         if cfg.compile:
-            model.compile()
+            model.compile(**({} if cfg.compile is True else {"mode": cfg.compile}))
         self.model = D.wrap(model, info, cfg.fsdp)
 
         wd = cfg.optimizer.weight_decay
