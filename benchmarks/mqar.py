@@ -105,7 +105,10 @@ def separation(result: dict) -> dict:
     out["recurrent_drop"] = drops
     out["recurrent_degrade"] = bool(drops) and all(d >= 0.15 for d in drops.values())
     if attn is not None:
-        rec = {n: out["models"][n]["hard"] / max(attn["hard"], 1e-9) for n in HYBRIDS if n in out["models"]}
+        if attn["hard"] < 0.05:  # attention did not learn the hard settings: a ratio to it means nothing
+            out["hybrid_recovery"], out["hybrids_recover"] = None, None
+            return out
+        rec = {n: out["models"][n]["hard"] / attn["hard"] for n in HYBRIDS if n in out["models"]}
         best_pure = max((out["models"][n]["hard"] for n in PURE_RECURRENT if n in out["models"]), default=None)
         out["hybrid_recovery"] = rec  # hybrid accuracy / attention accuracy on the hardest settings
         out["hybrids_recover"] = bool(rec) and all(v >= 0.8 for v in rec.values()) and (
