@@ -3,9 +3,11 @@
 A transformers decoder layer ``i`` (attention + MLP) becomes two hylo layers, so the pattern is ``"a f a f ..."``:
 
     layers.{i}.input_layernorm           -> layers.{2i}.norm
-    layers.{i}.self_attn.{q,k,v,o}_proj  -> layers.{2i}.mixer.{q,k,v,o}_proj   (+ q_norm / k_norm for Qwen3)
+    layers.{i}.self_attn.{q,k,v}_proj    -> layers.{2i}.mixer.qkv_proj (rows concatenated)
+    layers.{i}.self_attn.o_proj          -> layers.{2i}.mixer.o_proj             (+ q_norm / k_norm for Qwen3)
     layers.{i}.post_attention_layernorm  -> layers.{2i+1}.norm
-    layers.{i}.mlp.{gate,up,down}_proj   -> layers.{2i+1}.mixer.{gate,up,down}_proj
+    layers.{i}.mlp.{gate,up}_proj        -> layers.{2i+1}.mixer.gate_up_proj (rows concatenated)
+    layers.{i}.mlp.down_proj             -> layers.{2i+1}.mixer.down_proj
     embed_tokens, norm, lm_head          -> the same names (lm_head omitted when tied)
 
 Anything the hylo model cannot reproduce exactly is refused with :class:`ConversionError` naming the source
@@ -26,6 +28,7 @@ import torch
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
 
 from .config import HyloConfig
+from .layers.base import fuse_projection_keys
 from .model import HybridLM
 
 SUPPORTED = ("llama", "qwen2", "qwen3")
@@ -188,6 +191,9 @@ def from_transformers(path_or_model: str | Path | PreTrainedModel, dtype: torch.
         state = {k: t.to(target) if t.is_floating_point() else t for k, t in state.items()}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # tied: the embedding is the head (transformers does the same)
+    for parts, fused in ((("q_proj", "k_proj", "v_proj"), "qkv_proj"), (("gate_proj", "up_proj"), "gate_up_proj")):
+        for pre in {k[:-len(parts[0] + ".weight")] for k in state if k.endswith(parts[0] + ".weight")}:
+            fuse_projection_keys(state, pre, parts, fused)  # hylo holds them as one matrix
 
     with torch.device("meta"):  # no random init: every parameter comes from the checkpoint
         model = HybridLM(config)

@@ -18,6 +18,8 @@ first step; transformers' own ``DynamicCache`` is never used, since it holds onl
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,9 @@ from .cache import HybridCache
 from .config import HyloConfig
 from .layers import Layer, layer_class
 from .layers.norm import RMSNorm
+
+# attention's and the FFN's projections as older checkpoints stored them (now qkv_proj and gate_up_proj)
+_SEPARATE_PROJ = re.compile(r"\.mixer\.(q|k|v|gate|up)_proj\.(weight|bias)$")
 
 # Linear layers whose output is added to the residual stream (scaled init; column weight-norm).
 RESIDUAL_WRITERS = ("o_proj", "out_proj", "down_proj")
@@ -74,6 +79,39 @@ class HybridLM(PreTrainedModel, GenerationMixin):
             from .weightnorm import normalize_weights
 
             normalize_weights(self)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' loader, plus checkpoints written before attention's q/k/v and the FFN's gate/up became one
+        matrix each: transformers skips their separate tensors (it would leave the fused ones random), so they are
+        read again from the local files and loaded through the layers' key-fusing hooks."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        old = [k for k in info.get("unexpected_keys", ()) if _SEPARATE_PROJ.search(k)]
+        if old:
+            path = Path(str(args[0] if args else kwargs.get("pretrained_model_name_or_path")))
+            files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+            if not files:
+                raise ValueError(f"{path}: a checkpoint with separate q/k/v or gate/up projections ({old[0]}, ...) "
+                                 "can only be upgraded from a local folder of .safetensors files")
+            from safetensors.torch import load_file
+
+            state = {}
+            for f in files:
+                state.update(load_file(str(f)))
+            state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
+            p = next(model.parameters())
+            state = {k: v.to(device=p.device, dtype=p.dtype if v.is_floating_point() else v.dtype)
+                     for k, v in state.items()}
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if unexpected or [k for k in missing if k != "lm_head.weight"]:
+                raise ValueError(f"{path}: the checkpoint does not match the model after fusing the projections: "
+                                 f"missing {missing[:4]}, unexpected {unexpected[:4]}")
+            model.tie_weights()
+            info["unexpected_keys"] = [k for k in info["unexpected_keys"] if k not in old]
+            info["missing_keys"] = []
+        return (model, info) if want_info else model
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()

@@ -2,7 +2,7 @@
 
 A simplified nGPT that normalizes weights only (activations keep their RMSNorms):
 
-- a matrix that *reads* hidden features (``q/k/v_proj``, FFN ``gate/up_proj``, Mamba2 ``in_proj``, the
+- a matrix that *reads* hidden features (attention's ``qkv_proj``, FFN ``gate_up_proj``, Mamba2 ``in_proj``, the
   linear operators' ``b/a/g_proj``, ...: every ``nn.Linear`` inside a block whose input is the block's
   normed hidden state) has each **row** (one output unit's weights) set to unit L2 norm;
 - a matrix whose output is **added to the residual stream** (``o_proj``, ``out_proj``, ``down_proj``) has

@@ -133,4 +133,40 @@ def test_init_keeps_residual_stream_bounded_at_depth():
     assert 0.5 < ratio < 3.0, ratio
     # residual writers are initialised smaller than readers
     blk = model.layers[0].mixer
-    assert blk.o_proj.weight.std() < 0.5 * blk.q_proj.weight.std()
+    assert blk.o_proj.weight.std() < 0.5 * blk.qkv_proj.weight.std()
+
+
+def test_separate_projection_keys_load_into_the_fused_matrices(tmp_path):
+    """Attention's q/k/v and the FFN's gate/up are one matrix each; a state dict with the separate Llama/Qwen
+    names (and older hylo checkpoints) loads into them and gives the same outputs."""
+    torch.manual_seed(0)
+    cfg = HyloConfig(vocab_size=64, hidden_size=32, layers="a f swa f", attn_num_heads=4, attn_num_kv_heads=2,
+                     swa_window=4, attn_qkv_bias=True)
+    src = HybridLM(cfg).eval()
+    old = {}
+    for k, t in src.state_dict().items():
+        if ".qkv_proj." in k:
+            q, kk, v = t.split([32, 16, 16], dim=0)
+            for part, piece in (("q_proj", q), ("k_proj", kk), ("v_proj", v)):
+                old[k.replace("qkv_proj", part)] = piece.clone()
+        elif ".gate_up_proj." in k:
+            g, u = t.chunk(2, dim=0)
+            old[k.replace("gate_up_proj", "gate_proj")], old[k.replace("gate_up_proj", "up_proj")] = g.clone(), u.clone()
+        else:
+            old[k] = t.clone()
+    assert any(".k_proj.bias" in k for k in old) and not any("qkv" in k or "gate_up" in k for k in old)
+    torch.manual_seed(1)
+    dst = HybridLM(cfg).eval()
+    dst.load_state_dict(old)  # strict: every key consumed
+    ids = torch.randint(0, 64, (2, 9))
+    torch.testing.assert_close(dst(ids).logits, src(ids).logits)
+    # the same through transformers' loader (which skips the separate tensors on its own)
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    src.save_pretrained(tmp_path)
+    old.pop("lm_head.weight", None)  # tied
+    save_file(old, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(loaded.eval()(ids).logits, src(ids).logits)

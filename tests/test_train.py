@@ -113,8 +113,8 @@ def test_weight_norm_forces_zero_decay_and_keeps_unit_norms(data, tmp_path):
     assert len(targets) >= 8
     for name, w, dim in targets:
         assert torch.allclose(w.norm(dim=dim), torch.ones(()), atol=1e-5), name
-    first = state["model"]["layers.1.mixer.gate_proj.weight"]
-    assert not torch.allclose(first, train(cfg, max_steps=1, return_model=True).model.layers[1].mixer.gate_proj.weight)
+    first = state["model"]["layers.1.mixer.gate_up_proj.weight"]
+    assert not torch.allclose(first, train(cfg, max_steps=1, return_model=True).model.layers[1].mixer.gate_up_proj.weight)
     # without weight_norm the configured decay is used on matrices
     plain = train(_cfg(data, optimizer=dict(weight_decay=0.1), max_steps=1), out_dir=tmp_path / "plain")
     groups = load_checkpoint(tmp_path / "plain")["optimizer"]["param_groups"]

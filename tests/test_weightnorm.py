@@ -15,8 +15,8 @@ def model(tied=True, layers="a f swa f"):
 
 def check_invariants(m):
     names = {n: d for n, _, d in weight_norm_targets(m)}
-    assert names["layers.0.mixer.q_proj.weight"] == 1 and names["layers.0.mixer.o_proj.weight"] == 0
-    assert names["layers.1.mixer.up_proj.weight"] == 1 and names["layers.1.mixer.down_proj.weight"] == 0
+    assert names["layers.0.mixer.qkv_proj.weight"] == 1 and names["layers.0.mixer.o_proj.weight"] == 0
+    assert names["layers.1.mixer.gate_up_proj.weight"] == 1 and names["layers.1.mixer.down_proj.weight"] == 0
     for _, w, dim in weight_norm_targets(m):
         torch.testing.assert_close(w.norm(dim=dim), torch.ones(w.shape[1 - dim]), atol=1e-5, rtol=0)
 
@@ -32,7 +32,7 @@ def test_targets_and_axes_after_steps():
         loss.backward()
         opt.step()
         opt.zero_grad()
-        q = m.layers[0].mixer.q_proj.weight
+        q = m.layers[0].mixer.qkv_proj.weight
         assert not torch.allclose(q.norm(dim=1), torch.ones(q.shape[0]), atol=1e-4)  # the step moved off the sphere
         normalize_weights(m)
         check_invariants(m)

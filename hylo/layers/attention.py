@@ -22,7 +22,7 @@ from torch import nn
 
 from ..config import HyloConfig
 from ..ops.backend import use_fast
-from .base import Layer, State
+from .base import Layer, State, fuse_projection_keys
 from .norm import RMSNorm
 
 
@@ -139,9 +139,11 @@ class Attention(Layer):
         self.rope_theta = config.rope_theta
         self.window = window
         D, H, Hkv, Dh = config.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
-        self.q_proj = nn.Linear(D, H * Dh, bias=config.attn_qkv_bias)
-        self.k_proj = nn.Linear(D, Hkv * Dh, bias=config.attn_qkv_bias)
-        self.v_proj = nn.Linear(D, Hkv * Dh, bias=config.attn_qkv_bias)
+        # q, k and v as one matrix (rows: q, k, v): one matrix product; Llama/Qwen checkpoints' separate
+        # q_proj/k_proj/v_proj load into it
+        self.qkv_proj = nn.Linear(D, (H + 2 * Hkv) * Dh, bias=config.attn_qkv_bias)
+        self._register_load_state_dict_pre_hook(
+            lambda sd, prefix, *_: fuse_projection_keys(sd, prefix, ("q_proj", "k_proj", "v_proj"), "qkv_proj"))
         self.o_proj = nn.Linear(H * Dh, D, bias=config.attn_o_bias)
         self.qk_norm = config.attn_qk_norm
         if self.qk_norm:
@@ -151,9 +153,9 @@ class Attention(Layer):
     def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
         """Project, qk-norm, rotate. ``positions: [T]`` or ``[B, T]``. Returns q, k, v as ``[B, H, T, Dh]``."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        H, Hkv, Dh = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.qkv_proj(x).split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
+        q, k, v = q.view(B, T, H, Dh), k.view(B, T, Hkv, Dh), v.view(B, T, Hkv, Dh)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope_cos_sin(positions if positions.dim() == 2 else positions[None], self.head_dim,

@@ -50,3 +50,13 @@ class Layer(nn.Module):
         """Bytes of decode state for one sequence of length ``max_len`` (meta tokens included by the caller)."""
         st = self.init_state(1, max_len, device="meta", dtype=dtype)
         return sum(t.numel() * t.element_size() for t in st.values())
+
+
+def fuse_projection_keys(state: dict, prefix: str, parts: tuple[str, ...], fused: str) -> None:
+    """In a state dict, concatenate ``prefix + part + '.weight'/'.bias'`` (rows, in ``parts`` order) into
+    ``prefix + fused + ...``, in place. Attention keeps q/k/v and the FFN gate/up as one matrix each (one matrix
+    product instead of three or two); this reads checkpoints with the separate Llama/Qwen names."""
+    for kind in ("weight", "bias"):
+        keys = [f"{prefix}{p}.{kind}" for p in parts]
+        if all(k in state for k in keys):
+            state[f"{prefix}{fused}.{kind}"] = torch.cat([state.pop(k) for k in keys], dim=0)
