@@ -33,10 +33,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import json
 import math
-import platform
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -396,27 +394,10 @@ def resolve_device(device: str) -> torch.device:
 
 
 def environment() -> dict:
-    """Date, device name and library versions, for result files (commit from ``HYLO_COMMIT`` or git)."""
-    import os
-    import subprocess
+    """Date, device name, library versions and commit, for result files (:func:`hylo.runinfo.metadata`)."""
+    from ..runinfo import metadata
 
-    out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "python": platform.python_version(), "torch": torch.__version__,
-           "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"}
-    for mod in ("triton", "fla", "transformers"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception as e:  # noqa: BLE001 - optional packages
-            out[mod] = f"unavailable ({type(e).__name__})"
-    commit = os.environ.get("HYLO_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL,
-                                             cwd=Path(__file__).resolve().parent).strip()
-        except Exception:  # noqa: BLE001 - no git on the device copy of the tree
-            commit = "unknown"
-    out["commit"] = commit
-    return out
+    return metadata()
 
 
 def query_logits(model, x: torch.Tensor, qpos: torch.Tensor) -> torch.Tensor:
