@@ -47,6 +47,7 @@ from hylo.ops import delta_rule as D  # noqa: E402
 from hylo.ops import ssd as S  # noqa: E402
 from hylo.ops.backend import backend  # noqa: E402
 from hylo.runinfo import versions  # noqa: E402
+from timing import median_ms  # noqa: E402  (benchmarks/timing.py)
 
 # name: (kind, B, T, H, K, V)  -- for ssd: K = state size N (fla's K), V = head dim P
 CASES = {  # in run order: the d1024 shapes first, so a run cut short keeps the most useful ones
@@ -60,22 +61,6 @@ CASES = {  # in run order: the d1024 shapes first, so a run cut short keeps the 
 }
 
 
-
-
-def cuda_time(fn, warmup: int = 2, rep: int = 7) -> float:
-    """Median milliseconds of ``fn()`` timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rep):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
 
 
 def errs(a: torch.Tensor, b: torch.Tensor) -> dict:
@@ -226,11 +211,11 @@ def bench_case(name: str, rep: int) -> dict:
                 got = grads(kind, ins, outs)
                 res["grad_errors"][label] = {n: errs(got[n], ref[n]) for n in ref if got.get(n) is not None}
                 del got
-                res["fwd_bwd_ms"][label] = cuda_time(fwd_bwd_fn(kind, ins, outs), rep=rep)
+                res["fwd_bwd_ms"][label] = median_ms(fwd_bwd_fn(kind, ins, outs), rep=rep, warmup=2)
         except Exception as e:  # noqa: BLE001
             res["grad_errors"][label] = {"error": f"{type(e).__name__}: {e}"[:400]}
         torch.cuda.empty_cache()
-    res["fwd_ms_fla"] = cuda_time(fwd_fn(kind, ins), rep=rep)
+    res["fwd_ms_fla"] = median_ms(fwd_fn(kind, ins), rep=rep, warmup=2)
     if kind != "delta":
         try:
             res["dqkwg"] = dqkwg_check(kind, ins, outs, rep)
@@ -258,12 +243,13 @@ def dqkwg_check(kind, ins, outs, rep):
     out = {"h_dtype": str(h.dtype).replace("torch.", ""), "errors": {}, "ms": {}}
     for label, got in (("triton", mine), ("fla_kernel", theirs)):
         out["errors"][label] = {n: errs(a, b) for n, a, b in zip(("dq", "dk", "dw", "dg"), got, ref) if b is not None}
-    out["ms"]["torch"] = cuda_time(lambda: chunk_bwd.dqkwg_torch(q, k, v, do, h, dh, g, scale, w=w, dv=dv), rep=rep)
-    out["ms"]["triton"] = cuda_time(lambda: chunk_bwd.dqkwg_triton(q, k, v, do, h, dh, g, scale, w=w, dv=dv),
-                                    rep=rep)
+    out["ms"]["torch"] = median_ms(lambda: chunk_bwd.dqkwg_torch(q, k, v, do, h, dh, g, scale, w=w, dv=dv),
+                                   rep=rep, warmup=2)
+    out["ms"]["triton"] = median_ms(lambda: chunk_bwd.dqkwg_triton(q, k, v, do, h, dh, g, scale, w=w, dv=dv),
+                                    rep=rep, warmup=2)
     with fla_guard_lifted():
-        out["ms"]["fla_kernel"] = cuda_time(
-            lambda: fla_dqkwg(q=q, k=k, v=v, do=do, h=h, dh=dh, w=w, g=g, dv=dv, scale=scale), rep=rep)
+        out["ms"]["fla_kernel"] = median_ms(
+            lambda: fla_dqkwg(q=q, k=k, v=v, do=do, h=h, dh=dh, w=w, g=g, dv=dv, scale=scale), rep=rep, warmup=2)
     out["triton_config"] = str(getattr(getattr(chunk_bwd, "_dqkwg_tuned", None), "best_config", None))
     return out
 

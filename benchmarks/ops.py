@@ -27,28 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hylo.config import HyloConfig  # noqa: E402
 from hylo.layers import layer_class  # noqa: E402
 from hylo.ops.backend import backend  # noqa: E402
+from timing import median_ms  # noqa: E402  (benchmarks/timing.py)
 from hylo.runinfo import versions  # noqa: E402
 
 OPS = ["attn", "swa", "mamba2", "deltanet", "gdn", "jet", "ffn"]
 
 
-
-
-def cuda_time(fn, warmup: int = 3, rep: int = 10) -> float:
-    """Median milliseconds of ``fn()`` over ``rep`` runs timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rep):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2]
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -128,13 +112,13 @@ def bench_op(op: str, cfg: HyloConfig, B: int, T: int) -> dict:
     with backend("fast"):
         xb2 = x.to(torch.bfloat16)
         with torch.no_grad():
-            res["fwd_ms"] = cuda_time(lambda: fast(xb2))
+            res["fwd_ms"] = median_ms(lambda: fast(xb2))
         xg = xb2.clone().requires_grad_()
 
         def fwd_bwd():
             fast(xg).backward(gyb)
 
-        res["fwd_bwd_ms"] = cuda_time(fwd_bwd)
+        res["fwd_bwd_ms"] = median_ms(fwd_bwd)
         fast.zero_grad(set_to_none=True)
         # decode step at context T (state filled by a prefill of T-1 tokens)
         with torch.no_grad():
@@ -147,7 +131,7 @@ def bench_op(op: str, cfg: HyloConfig, B: int, T: int) -> dict:
             def step():
                 return fast.step(x1, st, pos)
 
-            res["step_ms_eager"] = cuda_time(step, rep=50)
+            res["step_ms_eager"] = median_ms(step, rep=50)
             for k in st:
                 st[k].copy_(snapshot[k])
             try:
@@ -160,7 +144,7 @@ def bench_op(op: str, cfg: HyloConfig, B: int, T: int) -> dict:
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g):
                     step()
-                res["step_ms_graph"] = cuda_time(g.replay, rep=100)
+                res["step_ms_graph"] = median_ms(g.replay, rep=100)
             except Exception as e:  # noqa: BLE001
                 res["step_ms_graph"] = None
                 res["graph_error"] = f"{type(e).__name__}: {e}"[:300]

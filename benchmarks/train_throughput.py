@@ -17,8 +17,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import statistics
-import time
 import traceback
 
 import torch
@@ -28,6 +26,7 @@ from hylo.model import HybridLM
 from hylo.presets import NEMOTRON_FLASH_1B
 from hylo.train import train
 from hylo.runinfo import versions
+from timing import median_ms  # benchmarks/timing.py
 
 MODELS = {
     # 12 x (attn + SwiGLU) at 768: 117M parameters with a 32k vocabulary (tied)
@@ -40,29 +39,9 @@ MODELS = {
 
 
 
-def _median_ms(fn, reps: int) -> float:
-    """Median milliseconds of ``fn()`` after 3 warm-up calls (CUDA events on a GPU, the host clock on the CPU)."""
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(reps):
-        if torch.cuda.is_available():
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            ts.append(s.elapsed_time(e))
-        else:
-            t = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts)
-
-
 def matmul_tflops(n: int = 8192, reps: int = 20, device: str = "cuda") -> float:
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    ms = _median_ms(lambda: [a @ b for _ in range(reps)], 5) / reps
+    ms = median_ms(lambda: [a @ b for _ in range(reps)], 5) / reps
     return 2 * n ** 3 / (ms / 1e3) / 1e12
 
 
@@ -94,7 +73,7 @@ def block_times(model: HybridLM, batch: int, seq_len: int, reps: int = 10) -> di
             y = fwd()
             y.backward(g.to(y.dtype))
 
-        out[block.op] = {"fwd_ms": _median_ms(fwd, reps), "fwd_bwd_ms": _median_ms(fwd_bwd, reps),
+        out[block.op] = {"fwd_ms": median_ms(fwd, reps), "fwd_bwd_ms": median_ms(fwd_bwd, reps),
                          "count": sum(b.op == block.op for b in model.layers)}
     h = torch.randn(batch, seq_len, d, device=dev, requires_grad=True)
     y = torch.randint(0, model.config.vocab_size, (batch * seq_len,), device=dev)
@@ -104,7 +83,7 @@ def block_times(model: HybridLM, batch: int, seq_len: int, reps: int = 10) -> di
             logits = model.logits(model.norm(h))
         torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y).backward()
 
-    out["lm_head+loss"] = {"fwd_bwd_ms": _median_ms(head, reps), "count": 1}
+    out["lm_head+loss"] = {"fwd_bwd_ms": median_ms(head, reps), "count": 1}
     return out
 
 
