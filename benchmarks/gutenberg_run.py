@@ -125,7 +125,8 @@ def main() -> None:
             res = train(dict(model=dict(MODEL, weight_norm=wn), data=args.data, seq_len=args.seq_len,
                              batch_size=args.batch_size, max_tokens=args.tokens,
                              optimizer=dict(lr=args.lr, weight_decay=0.1, grad_clip=1.0),
-                             schedule=dict(kind="cosine", warmup=0.02, min_lr_ratio=0.1), eval_interval=10 if args.smoke else 100,
+                             schedule=dict(kind="cosine", warmup=0.02, min_lr_ratio=0.1),
+                             eval_interval=10 if args.smoke else 100,
                              eval_batches=16, compile=args.compile, logging=dict(log_interval=10)),
                         out_dir=tmp / "run", progress=False)
             run.update(wall_s=time.perf_counter() - t0, train_s=res.elapsed_s, steps=res.steps, tokens=res.tokens,

@@ -258,7 +258,8 @@ def main():
     for key, compile in (("hylo", False), ("hylo_compiled", True)):
         try:
             rec, tokens = measure_hylo(hy, prompt, n, graphs, compile, args.repeats, dev)
-            rec["kernels"] = try_profile(res, lambda: DecodeRunner(hy, 1, T + n, cuda_graph=False, compile=compile), dev)
+            rec["kernels"] = try_profile(
+                res, lambda: DecodeRunner(hy, 1, T + n, cuda_graph=False, compile=compile), dev)
             if compile and hy_tokens is not None:
                 k = min(16, n)
                 rec["greedy_agree_with_eager_kernels"] = sum(x == y for x, y in zip(tokens[:k], hy_tokens[:k]))
@@ -309,7 +310,8 @@ def main():
                                                res.get("speedup_hylo_compiled_vs_transformers", 0)) >= 30,
                         "hylo_within_1.5x_floor": best <= 1.5}
     save()
-    print(json.dumps({k: res.get(k) for k in ("transformers", "hylo", "hylo_compiled", "floor_ms_per_token", "copy_bandwidth_GBps",
+    print(json.dumps({k: res.get(k) for k in ("transformers", "hylo", "hylo_compiled", "floor_ms_per_token",
+                                              "copy_bandwidth_GBps",
                                               "speedup_hylo_vs_transformers", "goals", "greedy",
                                               "prompt_logits_max_abs_diff", "errors")}, indent=1, default=str))
     print(f"→ {out}")

@@ -151,7 +151,8 @@ def test_separate_projection_keys_load_into_the_fused_matrices(tmp_path):
                 old[k.replace("qkv_proj", part)] = piece.clone()
         elif ".gate_up_proj." in k:
             g, u = t.chunk(2, dim=0)
-            old[k.replace("gate_up_proj", "gate_proj")], old[k.replace("gate_up_proj", "up_proj")] = g.clone(), u.clone()
+            old[k.replace("gate_up_proj", "gate_proj")] = g.clone()
+            old[k.replace("gate_up_proj", "up_proj")] = u.clone()
         else:
             old[k] = t.clone()
     assert any(".k_proj.bias" in k for k in old) and not any("qkv" in k or "gate_up" in k for k in old)

@@ -599,7 +599,8 @@ def train_one(pattern, hidden: int, cfg: HarnessConfig, train: MQARData, tests: 
     return {"name": name, "layers": mcfg.pattern_short, "hidden": hidden, "params": n_params,
             "state_bytes": state_bytes, "lr": lr, "steps": step, "planned_steps": total, "truncated": truncated,
             "solved_at": solved or None,
-            "warmup_s": round(warmup_s, 2), "train_time_s": round(train_time, 2), "eval_time_s": round(time.perf_counter() - t1, 2),
+            "warmup_s": round(warmup_s, 2), "train_time_s": round(train_time, 2),
+            "eval_time_s": round(time.perf_counter() - t1, 2),
             "final_loss": history[-1]["loss"] if history else None, "accuracy": acc, "history": history,
             "error": None}
 
