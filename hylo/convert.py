@@ -28,7 +28,6 @@ import torch
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
 
 from .config import HyloConfig
-from .layers.base import fuse_projection_keys
 from .model import HybridLM
 
 SUPPORTED = ("llama", "qwen2", "qwen3")
@@ -191,18 +190,15 @@ def from_transformers(path_or_model: str | Path | PreTrainedModel, dtype: torch.
         state = {k: t.to(target) if t.is_floating_point() else t for k, t in state.items()}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # tied: the embedding is the head (transformers does the same)
-    for parts, fused in ((("q_proj", "k_proj", "v_proj"), "qkv_proj"), (("gate_proj", "up_proj"), "gate_up_proj")):
-        for pre in {k[:-len(parts[0] + ".weight")] for k in state if k.endswith(parts[0] + ".weight")}:
-            fuse_projection_keys(state, pre, parts, fused)  # hylo holds them as one matrix
 
     with torch.device("meta"):  # no random init: every parameter comes from the checkpoint
         model = HybridLM(config)
-    expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    # the layers' load hooks concatenate q/k/v and gate/up into hylo's fused matrices
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = sorted(set(missing) - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
     if missing or unexpected:
         raise ConversionError("weights", None, f"they do not map onto the hylo model: missing {missing[:8]}, "
-                                               f"unexpected {unexpected[:8]}")
-    model.load_state_dict(state, strict=False, assign=True)
+                                               f"unexpected {sorted(unexpected)[:8]}")
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

@@ -20,6 +20,17 @@ def _title(doc: dict, what: str) -> str:
     return f"{what} ({dev}, {doc.get('dtype', '')})" if dev else what
 
 
+def _save(fig, ax, path: str | Path) -> Path:
+    """Grid, legend, tight layout; write the PNG and free the figure."""
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    return path
+
+
 def plot_context(doc: dict, path: str | Path) -> Path | None:
     """ms/token (batch 1, CUDA graphs) against context, one line per model; dashed: the predictor's values."""
     models = [m for m in doc["models"] if m.get("decode")]
@@ -38,13 +49,7 @@ def plot_context(doc: dict, path: str | Path) -> Path | None:
     ax.set_xlabel("context (cache length, tokens)")
     ax.set_ylabel("ms / token (batch 1)")
     ax.set_title(_title(doc, "decode latency"))
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def plot_throughput(doc: dict, path: str | Path) -> Path | None:
@@ -67,13 +72,7 @@ def plot_throughput(doc: dict, path: str | Path) -> Path | None:
     ax.set_xlabel("batch (rows decoded together)")
     ax.set_ylabel("generated tokens / s")
     ax.set_title(_title(doc, "decode throughput (dashed: predicted)"))
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def plot_prediction(pairs: list[tuple[str, float, float]], path: str | Path, what: str = "",
@@ -102,13 +101,7 @@ def plot_prediction(pairs: list[tuple[str, float, float]], path: str | Path, wha
     ax.set_xlabel("measured")
     ax.set_ylabel("predicted from the LUT")
     ax.set_title(what or "predictor against measurement")
-    ax.legend(fontsize=7)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def write_plots(doc: dict, out_dir: str | Path) -> list[Path]:
