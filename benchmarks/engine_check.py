@@ -2,7 +2,8 @@
 
     python benchmarks/engine_check.py --out benchmarks/results/engine-h100.json
 
-For two random-weight models in bf16 (``tiny-all`` at hidden 256: every operator + meta tokens; the
+For two random-weight models, first in float32 (``correctness_fp32``: greedy graphed tokens must equal the
+full forward's argmax), then in bf16 (``tiny-all`` at hidden 256: every operator + meta tokens; the
 ``nemotron-flash-1b`` preset):
 - correctness, ragged batch of 4 prompts, greedy, 32 new tokens: the CUDA-graphed engine against the eager engine
   (expected identical: the same kernels), and both against the argmax of one full forward over prompt + generated
@@ -45,12 +46,12 @@ DEV = "cuda"  # --device cpu: a smoke test of this script (no graphs: "graphed" 
 
 
 
-def build(name: str) -> HybridLM:
+def build(name: str, dtype=torch.bfloat16) -> HybridLM:
     base, overrides = MODELS[name]
     torch.manual_seed(0)
     with torch.device(DEV):
         model = HybridLM(preset(base, **overrides))
-    return model.to(torch.bfloat16).eval()
+    return model.to(dtype).eval()
 
 
 def prompts_of(lengths, vocab, seed=0):
@@ -69,7 +70,7 @@ def teacher_forced_argmax(model, prompt, generated) -> list[int]:
     return logits.argmax(-1).tolist()
 
 
-def check_correctness(model) -> dict:
+def check_correctness(model, compiled: bool = True) -> dict:
     V = model.config.vocab_size
     prompts = prompts_of(RAGGED, V)
     sp = SamplingParams(max_new_tokens=NEW)
@@ -107,8 +108,20 @@ def check_correctness(model) -> dict:
     out["step_logits_max_abs_diff_graphed_vs_eager"] = max(diffs)
     del rg, re_
     out["forced_decode"] = forced_decode(model)
-    out["forced_decode_compiled"] = forced_decode(model, compile=True)  # the step through inductor, then graphed
+    if compiled:
+        out["forced_decode_compiled"] = forced_decode(model, compile=True)  # the step through inductor, then graphed
     return out
+
+
+def check_correctness_fp32(model) -> dict:
+    """The correctness check in float32 (TF32 off): rounding no longer hides a wrong cache or position, so the
+    graphed engine's greedy tokens must equal the full forward's argmax (``matches_forward_first_32``)."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        return check_correctness(model, compiled=False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 @torch.no_grad()
@@ -196,13 +209,21 @@ def main():
     print(json.dumps(meta), flush=True)
     results: list = []
     t0 = time.perf_counter()
+
+    def save():  # after every case: a run stopped at its time limit keeps what it did
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     for name in args.models:
         try:
-            model = build(name)
+            model = build(name, torch.float32)
         except Exception as e:  # noqa: BLE001
             results.append({"model": name, "case": "build", "ok": False, "error": f"{type(e).__name__}: {e}"})
             continue
+        run_case(results, name, "correctness_fp32", lambda: check_correctness_fp32(model))
+        save()
+        model.to(torch.bfloat16)
         run_case(results, name, "correctness", lambda: check_correctness(model))
+        save()
         for B in (1, 8):
             run_case(results, name, f"runner_step_b{B}", lambda: {
                 "batch": B, "context": 128, "max_len": 512,
@@ -211,14 +232,12 @@ def main():
             for graphed in (True, False):
                 run_case(results, name, f"engine_b{B}_{'graphed' if graphed else 'eager'}",
                          lambda: {"batch": B, "graphed": graphed, **time_engine(model, B, graphed)})
+            save()
         del model
         if DEV == "cuda":
             torch.cuda.empty_cache()
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     meta["total_s"] = round(time.perf_counter() - t0, 1)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    save()
     print(f"wrote {args.out} in {meta['total_s']} s")
 
 

@@ -221,9 +221,16 @@ def main() -> int:
             print(f"  {name} FAILED: {rec['error']}", flush=True)
             spent += time.perf_counter() - t_model
             if device.type == "cuda":
-                torch.cuda.empty_cache()
+                try:
+                    torch.cuda.empty_cache()
+                except Exception:  # noqa: BLE001 - a device fault (illegal address) poisons this process's context
+                    rec["fatal"] = True
         result["runs"].append(rec)
         mqar.save({**result, "table": mqar.table_rows(result)}, args.out, plot=False)  # partial results
+        if rec.get("fatal"):
+            print("  the CUDA context is lost after that fault: the remaining models cannot run in this process; "
+                  "results so far are saved", flush=True)
+            break
     result["table"] = mqar.table_rows(result)
     try:
         result["separation"] = separation(result)

@@ -93,9 +93,11 @@ def test_gradients_match_float64(window):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("window,tq,tk", [(None, 9, 9), (None, 1, 9), (4, 9, 9), (4, 5, 12), (3, 1, 7), (None, 5, 12)])
+@pytest.mark.parametrize("window,tq,tk", [(None, 9, 9), (None, 1, 9), (4, 9, 9), (4, 5, 12), (3, 1, 7), (None, 5, 12),
+                                            (16, 130, 130)])
 def test_fast_attention_core_matches_reference(monkeypatch, window, tq, tk):
-    """The SDPA / flex-attention branches compute the reference function (run eagerly on the CPU)."""
+    """The SDPA / flex-attention branches (flex: windowed, Tq = Tk >= FLEX_MIN_LEN) compute the reference
+    function (run eagerly on the CPU)."""
     from torch.nn.attention.flex_attention import flex_attention
 
     torch.manual_seed(0)

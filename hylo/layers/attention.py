@@ -63,6 +63,9 @@ def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) ->
     return m
 
 
+FLEX_MIN_LEN = 128  # windowed self-attention shorter than this uses SDPA with an explicit mask, not flex
+
+
 @functools.lru_cache(maxsize=32)
 def _swa_block_mask(window: int, q_len: int, kv_len: int, device: str):
     from torch.nn.attention.flex_attention import create_block_mask
@@ -99,8 +102,11 @@ def attention(q, k, v, window: int | None, q_offset: int) -> torch.Tensor:
         from torch.nn.attention.bias import causal_lower_right
 
         return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(Tq, Tk), enable_gqa=True)
-    if Tq != Tk:  # cached prefill of a windowed layer: an explicit mask, as compiled flex attention would
-        # recompile for every (Tq, Tk); K/V expanded to the query heads, so SDPA keeps a fused kernel with the mask
+    if Tq != Tk or Tq < FLEX_MIN_LEN:
+        # cached prefill of a windowed layer (compiled flex attention would recompile for every (Tq, Tk)), or a
+        # short sequence (below one flex block nothing is skipped; and on H100, torch 2.11, inductor failed to
+        # lower flex attention at Tq = Tk = 76 with NoValidChoicesError): an explicit mask; K/V expanded to the
+        # query heads, so SDPA keeps a fused kernel with the mask
         pos_q = torch.arange(q_offset, q_offset + Tq, device=q.device)
         mask = window_mask(pos_q, torch.arange(Tk, device=q.device), window)
         g = q.shape[1] // k.shape[1]

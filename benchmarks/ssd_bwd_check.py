@@ -1,0 +1,101 @@
+"""GPU check: does the SSD (Mamba2) backward run, and which kernel faults, at small head sizes? Call:
+
+    python benchmarks/ssd_bwd_check.py --out $OUT/ssd_bwd_check.json      # ~1-3 min on H100 (autotuning)
+
+Why: on an H100 (torch 2.11, Triton 3.6, fla 0.6.0) the MQAR benchmark's first backward of a Mamba2 layer at
+width 128 (SSD head dim P = 32, state N = 64, 8 heads, batch 128, T = 1024) died with "an illegal memory access",
+reported at fla's ``chunk_local_cumsum`` launch; CUDA reports such faults late, so the faulting kernel is unknown.
+Each case runs in its own process (a fault poisons the CUDA context) with ``CUDA_LAUNCH_BLOCKING=1``, so the
+traceback names the kernel that faults. Cases vary the head size and the ``dqkwg`` path (``HYLO_GATED_BWD``
+``triton``: hylo's kernel; ``torch``: hylo's PyTorch version, so a fault there is in fla's kernels); passing cases
+compare their gradients with the ``torch`` path's. JSON goes to --out after every case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# name: (B, T, H, N, P, dqkwg path)
+CASES = {
+    "mqar_triton": (128, 1024, 8, 64, 32, "triton"),
+    "mqar_torch": (128, 1024, 8, 64, 32, "torch"),
+    "p64_triton": (128, 1024, 8, 64, 64, "triton"),
+    "n128_p32_triton": (32, 1024, 8, 128, 32, "triton"),
+}
+
+
+def child(name: str) -> dict:
+    """One case in this process: forward + backward of hylo's SSD on CUDA; gradient summary."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import gated_bwd as G  # benchmarks/gated_bwd.py: inputs and gradients of the SSD op
+
+    B, T, H, N, P, path = CASES[name]
+    ins, outs = G.make_inputs("ssd", B, T, H, N, P)
+    t0 = time.perf_counter()
+    with G.mode(path):
+        got = G.grads("ssd", ins, outs)
+    torch.cuda.synchronize()
+    res = {"seconds": round(time.perf_counter() - t0, 2),
+           "grad_norms": {n: float(g.float().norm()) for n, g in got.items() if g is not None},
+           "finite": all(bool(torch.isfinite(g).all()) for g in got.values() if g is not None)}
+    if path != "torch":
+        with G.mode("torch"):
+            ref = G.grads("ssd", ins, outs)
+        res["rel_l2_vs_torch_dqkwg"] = {n: G.errs(got[n], ref[n])["rel_l2"] for n in ref if got.get(n) is not None}
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma list of {list(CASES)}")
+    ap.add_argument("--case-timeout", type=float, default=150.0)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child)), flush=True)
+        return
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import torch
+    from hylo.runinfo import versions
+
+    if not torch.cuda.is_available():
+        sys.exit("ssd_bwd_check.py needs a CUDA device")
+    out = {"kind": "ssd-bwd-check", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+           "device": torch.cuda.get_device_name(), "versions": versions(), "cases": {}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "CUDA_LAUNCH_BLOCKING": "1"}
+    for name in args.cases.split(","):
+        B, T, H, N, P, path = CASES[name]
+        rec: dict = {"B": B, "T": T, "H": H, "N": N, "P": P, "dqkwg": path}
+        t0 = time.perf_counter()
+        try:
+            p = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--child", name], env=env,
+                               capture_output=True, text=True, timeout=args.case_timeout)
+            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+            rec.update(json.loads(line[-1][7:]) if line else {})
+            rec["ok"] = p.returncode == 0 and bool(line)
+            if not rec["ok"]:
+                rec["stderr_tail"] = p.stderr[-3000:]
+        except subprocess.TimeoutExpired:
+            rec.update(ok=False, error=f"timeout after {args.case_timeout:.0f}s")
+        rec["wall_s"] = round(time.perf_counter() - t0, 1)
+        out["cases"][name] = rec
+        print(name, json.dumps({k: v for k, v in rec.items() if k != "stderr_tail"}), flush=True)
+        if "stderr_tail" in rec:
+            print(rec["stderr_tail"][-1500:], flush=True)
+        args.out.write_text(json.dumps(out, indent=1))
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
