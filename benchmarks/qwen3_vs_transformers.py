@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hylo.convert import from_transformers  # noqa: E402
 from hylo.engine.runner import DecodeRunner  # noqa: E402
 from hylo.profile.report import environment  # noqa: E402
+from timing import kernel_table  # noqa: E402  (benchmarks/timing.py)
 
 # initializer_range 0.05 instead of 0.02: with 0.02 random weights, greedy decoding repeats one token, which makes
 # the token agreement check meaningless; the values do not change the latency.
@@ -130,37 +131,18 @@ def hylo_ms_per_token(runner: DecodeRunner, start: int, steps: int, repeats: int
     return statistics.median(times)
 
 
-MATMUL_KERNELS = ("gemm", "gemv", "nvjet", "cublas", "cutlass", "splitk", "mm_")  # names of matrix-product kernels
-
-
 @torch.no_grad()
 def kernel_profile(runner: DecodeRunner, dev, top: int = 12) -> dict:
     """GPU kernels of one decode step, run outside the graph (the same kernels the graph replays): how many, their
-    summed time (busy time; the rest of a replay's time is gaps between kernels), and the costliest ones."""
-    from torch.profiler import ProfilerActivity, profile
-
+    summed time (busy time; the rest of a replay's time is gaps between kernels), and the costliest ones (the
+    position reset before the step adds a kernel or two)."""
     tok = torch.zeros(runner.batch_size, dtype=torch.long, device=dev)
-    runner.set_positions(16)
-    runner._fn(tok)  # warm
-    runner.set_positions(16)
-    sync(dev)
-    cuda = dev.type == "cuda"  # on the CPU (--smoke) the operators stand in for kernels
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+
+    def step():
+        runner.set_positions(16)
         runner._fn(tok)
-        sync(dev)
-    kernels: dict[str, list] = {}
-    for e in prof.events():
-        if e.device_type == (torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU):
-            k = kernels.setdefault(e.name, [0, 0.0])
-            k[0] += 1
-            k[1] += (e.device_time_total if cuda else e.self_cpu_time_total) / 1e3
-    count = sum(v[0] for v in kernels.values())
-    busy = sum(v[1] for v in kernels.values())
-    worst = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top]
-    mm = [v for n, v in kernels.items() if any(t in n.lower() for t in MATMUL_KERNELS)]
-    return {"kernels_per_step": count, "kernel_ms_sum": busy,
-            "matmul_kernels": sum(v[0] for v in mm), "matmul_ms": sum(v[1] for v in mm),
-            "top": [{"name": n[:120], "calls": c, "ms": round(t, 4)} for n, (c, t) in worst]}
+    t = kernel_table(step, top)
+    return {"kernels_per_step": t.pop("kernels"), **t}
 
 
 def measure_hylo(hy, prompt, n: int, graphs: bool, compile: bool, repeats: int, dev) -> tuple[dict, list[int]]:

@@ -30,3 +30,34 @@ def median_ms(fn, rep: int = 10, warmup: int = 3) -> float:
             fn()
             times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
+
+
+MATMUL_KERNELS = ("gemm", "gemv", "nvjet", "cublas", "cutlass", "splitk", "mm_")  # names of matrix-product kernels
+
+
+def kernel_table(fn, top: int = 12) -> dict:
+    """The kernels of one call of ``fn`` (after one untimed call): how many, their summed busy time, the time of
+    the matrix-product kernels among them, and the ``top`` costliest by name. On the CPU, operators stand in for
+    kernels (the numbers then only check the script)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    kernels: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type == kind:
+            k = kernels.setdefault(e.name, [0, 0.0])
+            k[0] += 1
+            k[1] += (e.device_time_total if cuda else e.self_cpu_time_total) / 1e3
+    mm = [v for n, v in kernels.items() if any(t in n.lower() for t in MATMUL_KERNELS)]
+    worst = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"kernels": sum(v[0] for v in kernels.values()), "kernel_ms_sum": sum(v[1] for v in kernels.values()),
+            "matmul_kernels": sum(v[0] for v in mm), "matmul_ms": sum(v[1] for v in mm),
+            "top": [{"name": n[:120], "calls": c, "ms": round(t, 4)} for n, (c, t) in worst]}

@@ -26,7 +26,7 @@ from hylo.model import HybridLM
 from hylo.presets import NEMOTRON_FLASH_1B
 from hylo.train import train
 from hylo.runinfo import versions
-from timing import median_ms  # benchmarks/timing.py
+from timing import kernel_table, median_ms  # benchmarks/timing.py
 
 MODELS = {
     # 12 x (attn + SwiGLU) at 768: 117M parameters with a 32k vocabulary (tied)
@@ -74,7 +74,8 @@ def block_times(model: HybridLM, batch: int, seq_len: int, reps: int = 10) -> di
             y.backward(g.to(y.dtype))
 
         out[block.op] = {"fwd_ms": median_ms(fwd, reps), "fwd_bwd_ms": median_ms(fwd_bwd, reps),
-                         "count": sum(b.op == block.op for b in model.layers)}
+                         "count": sum(b.op == block.op for b in model.layers),
+                         "fwd_bwd_kernels": kernel_table(fwd_bwd, top=10)}  # where the block's time goes
     h = torch.randn(batch, seq_len, d, device=dev, requires_grad=True)
     y = torch.randint(0, model.config.vocab_size, (batch * seq_len,), device=dev)
 

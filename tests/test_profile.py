@@ -102,7 +102,7 @@ def test_lut_missing_and_scaled(tmp_path):
     r = lut.lookup("ffn", sig, 64, 4, work=work)
     lo = lut.lookup("ffn", signature(small, "ffn"), 64, 4).ms
     hi = lut.lookup("ffn", signature(big, "ffn"), 64, 4).ms
-    assert r.how == "scaled" and len(r.sources) == 2 and lo < r.ms < hi
+    assert r.how == "interpolated" and len(r.sources) == 2 and lo < r.ms < hi
     empty = LUT([{"op": "ffn", "sig": sig, "context": 0, "batch": 1, "ms": 1.0}])
     with pytest.raises(LUTError, match="'attn'"):
         empty.lookup("attn", signature(mid, "attn"), 64, 1)
@@ -115,6 +115,102 @@ def test_lut_missing_and_scaled(tmp_path):
         LUT.load(tmp_path / "bad.json")
     with pytest.raises(LUTError, match="ms > 0"):
         LUT([{"op": "ffn", "sig": sig, "context": 0, "batch": 1, "ms": -1}])
+
+
+# ----------------------------------------------------------------------------- signatures the table lacks
+FIXED = {"attn": 0.05, "swa": 0.04, "mamba2": 0.11, "deltanet": 0.13, "gdn": 0.12, "jet": 0.15, "ffn": 0.012,
+         "norm": 0.012, "embed": 0.002, "head": 0.02, "overhead": 0.005}
+
+
+def byte_law_lut(widths, slopes=None, contexts=(16, 64, 256), batches=(1, 4, 16)):
+    """A LUT whose every entry obeys ``ms = FIXED[op] + slope x bytes read`` (the predictor's own byte count),
+    measured for every piece of ``cfg_all`` at ``widths``; ``slopes``: per-operator slopes (default one for all)."""
+    from hylo.profile.measure import lut_points
+    from hylo.profile.predict import work_fn
+
+    work = work_fn(torch.float32)
+
+    def law(op, sig, ctx, b):
+        return FIXED[op] + (slopes or {}).get(op, 2e-6) * work(op, sig, ctx, b)
+
+    lut = LUT(meta={"dtype": "float32", "free_bytes": 1 << 30})
+    for op, sig, c, b in lut_points([cfg_all(hidden_size=w) for w in widths], contexts, batches):
+        lut.add({"op": op, "sig": sig, "context": c, "batch": b, "ms": law(op, sig, c, b), "temp_bytes": 100 * b})
+    return lut, law, work
+
+
+@pytest.mark.parametrize("width,how", [(96, "interpolated"), (160, "scaled"), (48, "scaled")])
+def test_missing_signature_exact_under_a_byte_law(width, how):
+    """Leave a width out of a table generated from ms = a + b x bytes: between two widths (interpolation in bytes)
+    and beyond them (fixed part + the rest scaled by bytes, slope fitted on the table) the lookup is the law."""
+    lut, law, work = byte_law_lut([64, 128])
+    assert lut.ms_per_byte(work) == pytest.approx(2e-6, rel=1e-9)
+    cfg = cfg_all(hidden_size=width)
+    for op, sig, _ in model_pieces(cfg):
+        if op == "overhead":
+            continue
+        assert lut.fixed_ms(op, signature(cfg_all(hidden_size=64), op), work) == pytest.approx(FIXED[op])
+        for cache_len, b in ((16, 1), (40, 3), (256, 16)):
+            r = lut.lookup(op, sig, cache_len, b, work=work)
+            assert r.how == how, op
+            assert r.ms == pytest.approx(law(op, sig, effective_context(op, sig, cache_len), b), rel=1e-9), op
+    p = predict_decode(cfg, lut, 100, 4)
+    assert p.ms_per_token == pytest.approx(sum(n * law(op, sig, effective_context(op, sig, 100 + 4),
+                                                       1 if op == "overhead" else 4)
+                                               for op, sig, n in model_pieces(cfg)), rel=1e-9)
+    assert set(p.scaled) == {op for op, _, _ in model_pieces(cfg)} - {"overhead"}
+
+
+def test_missing_signature_monotonic_in_width_and_old_scaling_was_not():
+    """Per-operator slopes (the device slope fitted on the table is then only an average): predictions still grow
+    with the width, and are exact at the measured widths; the fixed part is not scaled away."""
+    slopes = {"attn": 1e-6, "swa": 3e-6, "mamba2": 5e-6, "deltanet": 2e-6, "gdn": 4e-6, "jet": 6e-6, "ffn": 2e-6,
+              "head": 1e-6}
+    lut, law, work = byte_law_lut([64, 128], slopes)
+    for cache_len, b in ((16, 1), (256, 16)):
+        row = [predict_decode(cfg_all(hidden_size=w), lut, cache_len - 4, b).ms_per_token
+               for w in (48, 64, 80, 96, 112, 128, 160, 192)]
+        assert all(x < y for x, y in zip(row, row[1:])), row
+    # a mixer at 3/4 of the one width measured keeps its whole fixed cost
+    # (Mamba2 measured at width 128 only; the slope comes from the other operators' pairs of widths)
+    both, law, _ = byte_law_lut([64, 128])
+    sig96, sig128 = signature(cfg_all(hidden_size=96), "mamba2"), signature(cfg_all(hidden_size=128), "mamba2")
+    one = LUT([e for e in both.entries if e["op"] != "mamba2" or e["sig"] == sig128], both.meta)
+    r = one.lookup("mamba2", sig96, 16, 1, work=work)
+    ratio = work("mamba2", sig96, 0, 1) / work("mamba2", sig128, 0, 1)
+    assert r.how == "scaled" and r.ms == pytest.approx(law("mamba2", sig96, 0, 1), rel=1e-9)
+    # scaling the whole time by bytes (the old estimate) would lose the fixed part that the smaller width keeps
+    assert r.ms - ratio * one.lookup("mamba2", sig128, 16, 1).ms == pytest.approx(FIXED["mamba2"] * (1 - ratio))
+
+
+def test_missing_signature_prefers_the_same_kernels():
+    """A qk-norm attention is not estimated from plain ones when one with qk norm exists (and vice versa)."""
+    lut, _, work = byte_law_lut([64])
+    plain = signature(cfg_all(hidden_size=128, attn_qk_norm=False), "attn")
+    lut.add({"op": "attn", "sig": plain, "context": 16, "batch": 1, "ms": 9.0})  # much slower, other kernels
+    want = signature(cfg_all(hidden_size=96), "attn")  # qk norm, as the width-64 entries
+    r = lut.lookup("attn", want, 16, 1, work=work)
+    assert r.sources == [signature(cfg_all(hidden_size=64), "attn")] and r.ms < 1.0
+    r = lut.lookup("attn", signature(cfg_all(hidden_size=96, attn_qk_norm=False), "attn"), 16, 1, work=work)
+    assert r.sources == [plain] and r.ms > 1.0
+
+
+def test_ms_per_byte_without_pairs_is_the_best_rate_seen():
+    lut, _, work = byte_law_lut([64])  # one signature per operator: no slope to fit
+    rates = [e["ms"] / work(e["op"], e["sig"], e["context"], e["batch"]) for e in lut.entries if e["op"] != "overhead"]
+    assert lut.ms_per_byte(work) == pytest.approx(min(rates))
+    n = len(lut)
+    lut.add({**lut.entries[0], "ms": lut.entries[0]["ms"] * 1e-3})  # a faster entry: the cached fit is dropped
+    assert len(lut) == n and lut.ms_per_byte(work) < min(rates)
+
+
+def test_max_batch_of_a_width_the_table_lacks_counts_temporaries():
+    lut, _, _ = byte_law_lut([64, 128])
+    cfg = cfg_all(hidden_size=96)
+    mem = model_memory(cfg, 100, torch.float32)
+    mb = predict_max_batch(cfg, lut, 100, memory_bytes=1e8, margin=0.5)
+    assert mb["temp_bytes_per_row"] > 0  # estimated from the neighbours, not 0
+    assert mb["per_seq_bytes"] == mem["state_bytes_per_seq"] + mb["temp_bytes_per_row"]
 
 
 # ----------------------------------------------------------------------------- predictor

@@ -22,10 +22,23 @@ The default is linear in the values: a decode step is memory-bound, so its time 
 in context (bytes read = weights + batch x (fixed state + context x KV bytes per token)), and piecewise-linear
 interpolation between geometrically spaced grid points is exact for that model; ``space="log"`` interpolates
 log(ms) over log(context), log(batch) instead. Below the smallest measured context or batch the nearest value is
-used; above the largest, the last segment is extended (never downwards). A signature absent from the table is
-estimated from the entries of the same operator at the nearest widths (below and above): each one's time is
-scaled by the ratio of bytes its step reads (``work``) and the two are interpolated in log(width). Every lookup
-says how it was obtained (``exact``, ``scaled``; ``extrapolated``).
+used; above the largest, the last segment is extended (never downwards).
+
+**Signatures the table lacks** (a width, head count or state size that was not measured: what a search asks)
+are estimated from the same operator's signatures with the same kernels (equal boolean fields: qk norm, biases,
+weight norm), through the bytes one step reads (``work``: weights + batch x state at the context). A decode step
+costs ``ms ~ a + b x bytes``: a fixed part ``a`` (kernel launches and latency-bound small kernels, the same at any
+width; at batch 1 it is most of a mixer's time on a GPU) plus a part that grows with the bytes. So:
+
+- between two measured signatures (one reading fewer bytes, one more, at the queried context and batch): linear
+  interpolation in bytes, exact for any ``a``, ``b`` of the operator (``how="interpolated"``);
+- beyond them, or from a single signature: that signature's time split into its fixed part and the rest, and only
+  the rest scaled by the ratio of bytes (``how="scaled"``). The fixed part is the smallest ``ms - b x bytes`` over
+  its entries, with ``b`` the device's marginal cost per byte fitted on the table (:meth:`LUT.ms_per_byte`: pairs
+  of signatures of one operator at batch 1, e.g. LM heads and FFNs of several widths). Exact when the operator's
+  slope is the device's; scaling the whole time by bytes instead would predict a mixer at 3/4 width ~2x too fast.
+
+Every lookup says how it was obtained (``exact``, ``interpolated``, ``scaled``; ``extrapolated``).
 """
 
 from __future__ import annotations
@@ -136,12 +149,22 @@ def interp1(xs: list[float], ys: list[float], x: float, space: str = "linear") -
     return g(y0 + slope * (f(x) - x0)), False
 
 
+def kind_mismatch(sig: dict, other: dict) -> int:
+    """How many boolean fields of ``sig`` (kernels present or not: qk norm, biases, weight norm) ``other`` lacks
+    or sets differently."""
+    return sum(1 for f, v in sig.items() if isinstance(v, bool) and other.get(f) != v)
+
+
+def _field_mismatch(sig: dict, other: dict) -> int:
+    return sum(1 for f, v in sig.items() if other.get(f) != v)
+
+
 @dataclass
 class Lookup:
     """One answer of :meth:`LUT.lookup`: ``ms`` per step and how it was obtained."""
 
     ms: float
-    how: str  # "exact" (this signature was measured) or "scaled" (from other widths, by bytes read)
+    how: str  # "exact" (measured), "interpolated" (between two signatures, in bytes), "scaled" (from one)
     extrapolated: bool = False
     sources: list = field(default_factory=list)  # the signatures used
 
@@ -157,6 +180,7 @@ class LUT:
         self.meta: dict = dict(meta or {})
         self.entries: list[dict] = []
         self._groups: dict[str, dict] | None = None
+        self._cache: dict = {}  # fitted byte model (ms_per_byte, fixed_ms), cleared when entries change
         for e in entries:
             self.add(e)
 
@@ -173,6 +197,7 @@ class LUT:
                         if (sig_key(e["op"], e["sig"]), int(e["context"]), int(e["batch"])) != key]
         self.entries.append(dict(entry))
         self._groups = None
+        self._cache = {}
 
     def has(self, op: str, sig: dict, context: int, batch: int) -> bool:
         g = self.groups().get(sig_key(op, sig))
@@ -213,7 +238,9 @@ class LUT:
         included; mapped by :func:`effective_context`) and ``batch`` rows.
 
         ``work(op, sig, context, batch)`` (bytes one step reads at effective context ``context``) is needed only
-        when ``sig`` is not in the table; without it such a lookup raises :class:`LUTError`."""
+        when ``sig`` is not in the table (see the module docstring: interpolation in bytes between the nearest
+        signatures of the operator, or one signature's time split into a fixed and a per-byte part); without it
+        such a lookup raises :class:`LUTError`."""
         _check_op(op)
         groups = self.groups()
         k = sig_key(op, sig)
@@ -227,30 +254,88 @@ class LUT:
             raise LUTError(f"the LUT has no entry for operator {op!r} (it holds {have}); build it for this "
                            "operator (hylo profile ... --lut-out)")
         if work is None:
-            raise LUTError(f"the LUT has no entry for {op} with {sig}; pass work= to scale from other widths")
-        width = sig.get("hidden_size", 1)
-        below = [g for g in same if g["sig"].get("hidden_size", 1) <= width]
-        above = [g for g in same if g["sig"].get("hidden_size", 1) > width]
-
-        def nearest(gs):  # nearest width; among equal widths the one whose fields differ least
-            return min(gs, key=lambda g: (abs(math.log(g["sig"].get("hidden_size", 1) / width)),
-                                          sum(g["sig"].get(f) != v for f, v in sig.items())))
-
-        picks = [nearest(gs) for gs in (below, above) if gs]
-        target = work(op, sig, effective_context(op, sig, cache_len), batch)
-        ests, extra = [], False
-        for g in picks:
+            raise LUTError(f"the LUT has no entry for {op} with {sig}; pass work= to estimate it from the "
+                           "operator's other signatures")
+        # only signatures with the same kernels: the boolean fields (qk norm, biases, weight norm) add or remove
+        # whole kernels, a fixed cost that no byte count explains
+        fewest = min(kind_mismatch(sig, g["sig"]) for g in same)
+        cands = [g for g in same if kind_mismatch(sig, g["sig"]) == fewest]
+        w = float(work(op, sig, effective_context(op, sig, cache_len), batch))
+        ests = []
+        for g in cands:
             ctx_g = effective_context(op, g["sig"], cache_len)
             ms, e = self._interp_group(g["points"], ctx_g, batch, space)
-            extra |= e
-            ests.append((g["sig"].get("hidden_size", 1), ms * target / max(work(op, g["sig"], ctx_g, batch), 1.0)))
-        if len(ests) == 1:
-            ms = ests[0][1]
-        else:
-            (w0, m0), (w1, m1) = ests
-            t = math.log(width / w0) / math.log(w1 / w0) if w1 != w0 else 0.0
-            ms = math.exp(math.log(m0) + t * (math.log(m1) - math.log(m0)))
-        return Lookup(ms, "scaled", extra, [g["sig"] for g in picks])
+            ests.append((g, ms, float(work(op, g["sig"], ctx_g, batch)), e))
+        below = [x for x in ests if x[2] <= w]
+        above = [x for x in ests if x[2] > w]
+
+        def nearest(xs):  # nearest in bytes; among equals the signature whose fields differ least
+            return min(xs, key=lambda x: (abs(math.log(max(x[2], 1.0) / max(w, 1.0))),
+                                          _field_mismatch(sig, x[0]["sig"])))
+
+        if below and above:  # between two signatures: linear in bytes (exact when ms = a + b x bytes)
+            lo, hi = nearest(below), nearest(above)
+            f = (w - lo[2]) / (hi[2] - lo[2])
+            return Lookup(lo[1] + f * (hi[1] - lo[1]), "interpolated", lo[3] or hi[3], [lo[0]["sig"], hi[0]["sig"]])
+        g, ms, w_g, extra = nearest(below or above)
+        a = self.fixed_ms(g["op"], g["sig"], work)
+        ms = a + (ms - a) * w / max(w_g, 1.0)
+        return Lookup(ms, "scaled", extra, [g["sig"]])
+
+    # ---- the byte model behind lookups of missing signatures
+    def ms_per_byte(self, work: Callable[[str, dict, int, int], float]) -> float:
+        """The device's marginal cost of reading one more byte (ms per byte), fitted on the table itself.
+
+        Over every pair of signatures of one operator with the same kernels (same boolean fields), at their
+        common contexts at the smallest common batch: the least-squares slope through the origin of the time
+        difference on the ``work`` difference (dominated by the pairs far apart in bytes: LM heads, FFNs).
+        Without such pairs (or a slope <= 0): the smallest ms per byte of any entry (the best rate seen), an
+        upper bound of the marginal cost."""
+        ck = ("beta", work)
+        if ck in self._cache:
+            return self._cache[ck]
+        by_op: dict[str, list] = {}
+        for g in self.groups().values():
+            by_op.setdefault(g["op"], []).append(g)
+        num = den = 0.0
+        for op, gs in by_op.items():
+            for i, g in enumerate(gs):
+                for h in gs[i + 1:]:
+                    if kind_mismatch(g["sig"], h["sig"]) or kind_mismatch(h["sig"], g["sig"]):
+                        continue
+                    common = set(g["points"]) & set(h["points"])
+                    if not common:
+                        continue
+                    b0 = min(b for _, b in common)
+                    for c, b in common:
+                        if b != b0:
+                            continue
+                        dt = h["points"][(c, b)] - g["points"][(c, b)]
+                        dw = float(work(op, h["sig"], c, b)) - float(work(op, g["sig"], c, b))
+                        num += dt * dw
+                        den += dw * dw
+        beta = num / den if den > 0 else 0.0
+        if beta <= 0:
+            rates = [ms / w for g in self.groups().values() for (c, b), ms in g["points"].items()
+                     if (w := float(work(g["op"], g["sig"], c, b))) > 0]
+            beta = min(rates) if rates else 0.0
+        self._cache[ck] = beta
+        return beta
+
+    def fixed_ms(self, op: str, sig: dict, work: Callable[[str, dict, int, int], float]) -> float:
+        """The part of a measured signature's step time that does not grow with the bytes it reads (kernel
+        launches, latency-bound small kernels): the smallest ``ms - ms_per_byte x work`` over its entries, at
+        least 0. Scaling only the rest by bytes carries the signature's time to another width."""
+        ck = ("fixed", sig_key(op, sig), work)
+        if ck in self._cache:
+            return self._cache[ck]
+        g = self.groups().get(sig_key(op, sig))
+        if g is None:
+            raise LUTError(f"the LUT has no entry for {op} with {sig}")
+        beta = self.ms_per_byte(work)
+        a = min(ms - beta * float(work(op, sig, c, b)) for (c, b), ms in g["points"].items())
+        self._cache[ck] = a = max(a, 0.0)
+        return a
 
     # ---- files
     def to_dict(self) -> dict:

@@ -3,11 +3,13 @@ building the model (parameter and state sizes come from single layers on the met
 
 One decode step is predicted as ``overhead + embed + sum over layers (norm + op) + head`` (see
 :mod:`hylo.profile.lut`), at the model's cache length (context + meta tokens). Memory: weights + batch x (state
-bytes per sequence + the largest per-row temporary memory of a layer's step, as measured for the LUT).
+bytes per sequence + the largest per-row temporary memory of a layer's step, as measured for the LUT, or
+scaled from the nearest signature measured).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -24,6 +26,17 @@ def lut_dtype(lut: LUT) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"LUT dtype {name!r} is not one of {list(DTYPES)}")
     return DTYPES[name]
+
+
+@functools.lru_cache(maxsize=None)
+def work_fn(dtype: torch.dtype):
+    """``work(op, sig, context, batch)``: bytes one step of a piece reads (:func:`~.pieces.step_bytes`), one
+    function per dtype, so the byte model a LUT fits with it is fitted once."""
+
+    def work(op, sig, ctx, b):
+        return step_bytes(op, sig, ctx, b, dtype)
+
+    return work
 
 
 # ----------------------------------------------------------------------------- memory
@@ -101,12 +114,8 @@ def predict_decode(config, lut: LUT, context: int, batch: int = 1, space: str = 
     """Predicted ms per decode step with a cache of ``context`` tokens (plus meta tokens) and ``batch`` rows."""
     if context < 1 or batch < 1:
         raise ValueError(f"context and batch must be >= 1, got context={context}, batch={batch}")
-    dtype = lut_dtype(lut)
+    work = work_fn(lut_dtype(lut))
     cache_len = context + config.num_meta_tokens
-
-    def work(op, sig, ctx, b):
-        return step_bytes(op, sig, ctx, b, dtype)
-
     total, by_op, scaled, extra = 0.0, {}, [], False
     for op, sig, count in model_pieces(config):
         # the per-step overhead (token copy, graph launch) does not depend on the batch: measured at batch 1
@@ -141,9 +150,9 @@ def predict_generate(config, lut: LUT, n_tokens: int = 8192, batch: int = 1, cac
 
 
 # ----------------------------------------------------------------------------- throughput
-def _temp_per_row(lut: LUT, op: str, sig: dict, context: int) -> float:
-    """Temporary bytes per row of one step of ``op`` (LUT entries' ``temp_bytes``, nearest context, largest
-    batch); 0 when the table has none."""
+def _measured_temp_per_row(lut: LUT, op: str, sig: dict, context: int) -> float | None:
+    """Temporary bytes per row of one step of ``op`` with ``sig`` as the LUT measured them (``temp_bytes``,
+    nearest context, largest batch); None when the table has none for that signature."""
     best = None
     for e in lut.entries:
         if e["op"] != op or e["sig"] != sig or "error" in e or not e.get("temp_bytes"):
@@ -152,7 +161,35 @@ def _temp_per_row(lut: LUT, op: str, sig: dict, context: int) -> float:
         key = (d, -e["batch"])
         if best is None or key < best[0]:
             best = (key, e["temp_bytes"] / e["batch"])
-    return float(best[1]) if best else 0.0
+    return float(best[1]) if best else None
+
+
+def _temp_per_row(lut: LUT, op: str, sig: dict, cache_len: int, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Temporary bytes per row of one step of ``op`` at a cache of ``cache_len`` positions: measured for ``sig``,
+    or, for a signature the table lacks, the measured value of the operator's signature (with the same kernels)
+    nearest in the bytes one more row adds to a step (state and activations), scaled by that ratio; 0 when the
+    table has none."""
+    from .lut import kind_mismatch, effective_context
+
+    got = _measured_temp_per_row(lut, op, sig, effective_context(op, sig, cache_len))
+    if got is not None:
+        return got
+    work = work_fn(dtype)
+
+    def per_row(s):
+        c = effective_context(op, s, cache_len)
+        return max(float(work(op, s, c, 2) - work(op, s, c, 1)), 1.0)
+
+    target = per_row(sig)
+    cands = []
+    for g in lut.groups().values():
+        if g["op"] != op:
+            continue
+        t = _measured_temp_per_row(lut, op, g["sig"], effective_context(op, g["sig"], cache_len))
+        if t is not None:
+            pr = per_row(g["sig"])
+            cands.append(((kind_mismatch(sig, g["sig"]), abs(math.log(pr / target))), t * target / pr))
+    return min(cands)[1] if cands else 0.0
 
 
 def predict_max_batch(config, lut: LUT, context: int, memory_bytes: float | None = None, margin: float = 0.9,
@@ -167,10 +204,7 @@ def predict_max_batch(config, lut: LUT, context: int, memory_bytes: float | None
     dtype = lut_dtype(lut)
     mem = model_memory(config, context, dtype)
     cache_len = mem["cache_len"]
-    from .lut import effective_context
-
-    temp = max([_temp_per_row(lut, op, sig, effective_context(op, sig, cache_len))
-                for op, sig, _ in model_pieces(config)] or [0.0])
+    temp = max([_temp_per_row(lut, op, sig, cache_len, dtype) for op, sig, _ in model_pieces(config)] or [0.0])
     per_seq = mem["state_bytes_per_seq"] + temp
     b = max_batch(memory_bytes, per_seq, mem["weights_bytes"], 0.0, margin, cap)
     return {"batch": b, "weights_bytes": mem["weights_bytes"], "per_seq_bytes": int(per_seq),

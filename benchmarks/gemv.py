@@ -1,0 +1,174 @@
+"""Batch-1 matrix-vector products on a GPU: how close do they get to the copy bandwidth? Call:
+
+    python benchmarks/gemv.py --out $OUT/gemv.json        # ~1 min on H100 (autotuning)
+
+Why: hylo's compiled decode step for Qwen3-0.6B's shape spends >= 0.92 ms of its 1.44 ms in cuBLAS matrix
+products that read 1.19 GB, about 44% of the copy bandwidth (benchmarks/results/qwen3-vs-transformers-h100.json).
+This times ``y = x W^T`` for ``x [1, K]`` and that model's weight shapes (bf16) three ways:
+- ``cublas``: ``F.linear``;
+- ``inductor``: ``torch.compile(F.linear, mode="max-autotune-no-cudagraphs")`` (inductor's own Triton templates
+  compete with cuBLAS);
+- ``triton_gemv``: a plain Triton kernel written here (rows of W per program, a loop over K, autotuned block
+  sizes), the candidate for a decode-path kernel if it is measurably faster.
+Each is timed as a CUDA graph of ``--calls`` back-to-back products (launch overhead amortised as in a decode
+graph), median of 5 replays; results in microseconds and GB/s against the copy bandwidth measured in the same run.
+Every method is checked against a float32 product first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the script needs a GPU anyway
+    triton = None
+
+# Qwen3-0.6B decode step: qkv, o, gate_up, down (x28 layers) and the tied LM head
+SHAPES = {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072),
+          "lm_head": (151936, 1024)}
+
+if triton is not None:
+    @triton.autotune(
+        configs=[triton.Config({"BN": bn, "BK": bk}, num_warps=nw, num_stages=ns)
+                 for bn in (4, 8, 16) for bk in (256, 512, 1024) for nw in (4, 8) for ns in (2, 4)
+                 if bn * bk <= 8192],
+        key=["N", "K"],
+    )
+    @triton.jit
+    def _gemv_kernel(x, w, y, N, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        # one program: BN output rows; W is [N, K] row-major, so each row's K elements are contiguous
+        rows = tl.program_id(0) * BN + tl.arange(0, BN)
+        m_n = rows < N
+        acc = tl.zeros([BN, BK], dtype=tl.float32)
+        for i_k in range(tl.cdiv(K, BK)):
+            cols = i_k * BK + tl.arange(0, BK)
+            m_k = cols < K
+            b_x = tl.load(x + cols, mask=m_k, other=0.0).to(tl.float32)
+            b_w = tl.load(w + rows[:, None].to(tl.int64) * K + cols[None, :], mask=m_n[:, None] & m_k[None, :],
+                          other=0.0)
+            acc += b_w.to(tl.float32) * b_x[None, :]
+        tl.store(y + rows, tl.sum(acc, axis=1).to(y.dtype.element_ty), mask=m_n)
+
+
+def triton_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    N, K = w.shape
+    y = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    _gemv_kernel[lambda meta: (triton.cdiv(N, meta["BN"]),)](x, w, y, N, K)
+    return y
+
+
+def graph_us(fn, calls: int) -> float:
+    """Median microseconds per call of ``fn`` replayed ``calls`` times inside one CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a 1 GiB device-to-device copy (read + write counted)."""
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(10):
+        b.copy_(a)
+    e1.record()
+    torch.cuda.synchronize()
+    return 2 * a.numel() * 10 / (e0.elapsed_time(e1) / 1e3) / 1e9
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--calls", type=int, default=50)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gemv.py needs a CUDA device")
+    from hylo.runinfo import versions
+
+    torch.manual_seed(0)
+    res = {"kind": "gemv", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": torch.cuda.get_device_name(),
+           "versions": versions(), "dtype": "bfloat16", "calls_per_graph": args.calls, "shapes": {}, "errors": []}
+    bw = copy_bandwidth()
+    res["copy_bandwidth_GBps"] = bw
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for name, (N, K) in SHAPES.items():
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K ** -0.5
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        ref = x.float() @ w.float().t()
+        rec: dict = {"N": N, "K": K, "bytes": N * K * 2}
+        methods = {"cublas": lambda x=x, w=w: F.linear(x, w)}
+        try:
+            comp = torch.compile(lambda x, w: F.linear(x, w), mode="max-autotune-no-cudagraphs", dynamic=False)
+            comp(x, w)
+            methods["inductor"] = lambda x=x, w=w, c=comp: c(x, w)
+        except Exception as e:  # noqa: BLE001
+            res["errors"].append({"shape": name, "method": "inductor", "error": f"{type(e).__name__}: {e}"[:300]})
+        if triton is not None:
+            methods["triton_gemv"] = lambda x=x, w=w: triton_gemv(x, w)
+        for m, fn in methods.items():
+            try:
+                out = fn().float()
+                err = ((out - ref).norm() / ref.norm()).item()
+                us = graph_us(fn, args.calls)
+                rec[m] = {"us": us, "GBps": rec["bytes"] / (us / 1e6) / 1e9, "of_copy_bw": rec["bytes"] / (us / 1e6) / 1e9 / bw,
+                          "rel_l2_vs_fp32": err}
+            except Exception as e:  # noqa: BLE001
+                rec[m] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        if "triton_gemv" in rec and hasattr(_gemv_kernel, "best_config"):
+            rec["triton_gemv"]["config"] = str(_gemv_kernel.best_config)
+        res["shapes"][name] = rec
+        print(name, json.dumps({m: {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
+                                for m, r in rec.items() if isinstance(r, dict)}), flush=True)
+        args.out.write_text(json.dumps(res, indent=1))
+    # one decode step's products: 28 layers of qkv/o/gate_up/down plus the head
+    step = {}
+    for m in ("cublas", "inductor", "triton_gemv"):
+        try:
+            step[m] = sum(28 * res["shapes"][s][m]["us"] for s in ("qkv", "o", "gate_up", "down")) \
+                + res["shapes"]["lm_head"][m]["us"]
+        except (KeyError, TypeError):
+            pass
+    res["qwen3_step_matmul_us"] = step
+    res["qwen3_step_floor_us"] = sum((28 if s != "lm_head" else 1) * res["shapes"][s]["bytes"]
+                                     for s in SHAPES) / bw / 1e3
+    args.out.write_text(json.dumps(res, indent=1))
+    print("step matmul us:", {k: round(v, 1) for k, v in step.items()}, "floor us:",
+          round(res["qwen3_step_floor_us"], 1), f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
