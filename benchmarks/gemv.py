@@ -12,6 +12,9 @@ This times ``y = x W^T`` for ``x [1, K]`` and that model's weight shapes (bf16) 
   sizes), the candidate for a decode-path kernel if it is measurably faster.
 Each is timed as a CUDA graph of ``--calls`` back-to-back products (launch overhead amortised as in a decode
 graph), median of 5 replays; results in microseconds and GB/s against the copy bandwidth measured in the same run.
+The products cycle through copies of the weight totalling >= 256 MB, five times the H100's 50 MB L2, because a
+decode step reads every layer's weights once: timing one small matrix over and over reads it from L2 (the first
+H100 run did that; its numbers are kept in benchmarks/results/gemv-h100-l2-resident-partial.json).
 Every method is checked against a float32 product first.
 """
 
@@ -69,18 +72,19 @@ def triton_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def graph_us(fn, calls: int) -> float:
-    """Median microseconds per call of ``fn`` replayed ``calls`` times inside one CUDA graph."""
+def graph_us(fn, ws: list, calls: int) -> float:
+    """Median microseconds per call of ``fn(w)`` replayed ``calls`` times inside one CUDA graph, cycling through
+    the weights ``ws``."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
+        for w in ws[:3]:
+            fn(w)
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
+        for i in range(calls):
+            fn(ws[i % len(ws)])
     g.replay()
     torch.cuda.synchronize()
     times = []
@@ -130,20 +134,22 @@ def main():
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
         ref = x.float() @ w.float().t()
         rec: dict = {"N": N, "K": K, "bytes": N * K * 2}
-        methods = {"cublas": lambda x=x, w=w: F.linear(x, w)}
+        ws = [w] + [w.clone() for _ in range(min(args.calls, -(-(256 << 20) // rec["bytes"])) - 1)]
+        rec["weight_copies"] = len(ws)
+        methods = {"cublas": lambda w, x=x: F.linear(x, w)}
         try:
             comp = torch.compile(lambda x, w: F.linear(x, w), mode="max-autotune-no-cudagraphs", dynamic=False)
             comp(x, w)
-            methods["inductor"] = lambda x=x, w=w, c=comp: c(x, w)
+            methods["inductor"] = lambda w, x=x, c=comp: c(x, w)
         except Exception as e:  # noqa: BLE001
             res["errors"].append({"shape": name, "method": "inductor", "error": f"{type(e).__name__}: {e}"[:300]})
         if triton is not None:
-            methods["triton_gemv"] = lambda x=x, w=w: triton_gemv(x, w)
+            methods["triton_gemv"] = lambda w, x=x: triton_gemv(x, w)
         for m, fn in methods.items():
             try:
-                out = fn().float()
+                out = fn(w).float()
                 err = ((out - ref).norm() / ref.norm()).item()
-                us = graph_us(fn, args.calls)
+                us = graph_us(fn, ws, args.calls)
                 rec[m] = {"us": us, "GBps": rec["bytes"] / (us / 1e6) / 1e9, "of_copy_bw": rec["bytes"] / (us / 1e6) / 1e9 / bw,
                           "rel_l2_vs_fp32": err}
             except Exception as e:  # noqa: BLE001

@@ -1,6 +1,10 @@
 """GPU check: does the SSD (Mamba2) backward run, and which kernel faults, at small head sizes? Call:
 
-    python benchmarks/ssd_bwd_check.py --out $OUT/ssd_bwd_check.json      # ~1-3 min on H100 (autotuning)
+    python benchmarks/ssd_bwd_check.py --out $OUT/ssd/ssd_bwd_check.json      # give it 5 min on H100
+
+(The first H100 attempt, with 110 s for the whole script, finished no case: the first case's Triton compiling
+and autotuning under CUDA_LAUNCH_BLOCKING alone took longer. Each child's output now goes to a log file beside
+the JSON, so a run stopped at its limit keeps the traceback.)
 
 Why: on an H100 (torch 2.11, Triton 3.6, fla 0.6.0) the MQAR benchmark's first backward of a Mamba2 layer at
 width 128 (SSD head dim P = 32, state N = 64, 8 heads, batch 128, T = 1024) died with "an illegal memory access",
@@ -40,9 +44,11 @@ def child(name: str) -> dict:
     B, T, H, N, P, path = CASES[name]
     ins, outs = G.make_inputs("ssd", B, T, H, N, P)
     t0 = time.perf_counter()
+    print(f"[{name}] forward + backward through dqkwg={path} ...", flush=True)
     with G.mode(path):
         got = G.grads("ssd", ins, outs)
     torch.cuda.synchronize()
+    print(f"[{name}] done in {time.perf_counter() - t0:.1f}s", flush=True)
     res = {"seconds": round(time.perf_counter() - t0, 2),
            "grad_norms": {n: float(g.float().norm()) for n, g in got.items() if g is not None},
            "finite": all(bool(torch.isfinite(g).all()) for g in got.values() if g is not None)}
@@ -78,16 +84,23 @@ def main():
         B, T, H, N, P, path = CASES[name]
         rec: dict = {"B": B, "T": T, "H": H, "N": N, "P": P, "dqkwg": path}
         t0 = time.perf_counter()
+        rec["state"] = "running"  # on disk before the case starts: a run killed mid-case still says which
+        out["cases"][name] = rec
+        args.out.write_text(json.dumps(out, indent=1))
+        log = args.out.with_name(f"{args.out.stem}_{name}.log")  # the child's output, kept if the run is killed
         try:
-            p = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--child", name], env=env,
-                               capture_output=True, text=True, timeout=args.case_timeout)
-            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+            with open(log, "w") as f:
+                p = subprocess.run([sys.executable, "-u", __file__, "--out", str(args.out), "--child", name],
+                                   env=env, stdout=f, stderr=subprocess.STDOUT, text=True, timeout=args.case_timeout)
+            text = log.read_text()
+            line = [x for x in text.splitlines() if x.startswith("RESULT ")]
             rec.update(json.loads(line[-1][7:]) if line else {})
             rec["ok"] = p.returncode == 0 and bool(line)
             if not rec["ok"]:
-                rec["stderr_tail"] = p.stderr[-3000:]
+                rec["stderr_tail"] = text[-3000:]
         except subprocess.TimeoutExpired:
-            rec.update(ok=False, error=f"timeout after {args.case_timeout:.0f}s")
+            rec.update(ok=False, error=f"timeout after {args.case_timeout:.0f}s", stderr_tail=log.read_text()[-3000:])
+        rec["state"] = "done"
         rec["wall_s"] = round(time.perf_counter() - t0, 1)
         out["cases"][name] = rec
         print(name, json.dumps({k: v for k, v in rec.items() if k != "stderr_tail"}), flush=True)
