@@ -25,8 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-# name: (B, T, H, N, P, dqkwg path)
+# name: (B, T, H, N, P, dqkwg path); "model_*": MQAR's whole `m2 a` model at width 128 (H, N, P unused)
 CASES = {
+    "model_m2a_h128": (128, 1024, 8, 64, 32, "auto"),
     "mqar_triton": (128, 1024, 8, 64, 32, "triton"),
     "mqar_torch": (128, 1024, 8, 64, 32, "torch"),
     "p64_triton": (128, 1024, 8, 64, 64, "triton"),
@@ -42,6 +43,8 @@ def child(name: str) -> dict:
     import gated_bwd as G  # benchmarks/gated_bwd.py: inputs and gradients of the SSD op
 
     B, T, H, N, P, path = CASES[name]
+    if name.startswith("model_"):
+        return model_case(name, B, T)
     ins, outs = G.make_inputs("ssd", B, T, H, N, P)
     t0 = time.perf_counter()
     print(f"[{name}] forward + backward through dqkwg={path} ...", flush=True)
@@ -57,6 +60,32 @@ def child(name: str) -> dict:
             ref = G.grads("ssd", ins, outs)
         res["rel_l2_vs_torch_dqkwg"] = {n: G.errs(got[n], ref[n])["rel_l2"] for n in ref if got.get(n) is not None}
     return res
+
+
+def model_case(name: str, B: int, T: int) -> dict:
+    """What MQAR's warm-up ran: forward + backward of the `m2 a` model at width 128 under bf16 autocast (conv,
+    SSD, gated norm and attention together, in the training path's order)."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from hylo import HybridLM
+    from hylo.eval import mqar
+
+    torch.manual_seed(0)
+    cfg = mqar.model_config("mamba2 attn", 128, 1024)
+    model = HybridLM(cfg).cuda()
+    x = torch.randint(0, 1024, (B, T), device="cuda")
+    t0 = time.perf_counter()
+    print(f"[{name}] {cfg.pattern_short}: forward ...", flush=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = torch.nn.functional.cross_entropy(model(x).logits.float().flatten(0, 1)[:-1], x.flatten()[1:])
+    torch.cuda.synchronize()
+    print(f"[{name}] backward ...", flush=True)
+    loss.backward()
+    torch.cuda.synchronize()
+    print(f"[{name}] done in {time.perf_counter() - t0:.1f}s", flush=True)
+    return {"seconds": round(time.perf_counter() - t0, 2), "loss": float(loss),
+            "finite": all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)}
 
 
 def main():
