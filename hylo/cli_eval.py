@@ -130,9 +130,12 @@ def retrieval_command(
     trials: int = typer.Option(5, help="prompts per (length, depth)"),
     haystack: Optional[Path] = typer.Option(None, help="text / .txt.gz file of filler text (default: the held-out "
                                             "Gutenberg shard shared/data/corpus/gutenberg_val.txt.gz)"),
-    out: Path = typer.Option(Path("retrieval"), help="folder for retrieval.json and retrieval.png"),
+    out: Path = typer.Option(Path("retrieval"), help="folder for retrieval.json and retrieval.png (both rewritten "
+                             "after each length, so an interrupted run keeps the lengths it finished)"),
     tokenizer: Optional[str] = typer.Option(None, help="tokenizer (default: the model's)"),
-    batch_size: int = typer.Option(4, help="prompts per batch"),
+    batch_size: Optional[int] = typer.Option(None, help="prompts per batch (default: as many as fit in "
+                                             "--batch-tokens)"),
+    batch_tokens: int = typer.Option(32768, help="prompt tokens per batch when --batch-size is not given"),
     seed: int = typer.Option(0, help="seed of the keys and the filler positions"),
     max_new_tokens: Optional[int] = typer.Option(None, help="tokens to decode (default: the key's length + 2)"),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto"),
@@ -141,26 +144,45 @@ def retrieval_command(
 ):
     """Passkey retrieval: a number hidden at a given depth of real text; accuracy per (length, depth) + heat map."""
     from .eval.common import EvalError
-    from .eval.report import print_table, write_result
+    from .eval.report import print_table
     from .eval.retrieval import passkey_retrieval, plot_heatmap
 
     lens, deps = _ints(lengths, "--lengths"), _floats(depths, "--depths")
     if trials < 1:
         raise typer.BadParameter(f"{trials}: must be >= 1", param_hint="--trials")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise typer.BadParameter(f"{batch_size}: must be >= 1", param_hint="--batch-size")
+    if batch_tokens < 1:
+        raise typer.BadParameter(f"{batch_tokens}: must be >= 1", param_hint="--batch-tokens")
+    written: list[Path] = []
+
+    def save(res: dict) -> None:  # after each length: a killed run keeps what it finished
+        written[:] = [_write_atomic(out / "retrieval.json", "retrieval", res),
+                      plot_heatmap(res, out / "retrieval.png")]
+
     try:
         res = passkey_retrieval(model, tokenizer, lengths=lens, depths=deps, trials=trials, haystack=haystack,
-                                seed=seed, batch_size=batch_size, device=device, dtype=dtype,
-                                max_new_tokens=max_new_tokens, prefix=prefix, progress=True)
+                                seed=seed, batch_size=batch_size, batch_tokens=batch_tokens, device=device,
+                                dtype=dtype, max_new_tokens=max_new_tokens, prefix=prefix, progress=True,
+                                on_length=save)
     except EvalError as e:
         _fail(str(e))
     rows = [{"length": n, **{f"{d:.0%}": acc for d, acc in zip(deps, res["accuracy"][i])},
-             "mean": res["by_length"][str(n)]} for i, n in enumerate(lens)]
+             "mean": res["by_length"][str(n)], "s": res["seconds_by_length"][str(n)]} for i, n in enumerate(lens)]
     print_table(f"passkey accuracy: {Path(model).name} (overall {res['overall']:.3f})", rows)
-    j = write_result(out / "retrieval.json", "retrieval", res)
-    png = plot_heatmap(res, out / "retrieval.png")
-    _err.print(f"wrote {j} and {png}")
+    _err.print(f"wrote {written[0]} and {written[1]}")
+
+
+def _write_atomic(path: Path, kind: str, result: dict) -> Path:
+    """:func:`write_result` through a temporary file, so a run killed while writing leaves the previous file."""
+    import os
+
+    from .eval.report import write_result
+
+    tmp = path.with_name(path.name + ".tmp")
+    write_result(tmp, kind, result)
+    os.replace(tmp, path)
+    return path
 
 
 _register_plugins()

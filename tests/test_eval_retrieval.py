@@ -195,3 +195,99 @@ def test_cli_errors(files, tmp_path):
         assert r.exit_code != 0 and needle in r.output, (args, r.output)
     with pytest.raises(EvalError, match="nohay.txt"):
         passkey_retrieval(tiny_hylo(), load_tokenizer(files / "tok"), lengths=[64], haystack=tmp_path / "nohay.txt")
+
+
+class _Counting(torch.nn.Module):
+    """Wraps a hylo model and counts prefills (``hidden_states`` with a cache) and their batch sizes."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+        self.config = model.config
+        self.prefills: list[int] = []
+        self.steps = 0
+
+    def new_cache(self, *a, **k):
+        return self.inner.new_cache(*a, **k)
+
+    def hidden_states(self, ids, cache=None):
+        self.prefills.append(ids.shape[0])
+        return self.inner.hidden_states(ids, cache=cache)
+
+    def logits(self, h):
+        return self.inner.logits(h)
+
+    def decode_step(self, ids, cache):
+        self.steps += 1
+        return self.inner.decode_step(ids, cache)
+
+    def get_input_embeddings(self):
+        return self.inner.get_input_embeddings()
+
+
+def test_prompts_are_batched_and_results_reported_per_length(files, tok):
+    """Prompts of one length share a prefill (batches of near-equal size); each length is reported when done."""
+    model = _Counting(tiny_hylo())
+    seen = []
+    kw = dict(depths=[0.0, 1.0], trials=3, haystack=files / "hay.txt", on_length=seen.append)
+    res = passkey_retrieval(model, tok, lengths=[128, 200], batch_size=4, **kw)
+    n = 2 * 3  # prompts per length
+    assert model.prefills == [3, 3, 3, 3]  # ceil(6 / 4) = 2 batches per length, sizes differing by at most 1
+    assert res["batches"] == {"128": [3, 3], "200": [3, 3]}
+    assert model.steps == len(model.prefills) * (res["max_new_tokens"] - 1)  # a few decode steps per batch
+    assert [s["lengths"] for s in seen] == [[128], [128, 200]] and [s["complete"] for s in seen] == [False, True]
+    assert len(seen[0]["results"]) == n and np.array(seen[0]["accuracy"]).shape == (1, 2)
+    assert seen[-1]["accuracy"] == res["accuracy"]
+    # without a batch size: as many rows as fit in batch_tokens
+    model.prefills.clear()
+    res = passkey_retrieval(model, tok, lengths=[128, 200], batch_tokens=400, **kw)
+    assert model.prefills == [3, 3, 2, 2, 2]  # 400 // 128 = 3 rows, 400 // 200 = 2 rows
+    assert len(model.prefills) <= sum(-(-n // (400 // L)) for L in (128, 200))
+
+
+def test_tokenizer_encoder_built_once(files, tok, monkeypatch):
+    """Building the fast encoder costs ~0.1 s with a 16k vocabulary; it must not happen per prompt."""
+    import hylo.eval.ppl as ppl
+    from hylo.eval import retrieval
+
+    calls = []
+    real = ppl._fast_encoder
+    monkeypatch.setattr(ppl, "_fast_encoder", lambda t: calls.append(1) or real(t))
+    retrieval._ENCODERS.clear()
+    passkey_retrieval(tiny_hylo(), tok, lengths=[128, 160], depths=[0.0, 0.5, 1.0], trials=2,
+                      haystack=files / "hay.txt", generate=_oracle(tok))
+    assert len(calls) == 1
+
+
+def test_cli_keeps_finished_lengths_when_interrupted(files, tok, tmp_path, monkeypatch):
+    from hylo.eval import retrieval
+
+    model = tiny_hylo()
+    d = tmp_path / "model"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    real = retrieval.greedy_generate
+
+    def gen(m, x, n, prec=None):
+        if x.shape[1] == 180:
+            raise KeyboardInterrupt  # as if the run were stopped during the second length
+        return real(m, x, n, prec)
+
+    monkeypatch.setattr(retrieval, "greedy_generate", gen)
+    out = tmp_path / "ret"
+    r = runner.invoke(app, ["eval", "retrieval", str(d), "--lengths", "140,180", "--depths", "0,1", "--trials", "2",
+                            "--haystack", str(files / "hay.txt"), "--out", str(out), "--device", "cpu"])
+    assert r.exit_code != 0
+    doc = json.loads((out / "retrieval.json").read_text())["result"]
+    assert doc["lengths"] == [140] and doc["lengths_requested"] == [140, 180] and not doc["complete"]
+    assert len(doc["results"]) == 4 and (out / "retrieval.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("n,rows", [(25, 32), (25, 8), (8, 3), (6, 4), (1, 1), (0, 3)])
+def test_even_batches(n, rows):
+    from hylo.eval.retrieval import even_batches
+
+    got = even_batches(n, rows)
+    assert len(got) == -(-n // rows) and [i for r in got for i in r] == list(range(n))
+    sizes = [len(r) for r in got]
+    assert all(0 < s <= rows for s in sizes) and (not sizes or max(sizes) - min(sizes) <= 1)

@@ -254,3 +254,29 @@ def test_clear_errors(env, capsys, only_local_tasks):
     with pytest.raises(SystemExit) as e:  # hylo's tasks named without the folder they were built in
         main(["--model", "hylo", "--model_args", f"pretrained={env.root / 'model'}", "--tasks", "hylo_nextsent"])
     assert e.value.code == 2 and "build-tasks" in capsys.readouterr().err
+
+
+def test_generate_greedy_batches_prompts_by_length(env):
+    """Prompts go to the engine sorted by length (the engine prefills each distinct length of a call separately),
+    and the texts come back in the caller's order, equal to generating each prompt alone."""
+    from hylo.eval.harness import generate_greedy
+
+    model = env.model
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (5, 9, 5, 9, 5, 9)]
+    prefills = []
+    real = model.hidden_states
+
+    def counting(ids=None, inputs_embeds=None, cache=None):
+        if cache is not None:
+            prefills.append(ids.shape[1])
+        return real(ids, inputs_embeds, cache)
+
+    model.hidden_states = counting
+    try:
+        got = generate_greedy(model, env.tok, prompts, 4, [], 3, 64)
+    finally:
+        del model.hidden_states
+    assert sorted(prefills) == [5, 9]  # one prefill per length: [5, 5, 5] and [9, 9, 9] (unsorted: four)
+    alone = [generate_greedy(model, env.tok, [p], 4, [], 1, 64)[0] for p in prompts]
+    assert got == alone

@@ -13,16 +13,21 @@ key is"; a trial is correct when the first run of digits it writes equals the ke
 
 Generation uses hylo's decode cache (``new_cache``, one batched prefill, ``decode_step``) for hylo models and
 ``generate`` (greedy) for other transformers models; every prompt of a batch has the same length, so nothing is
-padded.
+padded. Prompts of one length run in as few batches as ``batch_tokens`` allows (sizes differing by at most one, so
+the kernels see few shapes); nothing is captured or compiled per prompt. The tokenizer's encoder is built once per
+tokenizer: building it costs ~0.1 s (a JSON round trip of the whole vocabulary), which per encode call made prompt
+building, not the model, the bulk of the run time before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -38,6 +43,7 @@ NEEDLE = "\n\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"
 QUESTION = "\n\nWhat is the pass key? The pass key is"
 DEFAULT_LENGTHS = (1024, 2048, 4096)
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+DEFAULT_BATCH_TOKENS = 32768  # prompt tokens per batch when no batch size is given
 
 Generate = Callable[[torch.nn.Module, torch.Tensor, int], torch.Tensor]
 
@@ -55,10 +61,34 @@ def default_haystack() -> Path | None:
     return None
 
 
-def _encode(tok, text: str) -> list[int]:
-    from .ppl import tokenize_documents
+_ENCODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
-    return tokenize_documents(tok, [text])[0][0]
+
+def _encoder(tok) -> Callable[[str], list[int]]:
+    """``text -> ids`` without special tokens (special-token text stays text, as in :mod:`hylo.eval.ppl`), built
+    once per tokenizer object and cached."""
+    try:
+        return _ENCODERS[tok]
+    except (KeyError, TypeError):
+        pass
+    from .ppl import _fast_encoder
+
+    fast = _fast_encoder(tok)
+    if fast is None:
+        def enc(text: str) -> list[int]:
+            return list(tok(text, add_special_tokens=False)["input_ids"])
+    else:
+        def enc(text: str) -> list[int]:
+            return list(fast.encode(text, add_special_tokens=False).ids)
+    try:
+        _ENCODERS[tok] = enc
+    except TypeError:  # not weakly referenceable: no cache
+        pass
+    return enc
+
+
+def _encode(tok, text: str) -> list[int]:
+    return _encoder(tok)(text)
 
 
 class Haystack:
@@ -111,13 +141,8 @@ def build_prompt(tok, haystack_ids: np.ndarray, length: int, depth: float, key: 
     """A prompt of exactly ``length`` tokens with the needle for ``key`` at relative ``depth`` of the filler."""
     if not 0.0 <= depth <= 1.0:
         raise EvalError(f"depth must be in [0, 1], got {depth}")
-    head = ([prefix] if prefix is not None else []) + _encode(tok, INTRO)
-    needle = _encode(tok, NEEDLE.format(key=key))
-    question = _encode(tok, QUESTION)
-    n_fill = length - len(head) - len(needle) - len(question)
-    if n_fill < 0:
-        raise EvalError(f"length {length} is too short: the intro, needle and question alone take "
-                        f"{length - n_fill} tokens of this tokenizer")
+    head, needle, question = _parts(tok, key, prefix)
+    n_fill = _filler_len(length, head, needle, question)
     if offset + n_fill > len(haystack_ids):
         raise EvalError(f"haystack holds {len(haystack_ids)} tokens; {offset + n_fill} needed")
     filler = haystack_ids[offset: offset + n_fill].tolist()
@@ -125,6 +150,28 @@ def build_prompt(tok, haystack_ids: np.ndarray, length: int, depth: float, key: 
     ids = head + filler[:at] + needle + filler[at:] + question
     assert len(ids) == length
     return Prompt(ids, key, depth, len(head) + at, len(needle), len(head), n_fill, offset)
+
+
+def _parts(tok, key: str, prefix: int | None) -> tuple[list[int], list[int], list[int]]:
+    """Token ids of the head (prefix + intro), the needle for ``key`` and the question."""
+    enc = _encoder(tok)
+    return ([prefix] if prefix is not None else []) + enc(INTRO), enc(NEEDLE.format(key=key)), enc(QUESTION)
+
+
+def _filler_len(length: int, head: list[int], needle: list[int], question: list[int]) -> int:
+    n_fill = length - len(head) - len(needle) - len(question)
+    if n_fill < 0:
+        raise EvalError(f"length {length} is too short: the intro, needle and question alone take "
+                        f"{length - n_fill} tokens of this tokenizer")
+    return n_fill
+
+
+def even_batches(n: int, batch_size: int) -> list[range]:
+    """``range(n)`` cut into ``ceil(n / batch_size)`` consecutive batches whose sizes differ by at most one (fewer
+    distinct shapes than full batches and a short last one)."""
+    k = max(1, math.ceil(n / batch_size)) if n else 0
+    bounds = [round(i * n / k) for i in range(k + 1)] if k else [0]
+    return [range(bounds[i], bounds[i + 1]) for i in range(k)]
 
 
 def score_answer(text: str, key: str) -> bool:
@@ -167,14 +214,18 @@ def _parse_floats(values: Sequence[float]) -> list[float]:
 
 def passkey_retrieval(model, tokenizer=None, *, lengths: Sequence[int] = DEFAULT_LENGTHS,
                       depths: Sequence[float] = DEFAULT_DEPTHS, trials: int = 5,
-                      haystack: str | os.PathLike | None = None, seed: int = 0, batch_size: int = 4, device=None,
-                      dtype: str | None = None, max_new_tokens: int | None = None, prefix: bool = True,
-                      generate: Generate | None = None, progress: bool = False) -> dict:
+                      haystack: str | os.PathLike | None = None, seed: int = 0, batch_size: int | None = None,
+                      batch_tokens: int = DEFAULT_BATCH_TOKENS, device=None, dtype: str | None = None,
+                      max_new_tokens: int | None = None, prefix: bool = True, generate: Generate | None = None,
+                      progress: bool = False, on_length: Callable[[dict], None] | None = None) -> dict:
     """Passkey accuracy per (length, depth) over ``trials`` prompts each (see the module doc).
 
-    ``model`` is a loaded model or a path :func:`hylo.loading.load` opens. ``generate(model, ids[B, L], n) ->
-    ids[B, n]`` replaces greedy decoding (tests, other engines). Returns a dict with ``accuracy`` (a lengths x depths
-    matrix), ``overall`` and every trial.
+    ``model`` is a loaded model or a path :func:`hylo.loading.load` opens. The prompts of one length run in
+    batches of ``batch_size`` rows (default: as many as fit in ``batch_tokens`` prompt tokens), each one prefill and
+    a few greedy decode steps. ``generate(model, ids[B, L], n) -> ids[B, n]`` replaces greedy decoding (tests, other
+    engines). ``on_length(result)`` is called after each length with the result so far (``complete`` false until
+    the last), so a caller can save partial results. Returns a dict with ``accuracy`` (a lengths x depths matrix),
+    ``overall`` and every trial.
     """
     from .common import load_for_eval, prepare_loaded, resolve_device
 
@@ -184,12 +235,15 @@ def passkey_retrieval(model, tokenizer=None, *, lengths: Sequence[int] = DEFAULT
     depths = _parse_floats(depths)
     if trials < 1:
         raise EvalError(f"trials must be >= 1, got {trials}")
-    if batch_size < 1:
-        raise EvalError(f"batch_size must be >= 1, got {batch_size}")
+    if batch_size is not None and batch_size < 1:
+        raise EvalError(f"batch_size must be >= 1 (or None: from batch_tokens), got {batch_size}")
+    if batch_tokens < 1:
+        raise EvalError(f"batch_tokens must be >= 1, got {batch_tokens}")
     hay_path = haystack if haystack is not None else default_haystack()
     if hay_path is None:
         raise EvalError("no haystack text: pass one (--haystack PATH, a text or .txt.gz file); the default "
                         "shared/data/corpus/gutenberg_val.txt.gz was not found")
+    t_load = time.perf_counter()
     if isinstance(model, (str, os.PathLike)):
         model_name = str(model)
         if dtype in (None, "auto") and resolve_device(device).type == "cuda":
@@ -204,71 +258,98 @@ def passkey_retrieval(model, tokenizer=None, *, lengths: Sequence[int] = DEFAULT
     if isinstance(max_pos, int) and max(lengths) > max_pos:
         warnings.warn(f"length {max(lengths)} exceeds the model's max_position_embeddings {max_pos}")
 
+    # every prompt first (cheap: a few encoder calls each), so a bad length fails before any model time
     rng = np.random.default_rng(seed)
+    ids = hay.tokens(4 * max(lengths) + 1024)  # room for different stretches of text per trial
+    enc = _encoder(tokenizer)
     prompts: dict[int, list[Prompt]] = {}
+    key_tokens = 0
     for length in lengths:
-        ids = hay.tokens(4 * length + 1024)  # room for different stretches of text per trial
         prompts[length] = []
         for depth in depths:
             for _ in range(trials):
                 key = str(int(rng.integers(10_000, 100_000)))
-                probe = build_prompt(tokenizer, ids, length, depth, key, 0, bos)  # filler length for this key
-                offset = int(rng.integers(0, len(ids) - probe.filler_len + 1))
+                n_fill = _filler_len(length, *_parts(tokenizer, key, bos))
+                if n_fill > len(ids):
+                    raise EvalError(f"haystack holds {len(ids)} tokens; {n_fill} needed")
+                offset = int(rng.integers(0, len(ids) - n_fill + 1))
                 prompts[length].append(build_prompt(tokenizer, ids, length, depth, key, offset, bos))
+                key_tokens = max(key_tokens, len(enc(" " + key)))
         check_vocab(model, max(max(p.ids) for p in prompts[length]), f"prompts of length {length}")
+    t_prompts = time.perf_counter()
     if max_new_tokens is None:
-        max_new_tokens = max(len(_encode(tokenizer, " " + p.key)) for ps in prompts.values() for p in ps) + 2
+        max_new_tokens = key_tokens + 2
     gen = generate or (lambda m, x, n: greedy_generate(m, x, n, prec))
 
     from .ppl import _progress
+
+    def result(done: list[int], seconds: float, by_len: dict) -> dict:
+        acc = np.zeros((len(done), len(depths)))
+        trials_out = []
+        for li, length in enumerate(done):
+            for k, (p, a) in enumerate(zip(prompts[length], answers[length])):
+                ok = score_answer(a, p.key)
+                acc[li, k // trials] += ok / trials
+                trials_out.append({"length": length, "depth": p.depth, "actual_depth": round(p.actual_depth, 4),
+                                   "key": p.key, "answer": a, "correct": ok, "needle_at": p.needle_at,
+                                   "haystack_offset": p.offset})
+        return {
+            "model": model_name,
+            "tokenizer": str(getattr(tokenizer, "name_or_path", "")),
+            "haystack": str(hay.path),
+            "haystack_repeated": hay.repeated,
+            "complete": len(done) == len(lengths),
+            "lengths": list(done),
+            "lengths_requested": lengths,
+            "depths": depths,
+            "trials": trials,
+            "seed": seed,
+            "max_new_tokens": max_new_tokens,
+            "accuracy": acc.tolist(),
+            "overall": float(acc.mean()) if len(done) else float("nan"),
+            "by_length": {str(length): float(acc[i].mean()) for i, length in enumerate(done)},
+            "device": str(dev),
+            "precision": prec.name,
+            "seconds": seconds,
+            "seconds_by_length": by_len,
+            "setup_seconds": round(t_prompts - t_load, 3),  # loading, haystack and prompts
+            "batches": n_batches,
+            "results": trials_out,
+        }
 
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
     answers: dict[int, list[str]] = {}
+    by_len: dict[str, float] = {}
+    n_batches: dict[str, list[int]] = {}
+    out: dict = {}
     try:
         with _progress(progress, "prompts") as bar:
             task = bar.add_task("passkey prompts", total=sum(len(v) for v in prompts.values()))
-            for length, ps in prompts.items():
+            for li, (length, ps) in enumerate(prompts.items()):
+                t_len = time.perf_counter()
+                rows = batch_size or max(1, batch_tokens // length)
+                bar.update(task, description=f"passkey, {length:,} tokens")
                 answers[length] = []
-                for i in range(0, len(ps), batch_size):
-                    chunk = ps[i:i + batch_size]
-                    x = torch.tensor([p.ids for p in chunk], dtype=torch.long, device=dev)
-                    out = gen(model, x, max_new_tokens)
-                    answers[length] += [tokenizer.decode(row, skip_special_tokens=True) for row in out.tolist()]
+                n_batches[str(length)] = []
+                for chunk in even_batches(len(ps), rows):
+                    x = torch.tensor([ps[i].ids for i in chunk], dtype=torch.long, device=dev)
+                    res = gen(model, x, max_new_tokens)
+                    answers[length] += [tokenizer.decode(row, skip_special_tokens=True) for row in res.tolist()]
+                    n_batches[str(length)].append(len(chunk))
                     bar.advance(task, len(chunk))
+                by_len[str(length)] = round(time.perf_counter() - t_len, 3)
+                out = result(lengths[:li + 1], time.perf_counter() - t0, by_len)
+                if progress:
+                    bar.console.print(f"length {length:,}: accuracy {out['by_length'][str(length)]:.3f} "
+                                      f"({len(ps)} prompts in {len(n_batches[str(length)])} batches, "
+                                      f"{by_len[str(length)]:.1f} s)", highlight=False)
+                if on_length is not None:
+                    on_length(out)
     finally:
         model.train(was_training)
-    seconds = time.perf_counter() - t0
-
-    acc = np.zeros((len(lengths), len(depths)))
-    trials_out = []
-    for li, length in enumerate(lengths):
-        for k, (p, a) in enumerate(zip(prompts[length], answers[length])):
-            di = k // trials
-            ok = score_answer(a, p.key)
-            acc[li, di] += ok / trials
-            trials_out.append({"length": length, "depth": p.depth, "actual_depth": round(p.actual_depth, 4),
-                               "key": p.key, "answer": a, "correct": ok, "needle_at": p.needle_at,
-                               "haystack_offset": p.offset})
-    return {
-        "model": model_name,
-        "tokenizer": str(getattr(tokenizer, "name_or_path", "")),
-        "haystack": str(hay.path),
-        "haystack_repeated": hay.repeated,
-        "lengths": lengths,
-        "depths": depths,
-        "trials": trials,
-        "seed": seed,
-        "max_new_tokens": max_new_tokens,
-        "accuracy": acc.tolist(),
-        "overall": float(acc.mean()),
-        "by_length": {str(length): float(acc[i].mean()) for i, length in enumerate(lengths)},
-        "device": str(dev),
-        "precision": prec.name,
-        "seconds": seconds,
-        "results": trials_out,
-    }
+    return out
 
 
 def plot_heatmap(result: dict, path: str | os.PathLike, title: str | None = None) -> Path:
