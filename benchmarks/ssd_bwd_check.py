@@ -6,6 +6,9 @@
 and autotuning under CUDA_LAUNCH_BLOCKING alone took longer. Each child's output now goes to a log file beside
 the JSON, so a run stopped at its limit keeps the traceback.)
 
+Cases run in this order: the whole model with hylo's value padding (the workaround, expected to pass), then
+without it (expected to fault, naming the kernel), then the SSD op alone by path and head size.
+
 Why: on an H100 (torch 2.11, Triton 3.6, fla 0.6.0) the MQAR benchmark's first backward of a Mamba2 layer at
 width 128 (SSD head dim P = 32, state N = 64, 8 heads, batch 128, T = 1024) died with "an illegal memory access",
 reported at fla's ``chunk_local_cumsum`` launch; CUDA reports such faults late, so the faulting kernel is unknown.
@@ -25,11 +28,14 @@ import sys
 import time
 from pathlib import Path
 
-# name: (B, T, H, N, P, dqkwg path); "model_*": MQAR's whole `m2 a` model at width 128 (H, N, P unused)
+# name: (B, T, H, N, P, dqkwg path); "model_*": MQAR's whole `m2 a` model at width 128 (H, N, P unused);
+# "*_nopad": with hylo's value padding off (HYLO_SSD_PAD_V=0, see hylo.ops.ssd.value_pad): the suspected fault
 CASES = {
     "model_m2a_h128": (128, 1024, 8, 64, 32, "auto"),
+    "model_m2a_h128_nopad": (128, 1024, 8, 64, 32, "auto"),
+    "mqar_triton_nopad": (128, 1024, 8, 64, 32, "triton"),
+    "mqar_torch_nopad": (128, 1024, 8, 64, 32, "torch"),
     "mqar_triton": (128, 1024, 8, 64, 32, "triton"),
-    "mqar_torch": (128, 1024, 8, 64, 32, "torch"),
     "p64_triton": (128, 1024, 8, 64, 64, "triton"),
     "n128_p32_triton": (32, 1024, 8, 128, 32, "triton"),
 }
@@ -43,6 +49,8 @@ def child(name: str) -> dict:
     import gated_bwd as G  # benchmarks/gated_bwd.py: inputs and gradients of the SSD op
 
     B, T, H, N, P, path = CASES[name]
+    if name.endswith("_nopad"):
+        os.environ["HYLO_SSD_PAD_V"] = "0"
     if name.startswith("model_"):
         return model_case(name, B, T)
     ins, outs = G.make_inputs("ssd", B, T, H, N, P)

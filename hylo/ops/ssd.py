@@ -153,16 +153,40 @@ def ssd_step(x, dt, A, B, C, state):
 
 
 # ----------------------------------------------------------------------------------------- fla fast path
+def value_pad(P: int) -> int:
+    """Value columns to add to a head of size ``P`` before fla's kernels (0 unless ``P % 64``).
+
+    On an H100 (torch 2.11, Triton 3.6, fla 0.6.0) MQAR's Mamba2 at head size 32 (state 64) died with an illegal
+    memory access in its first backward, while head size 64 had always worked. fla's own fix for a Hopper
+    miscompile of masked loads in its state backward (``chunk_bwd_kernel_dh``, fla PR 1262) covers only the
+    specialised ``scale=1``, and a head narrower than the 64-wide value tiles its autotuner tries is a masked
+    load. Padding the value (x) to a multiple of 64 with zero columns keeps every tile whole and changes nothing
+    else: a zero value column has a zero state column and output, and its gradient is discarded. The cause is
+    inferred, not confirmed (``benchmarks/ssd_bwd_check.py`` runs both); ``HYLO_SSD_PAD_V=0`` turns padding off.
+    """
+    if os.environ.get("HYLO_SSD_PAD_V", "1") == "0":
+        return 0
+    return -P % 64
+
+
 def fla_forward(x, dt, A, B, C, initial_state=None, output_final_state=False, impl=None):
-    """SSD through fla's ``chunk_simple_gla`` (``impl`` replaces it in tests); our state layout in and out."""
+    """SSD through fla's ``chunk_simple_gla`` (``impl`` replaces it in tests); our state layout in and out.
+    Heads whose size is not a multiple of 64 run with zero value columns added (:func:`value_pad`)."""
     if impl is None:
         from fla.ops.simple_gla import chunk_simple_gla as impl
-    H = x.shape[2]
+    H, P = x.shape[2], x.shape[3]
     g = dt.float() * A.float()  # per-step log decay
     v = (x.float() * dt.float()[..., None]).to(x.dtype)
     q, k = _heads(C, H).to(x.dtype), _heads(B, H).to(x.dtype)
-    h0 = None if initial_state is None else initial_state.float().transpose(-1, -2).contiguous()
+    h0 = None if initial_state is None else initial_state.float().transpose(-1, -2)  # fla's [.., N, P]
+    pad = value_pad(P)
+    if pad:
+        v = F.pad(v, (0, pad))
+        h0 = None if h0 is None else F.pad(h0, (0, pad))
+    h0 = None if h0 is None else h0.contiguous()
     y, ht = impl(q=q, k=k, v=v, g=g, scale=1.0, initial_state=h0, output_final_state=output_final_state)
+    if pad:
+        y, ht = y[..., :P], (None if ht is None else ht[..., :P])
     return y.to(x.dtype), (ht.transpose(-1, -2) if ht is not None else None)
 
 
