@@ -247,13 +247,14 @@ def test_prompts_are_batched_and_results_reported_per_length(files, tok):
 
 def test_tokenizer_encoder_built_once(files, tok, monkeypatch):
     """Building the fast encoder costs ~0.1 s with a 16k vocabulary; it must not happen per prompt."""
+    import tokenizers
+
     import hylo.eval.ppl as ppl
-    from hylo.eval import retrieval
 
     calls = []
-    real = ppl._fast_encoder
-    monkeypatch.setattr(ppl, "_fast_encoder", lambda t: calls.append(1) or real(t))
-    retrieval._ENCODERS.clear()
+    real = tokenizers.Tokenizer.from_str
+    monkeypatch.setattr(tokenizers.Tokenizer, "from_str", lambda s: calls.append(1) or real(s))
+    ppl._FAST_ENCODERS.clear()
     passkey_retrieval(tiny_hylo(), tok, lengths=[128, 160], depths=[0.0, 0.5, 1.0], trials=2,
                       haystack=files / "hay.txt", generate=_oracle(tok))
     assert len(calls) == 1

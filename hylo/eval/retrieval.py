@@ -27,7 +27,6 @@ import os
 import re
 import time
 import warnings
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -61,30 +60,15 @@ def default_haystack() -> Path | None:
     return None
 
 
-_ENCODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 def _encoder(tok) -> Callable[[str], list[int]]:
-    """``text -> ids`` without special tokens (special-token text stays text, as in :mod:`hylo.eval.ppl`), built
-    once per tokenizer object and cached."""
-    try:
-        return _ENCODERS[tok]
-    except (KeyError, TypeError):
-        pass
+    """``text -> ids`` without special tokens (special-token text stays text, as in :mod:`hylo.eval.ppl`), through
+    the tokenizer's cached fast encoder."""
     from .ppl import _fast_encoder
 
     fast = _fast_encoder(tok)
     if fast is None:
-        def enc(text: str) -> list[int]:
-            return list(tok(text, add_special_tokens=False)["input_ids"])
-    else:
-        def enc(text: str) -> list[int]:
-            return list(fast.encode(text, add_special_tokens=False).ids)
-    try:
-        _ENCODERS[tok] = enc
-    except TypeError:  # not weakly referenceable: no cache
-        pass
-    return enc
+        return lambda text: list(tok(text, add_special_tokens=False)["input_ids"])
+    return lambda text: list(fast.encode(text, add_special_tokens=False).ids)
 
 
 def _encode(tok, text: str) -> list[int]:
