@@ -116,7 +116,7 @@ def test_value_padding_is_exact(monkeypatch):
     def run(pad: str):
         monkeypatch.setenv("HYLO_SSD_PAD_V", pad)
         leaves = [t.clone().requires_grad_() for t in make(9, dtype=torch.float64)]
-        y, h = fla_forward(*leaves[:5], leaves[5], True, impl=spy)
+        y, h = fla_forward(*leaves[:5], leaves[5], True, impl=spy, pad_value=True)
         (y.square().sum() + (h * 0.3).sum()).backward()
         return y, h, [t.grad for t in leaves]
 
@@ -128,6 +128,8 @@ def test_value_padding_is_exact(monkeypatch):
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b)
     assert S.value_pad(64) == 0 and S.value_pad(96) == 32
+    fla_forward(*make(5)[:5], impl=spy)  # a forward-only call is not padded
+    assert seen[-1] == P
 
 
 @pytest.mark.parametrize("T,final", [(32, True), (21, True), (21, False)])
@@ -162,9 +164,10 @@ def test_ssd_dispatch_with_fake_fast_path(monkeypatch, mode, fla_bwd, path):
     own where it runs, else fla's blocks with hylo's dqkwg) and the gradients are right."""
     calls = []
 
-    def fake_fla_any(x, dt, A, B, C, initial_state=None, output_final_state=False, impl=None):
+    def fake_fla_any(x, dt, A, B, C, initial_state=None, output_final_state=False, impl=None, pad_value=False):
         calls.append("fla" if impl is None else None)
-        return fla_forward(x, dt, A, B, C, initial_state, output_final_state, impl=impl or simple_gla_ref)
+        return fla_forward(x, dt, A, B, C, initial_state, output_final_state, impl=impl or simple_gla_ref,
+                           pad_value=pad_value)
 
     def fake_hylo(q, k, v, g, scale=None, initial_state=None, output_final_state=False, dqkwg="triton"):
         calls[-1] = dqkwg

@@ -163,15 +163,17 @@ def value_pad(P: int) -> int:
     load. Padding the value (x) to a multiple of 64 with zero columns keeps every tile whole and changes nothing
     else: a zero value column has a zero state column and output, and its gradient is discarded. The cause is
     inferred, not confirmed (``benchmarks/ssd_bwd_check.py`` runs both); ``HYLO_SSD_PAD_V=0`` turns padding off.
+    Forward-only calls (decoding, evaluation) are not padded: the forward kernels have run at head size 32.
     """
     if os.environ.get("HYLO_SSD_PAD_V", "1") == "0":
         return 0
     return -P % 64
 
 
-def fla_forward(x, dt, A, B, C, initial_state=None, output_final_state=False, impl=None):
+def fla_forward(x, dt, A, B, C, initial_state=None, output_final_state=False, impl=None, pad_value=False):
     """SSD through fla's ``chunk_simple_gla`` (``impl`` replaces it in tests); our state layout in and out.
-    Heads whose size is not a multiple of 64 run with zero value columns added (:func:`value_pad`)."""
+    ``pad_value``: heads whose size is not a multiple of 64 run with zero value columns added (:func:`value_pad`;
+    for calls whose backward will run fla's state backward, the kernel suspected of faulting)."""
     if impl is None:
         from fla.ops.simple_gla import chunk_simple_gla as impl
     H, P = x.shape[2], x.shape[3]
@@ -179,7 +181,7 @@ def fla_forward(x, dt, A, B, C, initial_state=None, output_final_state=False, im
     v = (x.float() * dt.float()[..., None]).to(x.dtype)
     q, k = _heads(C, H).to(x.dtype), _heads(B, H).to(x.dtype)
     h0 = None if initial_state is None else initial_state.float().transpose(-1, -2)  # fla's [.., N, P]
-    pad = value_pad(P)
+    pad = value_pad(P) if pad_value else 0
     if pad:
         v = F.pad(v, (0, pad))
         h0 = None if h0 is None else F.pad(h0, (0, pad))
@@ -284,8 +286,8 @@ def ssd(x, dt, A, B, C, chunk_size: int = 256, initial_state=None, output_final_
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     mode = gated_bwd_mode() if needs_grad else "fla"
     if mode == "fla" or (mode == "auto" and fla_backward_supported(x.dtype == torch.float32)):
-        return fla_forward(x, dt, A, B, C, initial_state, output_final_state)
+        return fla_forward(x, dt, A, B, C, initial_state, output_final_state, pad_value=needs_grad)
     if mode == "recompute":
         return SSDFlaForward.apply(x, dt, A, B, C, initial_state, output_final_state, BWD_CHUNK, fla_forward)
     impl = functools.partial(chunk_simple_gla, dqkwg="torch" if mode == "torch" else "triton")
-    return fla_forward(x, dt, A, B, C, initial_state, output_final_state, impl=impl)
+    return fla_forward(x, dt, A, B, C, initial_state, output_final_state, impl=impl, pad_value=True)
