@@ -108,6 +108,28 @@ def test_fast_attention_core_matches_reference(monkeypatch, window, tq, tk):
     torch.testing.assert_close(A.attention(q, k, v, window, tk - tq), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_flex_branch_pads_to_power_of_two(monkeypatch):
+    """Windowed self-attention of different lengths reaches flex attention at one padded length (one compile),
+    and the padding changes nothing: every length equals the reference."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    seen = []
+
+    def spy(q, k, v, **kw):
+        seen.append(q.shape[2])
+        return flex_attention(q, k, v, **kw)
+
+    monkeypatch.setattr(A, "use_fast", lambda *a, **kw: True)
+    monkeypatch.setattr(A, "_compiled_flex", lambda: spy)
+    torch.manual_seed(0)
+    for T in (130, 200, 256):
+        q, k, v = torch.randn(1, 4, T, 16), torch.randn(1, 2, T, 16), torch.randn(1, 2, T, 16)
+        pos = torch.arange(T)
+        ref = A.attention_ref(q, k, v, A.window_mask(pos, pos, 16))
+        torch.testing.assert_close(A.attention(q, k, v, 16, 0), ref, atol=1e-5, rtol=1e-5)
+    assert seen == [256, 256, 256]
+
+
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 4), (6, 1)])
 def test_decode_attention_matches_reference(heads, kv_heads):
     """The fast decode kernel (grouped matmuls, no K/V expansion) equals the reference with GQA and a ragged mask."""

@@ -113,9 +113,15 @@ def attention(q, k, v, window: int | None, q_offset: int) -> torch.Tensor:
         if g > 1:
             k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    w = window if window is not None else Tk + 1
-    block_mask = _swa_block_mask(w, Tq, Tk, str(q.device))
-    return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=True)
+    # windowed self-attention (Tq = Tk) through compiled flex attention, right-padded to a power of two: the
+    # compile and the block mask are per shape, and a prompt of a new length must not compile again (padding is
+    # exact: a real query only sees keys at or before it, and the padded queries are dropped)
+    T = 1 << (Tq - 1).bit_length()
+    if T != Tq:
+        pad = (0, 0, 0, T - Tq)
+        q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
+    block_mask = _swa_block_mask(window, T, T, str(q.device))
+    return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=True)[:, :, :Tq]
 
 
 def decode_attention(q, k, v, mask) -> torch.Tensor:
