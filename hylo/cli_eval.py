@@ -144,7 +144,7 @@ def retrieval_command(
 ):
     """Passkey retrieval: a number hidden at a given depth of real text; accuracy per (length, depth) + heat map."""
     from .eval.common import EvalError
-    from .eval.report import print_table
+    from .eval.report import print_table, write_result
     from .eval.retrieval import passkey_retrieval, plot_heatmap
 
     lens, deps = _ints(lengths, "--lengths"), _floats(depths, "--depths")
@@ -157,7 +157,7 @@ def retrieval_command(
     written: list[Path] = []
 
     def save(res: dict) -> None:  # after each length: a killed run keeps what it finished
-        written[:] = [_write_atomic(out / "retrieval.json", "retrieval", res),
+        written[:] = [write_result(out / "retrieval.json", "retrieval", res),
                       plot_heatmap(res, out / "retrieval.png")]
 
     try:
@@ -171,18 +171,6 @@ def retrieval_command(
              "mean": res["by_length"][str(n)], "s": res["seconds_by_length"][str(n)]} for i, n in enumerate(lens)]
     print_table(f"passkey accuracy: {Path(model).name} (overall {res['overall']:.3f})", rows)
     _err.print(f"wrote {written[0]} and {written[1]}")
-
-
-def _write_atomic(path: Path, kind: str, result: dict) -> Path:
-    """:func:`write_result` through a temporary file, so a run killed while writing leaves the previous file."""
-    import os
-
-    from .eval.report import write_result
-
-    tmp = path.with_name(path.name + ".tmp")
-    write_result(tmp, kind, result)
-    os.replace(tmp, path)
-    return path
 
 
 _register_plugins()

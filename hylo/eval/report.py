@@ -45,11 +45,14 @@ def _jsonable(x):
 
 
 def write_result(path: str | os.PathLike, kind: str, result: dict) -> Path:
-    """Write ``{"kind", "meta", "result"}`` to ``path`` (parent folders created); returns the path."""
+    """Write ``{"kind", "meta", "result"}`` to ``path`` (parent folders created) through a temporary file, so a run
+    killed while writing leaves the previous file whole; returns the path."""
     p = Path(path).expanduser()
     p.parent.mkdir(parents=True, exist_ok=True)
     doc = {"kind": kind, "meta": metadata(), "result": _jsonable(result)}
-    p.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, p)
     return p
 
 
