@@ -129,7 +129,7 @@ def hylo_name(name: str) -> str | None:
     return f"layers.{2 * i + 1}.mixer.{rest}"
 
 
-def _checkpoint_tensors(path: Path) -> Iterable[tuple[str, torch.Tensor]]:
+def checkpoint_tensors(path: Path) -> Iterable[tuple[str, torch.Tensor]]:
     """(name, tensor) of a local transformers checkpoint: safetensors (single or sharded) or pytorch .bin."""
     for single in ("model.safetensors", "pytorch_model.bin"):
         index = path / f"{single}.index.json"
@@ -172,7 +172,7 @@ def from_transformers(path_or_model: str | Path | PreTrainedModel, dtype: torch.
         if mt not in SUPPORTED:  # before AutoConfig, which would fail on a type it does not know
             raise ConversionError("model_type", mt, f"supported model types are {list(SUPPORTED)}")
         src_cfg = AutoConfig.from_pretrained(str(path))
-        tensors = _checkpoint_tensors(path)
+        tensors = checkpoint_tensors(path)
         src_dtype = getattr(src_cfg, "dtype", None) or getattr(src_cfg, "torch_dtype", None)
         if isinstance(src_dtype, str):
             src_dtype = getattr(torch, src_dtype)

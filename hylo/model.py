@@ -90,16 +90,16 @@ class HybridLM(PreTrainedModel, GenerationMixin):
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         old = [k for k in info.get("unexpected_keys", ()) if _SEPARATE_PROJ.search(k)]
         if old:
-            path = Path(str(args[0] if args else kwargs.get("pretrained_model_name_or_path")))
-            files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
-            if not files:
-                raise ValueError(f"{path}: a checkpoint with separate q/k/v or gate/up projections ({old[0]}, ...) "
-                                 "can only be upgraded from a local folder of .safetensors files")
-            from safetensors.torch import load_file
+            from .convert import checkpoint_tensors
 
-            state = {}
-            for f in files:
-                state.update(load_file(str(f)))
+            path = Path(str(args[0] if args else kwargs.get("pretrained_model_name_or_path")))
+            try:
+                state = dict(checkpoint_tensors(path)) if path.is_dir() else None
+            except FileNotFoundError:
+                state = None
+            if state is None:
+                raise ValueError(f"{path}: a checkpoint with separate q/k/v or gate/up projections ({old[0]}, ...) "
+                                 "can only be upgraded from a local checkpoint folder")
             state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
             p = next(model.parameters())
             state = {k: v.to(device=p.device, dtype=p.dtype if v.is_floating_point() else v.dtype)
