@@ -22,7 +22,8 @@ the warm-ups, data generation (~10 s) and evaluations (~1 s per model). Attentio
 device fault in a later model (the first H100 attempt lost 'mamba2 + attn' to an illegal memory access in fla's
 backward) then cannot cost it its run.
 
-Recipe (the same for every pattern; found on the CPU at small scale, ``scratch/mqar_exp/``): AdamW lr 1e-3,
+Recipe (the same for every pattern; found on the CPU at small scale, trials in
+``benchmarks/results/mqar-cpu-trials.json``): AdamW lr 1e-3,
 warmup 5% then cosine, batch 128, and a curriculum (``--curriculum 0.3``): batches start with the short settings
 (<= 128 tokens) only and the whole mix is phased in linearly over the first 30% of the steps. Pure attention (RoPE,
 no short convolution) sits on a loss plateau until its previous-token and induction heads form; the plateau grows
