@@ -27,11 +27,11 @@ loss on the query positions only, and scored on each test setting.
 Pure attention (RoPE, no short convolution) must first learn a previous-token head and then the induction head
 that reads it; until both exist its loss sits on a plateau (it guesses among the values in context), and the
 plateau grows with the sequence length, because gradients through near-uniform attention over long rows are
-weak. Found on the CPU (``benchmarks/results/mqar-cpu-trials.json``, 'a a' width 64, batch 64, vocabulary 256): no bug and no model
-change was needed; with a full-length schedule 'a a' leaves the plateau after ~750-1000 steps on settings of
-length <= 32 and ~1250-1500 on a mix up to length 128; a *curriculum* (batches drawn from the short settings
-first, the full mix phased in over 30% of the run: ``curriculum``, on by default) halved the latter (solved, >=
-99.5% on 128x32, at 1000 steps). Short, few-pair settings in the mix (:func:`default_train_mix`) give it
+weak. Found on the CPU (``benchmarks/results/mqar-cpu-trials.json``: 'a a' width 64, batch 64, vocabulary 256): no
+bug and no model change was needed; with a full-length schedule 'a a' leaves the plateau after ~750-1000 steps on
+settings of length <= 32 and ~1250-1500 on a mix up to length 128; a *curriculum* (batches drawn from the short
+settings first, the full mix phased in over 30% of the run: ``curriculum``, on by default) halved the latter
+(solved, >= 99.5% on 128x32, at 1000 steps). Short, few-pair settings in the mix (:func:`default_train_mix`) give it
 something to start on. Earlier failures came from runs too short for the plateau (1000-2000 steps whose cosine
 schedule decayed the learning rate while still on it).
 """
