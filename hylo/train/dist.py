@@ -7,7 +7,8 @@ and left alone at the end. Each rank reads its own slice of every batch (see :cl
 the global batch is ``batch_size x world_size x grad_accum`` sequences. Rank 0 logs and writes files.
 
 FSDP2 uses ``torch.distributed.fsdp.fully_shard`` on every block, then the root; checkpoints gather full
-state dicts on rank 0 through ``torch.distributed.checkpoint.state_dict``. It is not exercised by the CPU tests.
+state dicts on rank 0 through ``torch.distributed.checkpoint.state_dict``. The CPU tests run both with 2 gloo
+ranks; ``benchmarks/multi_gpu.py`` runs both on GPUs with NCCL.
 """
 
 from __future__ import annotations
