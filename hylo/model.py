@@ -31,6 +31,7 @@ from .cache import HybridCache
 from .config import HyloConfig
 from .layers import Layer, layer_class
 from .layers.norm import RMSNorm
+from .ops.linear_ce import linear_cross_entropy
 
 # attention's and the FFN's projections as older checkpoints stored them (now qkv_proj and gate_up_proj)
 _SEPARATE_PROJ = re.compile(r"\.mixer\.(q|k|v|gate|up)_proj\.(weight|bias)$")
@@ -193,12 +194,15 @@ class HybridLM(PreTrainedModel, GenerationMixin):
         """Hugging Face style forward. ``labels`` (same shape as ``input_ids``, -100 ignored) are shifted inside.
 
         ``targets`` (the trainer's form: already the next tokens, same shape as ``input_ids``) returns only the
-        mean cross-entropy, with ``logits=None``: under ``torch.compile`` the LM head and the loss then compile
-        together, and no float32 copy of the logits outlives the step.
+        mean cross-entropy, with ``logits=None``, from :func:`hylo.ops.linear_ce.linear_cross_entropy`: on CUDA
+        with fla, the head and the loss fused in chunks (no ``[B*T, V]`` logits; the gradients flow through
+        :meth:`head_weight`, so weight normalization and the tied embedding get theirs); elsewhere the plain
+        logits + float32 cross-entropy. Under ``torch.compile`` the fused form is one custom op in the graph (no
+        graph break), run eagerly by fla; ``HYLO_LINEAR_CE=ref`` forces the plain form.
         """
         if targets is not None:
-            logits = self.logits(self.hidden_states(input_ids, inputs_embeds))
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            h = self.hidden_states(input_ids, inputs_embeds)
+            loss = linear_cross_entropy(h.flatten(0, 1), self.head_weight(), targets.flatten(), ignore_index=-100)
             return CausalLMOutputWithPast(loss=loss, logits=None)
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("HybridLM.forward does not take padded batches (attention_mask has zeros): "
