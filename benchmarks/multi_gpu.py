@@ -21,6 +21,7 @@ Each run is a fresh process group; one failing run is recorded and the others go
 
     python benchmarks/multi_gpu.py --data DATA_DIR --out DIR            # CUDA, N = all visible GPUs
     python benchmarks/multi_gpu.py --data DATA_DIR --out DIR --smoke    # CPU, 2 gloo ranks, tiny: checks the script
+    python benchmarks/multi_gpu.py --merge A/multi_gpu.json B/multi_gpu.json --out DIR   # phases of separate calls
 """
 
 from __future__ import annotations
@@ -132,10 +133,32 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def merge(paths: list[Path], out: Path) -> int:
+    """One result from the phases of several calls: each phase keeps the run it came from (``source``)."""
+    merged = None
+    for path in paths:
+        r = json.loads(path.read_text())
+        if merged is None:
+            merged = dict(r, phases={}, sources=[])
+        merged["sources"].append({"file": str(path), "date": r["date"], "commit": r["commit"],
+                                  "device": r["device"], "phases": list(r["phases"])})
+        for name, phase in r["phases"].items():
+            merged["phases"][name] = dict(phase, source=str(path), date=r["date"], commit=r["commit"])
+    eq = merged["phases"].get("equivalence")
+    merged["passed"] = bool(eq and eq.get("passed"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "multi_gpu.json").write_text(json.dumps(merged, indent=1))
+    plot(merged, out / "multi_gpu.png")
+    print(f"wrote {out / 'multi_gpu.json'} and {out / 'multi_gpu.png'}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", required=True, help="folder prepared by `hylo data prepare`")
+    ap.add_argument("--data", help="folder prepared by `hylo data prepare`")
     ap.add_argument("--out", type=Path, required=True, help="folder for multi_gpu.json, multi_gpu.png and the runs")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                    help="only merge the phases of these multi_gpu.json files (later files win) into --out")
     ap.add_argument("--nproc", type=int, default=None, help="processes (GPUs) for ddp/fsdp; default: all visible")
     ap.add_argument("--phases", nargs="+", default=["equivalence", "throughput"],
                     choices=["equivalence", "throughput"])
@@ -147,6 +170,10 @@ def main() -> int:
     ap.add_argument("--run-timeout", type=float, default=240.0, help="seconds per run")
     ap.add_argument("--smoke", action="store_true", help="CPU, 2 gloo ranks, tiny model: checks the script")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, args.out)
+    if not args.data:
+        ap.error("--data is required (a folder made by `hylo data prepare`)")
     cuda = torch.cuda.is_available() and not args.smoke
     nproc = args.nproc or (torch.cuda.device_count() if cuda else 2)
     if nproc < 2:
