@@ -314,7 +314,7 @@ class Trainer:
             self._say(f"note: optimizer.weight_decay {wd} -> 0 because model.weight_norm is on "
                       "(matrices are projected onto the unit sphere after every step)")
             wd = 0.0
-        fused = info.device.type == "cuda" and not (cfg.fsdp and info.distributed)
+        fused = info.device.type == "cuda"  # also for FSDP2: DTensor shards the fused AdamW kernel too
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, wd), lr=cfg.optimizer.lr,
                                            betas=cfg.optimizer.betas, eps=cfg.optimizer.eps,
                                            **({"fused": True} if fused else {}))
