@@ -33,6 +33,19 @@ def median_ms(fn, rep: int = 10, warmup: int = 3) -> float:
 
 
 MATMUL_KERNELS = ("gemm", "gemv", "nvjet", "cublas", "cutlass", "splitk", "mm_")  # names of matrix-product kernels
+# kernel families by name (first match wins), to say where a step's time goes
+CATEGORIES = (("matmul", MATMUL_KERNELS), ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+              ("optimizer", ("adam", "multi_tensor", "foreach")), ("communication", ("nccl", "allreduce", "gloo")),
+              ("inductor (fused elementwise/reductions)", ("triton_poi", "triton_per", "triton_red")),
+              ("other triton (fla, hylo)", ("triton", "chunk", "_kernel")), ("copy", ("copy", "memcpy", "memset")))
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other (eager elementwise, ...)"
 
 
 def kernel_table(fn, top: int = 12) -> dict:
@@ -58,6 +71,10 @@ def kernel_table(fn, top: int = 12) -> dict:
             k[1] += (e.device_time_total if cuda else e.self_cpu_time_total) / 1e3
     mm = [v for n, v in kernels.items() if any(t in n.lower() for t in MATMUL_KERNELS)]
     worst = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top]
+    cats: dict[str, float] = {}
+    for n, (_, t) in kernels.items():
+        cats[category(n)] = cats.get(category(n), 0.0) + t
     return {"kernels": sum(v[0] for v in kernels.values()), "kernel_ms_sum": sum(v[1] for v in kernels.values()),
             "matmul_kernels": sum(v[0] for v in mm), "matmul_ms": sum(v[1] for v in mm),
+            "ms_by_category": {k: round(v, 4) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
             "top": [{"name": n[:120], "calls": c, "ms": round(t, 4)} for n, (c, t) in worst]}

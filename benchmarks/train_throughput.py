@@ -224,6 +224,24 @@ def block_times(model: HybridLM, batch: int, seq_len: int, loss_impl: str, reps:
     return out
 
 
+def step_kernels(model: HybridLM, batch: int, seq_len: int, loss_impl: str) -> dict:
+    """The kernels of one forward + backward of the run's own model (compiled if the run was) at its training
+    shape, by family (matmul, attention, inductor's fused kernels, fla's, ...): where a step's time goes."""
+    dev = next(model.parameters()).device
+    x = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=dev)
+
+    def fwd_bwd():
+        with linear_ce.use_impl(loss_impl), _autocast(dev):
+            loss = model(input_ids=x, targets=x).loss
+        loss.backward()
+    try:
+        out = kernel_table(fwd_bwd, top=15)
+    except Exception as e:  # noqa: BLE001  (a profiler failure must not cost the run's numbers)
+        out = {"error": f"{type(e).__name__}: {e}"}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- one run
 def one_run(spec: dict) -> dict:
     """One training run (in a child process): tokens/s, MFU, peak memory; blocks for eager runs."""
@@ -253,6 +271,7 @@ def one_run(spec: dict) -> dict:
                    mfu_datasheet=tps * fl["train"] / (sheet * 1e12) if sheet else None,
                    mfu_measured_peak=tps * fl["train"] / (measured * 1e12), final_loss=res.train_loss,
                    val_loss=res.val_loss, peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None)
+        run["step_kernels"] = step_kernels(res.model, a["batch_size"], a["seq_len"], impl)
         if spec["mode"] == "eager":
             run["blocks"] = block_times(res.model, a["batch_size"], a["seq_len"], impl)
     except Exception as e:  # noqa: BLE001
