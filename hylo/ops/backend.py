@@ -14,31 +14,38 @@ import os
 
 import torch
 
-_CHOICES = ("auto", "ref", "fast")
-_backend = os.environ.get("HYLO_BACKEND", "auto")
-if _backend not in _CHOICES:
-    raise ValueError(f"HYLO_BACKEND={_backend!r} is invalid: use one of {_CHOICES}")
+class Choice:
+    """A process-wide choice among fixed names: read from an environment variable at import, then settable
+    (:meth:`set`) or scoped (:meth:`use`). Every such switch of hylo's ops is one of these."""
+
+    def __init__(self, what: str, env: str, choices: tuple[str, ...], default: str):
+        self.what, self.env, self.choices = what, env, choices
+        self.value = default
+        name = os.environ.get(env, default)
+        if name not in choices:
+            raise ValueError(f"{env}={name!r} is invalid: use one of {choices}")
+        self.value = name
+
+    def set(self, name: str) -> None:
+        if name not in self.choices:
+            raise ValueError(f"{self.what} {name!r} is invalid: use one of {self.choices}")
+        self.value = name
+
+    def get(self) -> str:
+        return self.value
+
+    @contextlib.contextmanager
+    def use(self, name: str):
+        old = self.value
+        self.set(name)
+        try:
+            yield
+        finally:
+            self.value = old
 
 
-def set_backend(name: str) -> None:
-    global _backend
-    if name not in _CHOICES:
-        raise ValueError(f"backend {name!r} is invalid: use one of {_CHOICES}")
-    _backend = name
-
-
-def get_backend() -> str:
-    return _backend
-
-
-@contextlib.contextmanager
-def backend(name: str):
-    old = get_backend()
-    set_backend(name)
-    try:
-        yield
-    finally:
-        set_backend(old)
+_BACKEND = Choice("backend", "HYLO_BACKEND", ("auto", "ref", "fast"), "auto")
+set_backend, get_backend, backend = _BACKEND.set, _BACKEND.get, _BACKEND.use
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,10 +60,10 @@ def fla_available() -> bool:
 
 def use_fast(x: torch.Tensor, needs_fla: bool = True) -> bool:
     """Decide the path for an op whose input is ``x``."""
-    if _backend == "ref":
+    if _BACKEND.value == "ref":
         return False
     ok = x.is_cuda and (fla_available() if needs_fla else True)
-    if _backend == "fast" and not ok:
+    if _BACKEND.value == "fast" and not ok:
         raise RuntimeError(
             "HYLO backend 'fast' was requested but the fast path is unavailable "
             f"(tensor on {x.device}, fla importable: {fla_available()}). Install hylo[cuda] on a CUDA machine.")

@@ -42,48 +42,21 @@ kernels, by ``benchmarks/train_throughput.py``'s correctness check on the GPU):
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 import torch.nn.functional as F
 
-from hylo.ops.backend import fla_available, use_fast
+from hylo.ops.backend import Choice, fla_available, use_fast
 
 IMPLS = ("auto", "ref", "fused")
 DEFAULT_CHUNK = 4096  # rows per chunk: at a 32k vocabulary, 256 MB of bf16 logits; 8 chunks at batch 16 x 2048
 
-_impl = os.environ.get("HYLO_LINEAR_CE", "auto")
-if _impl not in IMPLS:
-    raise ValueError(f"HYLO_LINEAR_CE={_impl!r} is invalid: use one of {IMPLS}")
-
-
-def set_impl(name: str) -> None:
-    """Set the implementation :func:`linear_cross_entropy` uses when no ``impl`` is passed."""
-    global _impl
-    if name not in IMPLS:
-        raise ValueError(f"linear cross-entropy implementation {name!r} is invalid: use one of {IMPLS}")
-    _impl = name
-
-
-def get_impl() -> str:
-    return _impl
-
-
-@contextlib.contextmanager
-def use_impl(name: str):
-    """Within the block, :func:`linear_cross_entropy` uses ``name`` when no ``impl`` is passed."""
-    old = get_impl()
-    set_impl(name)
-    try:
-        yield
-    finally:
-        set_impl(old)
+_IMPL = Choice("linear cross-entropy implementation", "HYLO_LINEAR_CE", IMPLS, "auto")
+set_impl, get_impl, use_impl = _IMPL.set, _IMPL.get, _IMPL.use  # the default when a call passes no ``impl``
 
 
 def resolve(h: torch.Tensor, impl: str | None = None) -> str:
     """The path a call on ``h`` takes: ``"ref"``, ``"fla"`` (fused, fla's kernels) or ``"torch"`` (fused, PyTorch)."""
-    name = _impl if impl is None else impl
+    name = _IMPL.value if impl is None else impl
     if name not in IMPLS:
         raise ValueError(f"linear cross-entropy implementation {name!r} is invalid: use one of {IMPLS}")
     if name == "ref":
