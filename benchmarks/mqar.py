@@ -55,6 +55,13 @@ handicap for the others).
 On the H100 'a a' runs ~100 steps/s (attempt 1: steps 1000-1750 in 7.3 s), 'gdn a' ~58 steps/s (attempt 2), so
 the first call's 400 s give each of its three models ~133 s: ~13,000 steps for attention, ~7,700 for a hybrid.
 
+One learning rate does not suit every operator at these budgets (issue 5): on 2 H200s 'm2 m2' at 1e-3 stayed at
+~0 accuracy; on the CPU (``benchmarks/results/mqar-mamba2-cpu-trials.json``, reference ops, so not a GPU-kernel
+fault) pure Mamba2 sits on the in-context guessing plateau for 1000 steps at 1e-3 (3e-3: slowly leaving it) and
+solves the task at 1e-2, while 'a a' solves it at 1e-3 and stays on its plateau at 1e-2, and DeltaNet and Gated
+DeltaNet learn at either rate. ``--lrs 1e-3 1e-2`` trains every pattern at each rate (the budget shared over all
+runs) and keeps each pattern's best run, as Zoology's sweeps do; the record's ``lr_sweep`` lists every rate's result.
+
 Writes ``mqar.json`` (per-model accuracy by setting, steps, state size, the separation checks, environment) and
 ``mqar.png`` (accuracy against pairs, one line per pattern, one panel per length) into ``--out``. A model that
 fails is recorded with its error and the run goes on. ``--smoke`` runs a tiny version on the CPU (a minute).
@@ -160,6 +167,10 @@ def main() -> int:
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lrs", type=float, nargs="+", metavar="LR",
+                    help="learning rates to sweep: every pattern is trained at each (the budget is shared over "
+                         "all runs) and its best run by mean accuracy is kept, as Zoology does (issue 5: Mamba2 "
+                         "needs ~1e-2 where attention learns at 1e-3); default: --lr only")
     ap.add_argument("--vocab-size", type=int, default=1024)
     ap.add_argument("--max-steps", type=int, default=20_000, help="upper bound; the budget usually binds first")
     ap.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=list(PATTERNS))
@@ -195,6 +206,7 @@ def main() -> int:
                                  curriculum=args.curriculum, curriculum_len=128,
                                  kernel_warmup=not args.no_kernel_warmup)
     cfg.patterns = [PATTERNS[n] for n in args.patterns]
+    cfg.lr_sweep = args.lrs
     cfg.validate()
     device = mqar.resolve_device(cfg.device)
     print(f"device {device} ({mqar.environment()['device']}); {len(cfg.patterns)} models, "
@@ -209,12 +221,15 @@ def main() -> int:
     result = {"kind": "mqar", "benchmark": "benchmarks/mqar.py", "environment": mqar.environment(),
               "settings": settings, "runs": []}
     spent = 0.0  # training seconds used so far (kernel warm-ups and evaluations are not counted)
-    for i, name in enumerate(args.patterns):
-        left = len(args.patterns) - i
+    lrs = args.lrs or [args.lr]
+    jobs = [(name, lr) for name in args.patterns for lr in lrs]
+    tried: list[dict] = []  # the current pattern's runs (one per learning rate)
+    for i, (name, lr) in enumerate(jobs):
+        left = len(jobs) - i
         budget = max(5.0, (args.budget - spent) / left)
         t_model = time.perf_counter()
-        one = dataclasses.replace(cfg, time_budget_s=budget, max_time_s=1.5 * budget + 10)
-        print(f"[{i + 1}/{len(args.patterns)}] {name}: {PATTERNS[name]} · {budget:.0f}s budget "
+        one = dataclasses.replace(cfg, lr=lr, lr_sweep=None, time_budget_s=budget, max_time_s=1.5 * budget + 10)
+        print(f"[{i + 1}/{len(jobs)}] {name}: {PATTERNS[name]} · lr {lr:g} · {budget:.0f}s budget "
               f"({time.perf_counter() - t_start:.0f}s elapsed)", flush=True)
         try:
             rec = mqar.train_one(PATTERNS[name], cfg.hidden[0], one, train, tests, device,
@@ -225,7 +240,7 @@ def main() -> int:
                   + f" · {rec['steps']} steps in {rec['train_time_s']:.0f}s (+{rec['warmup_s']:.0f}s warm-up)",
                   flush=True)
         except Exception as e:  # noqa: BLE001 - record and go on
-            rec = {"name": name, "layers": PATTERNS[name], "hidden": cfg.hidden[0], "accuracy": {},
+            rec = {"name": name, "layers": PATTERNS[name], "hidden": cfg.hidden[0], "lr": lr, "accuracy": {},
                    "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=10)}
             print(f"  {name} FAILED: {rec['error']}", flush=True)
             spent += time.perf_counter() - t_model
@@ -234,8 +249,14 @@ def main() -> int:
                     torch.cuda.empty_cache()
                 except Exception:  # noqa: BLE001 - a device fault (illegal address) poisons this process's context
                     rec["fatal"] = True
-        result["runs"].append(rec)
-        mqar.save({**result, "table": mqar.table_rows(result)}, args.out, plot=False)  # partial results
+        tried.append(rec)
+        if rec.get("fatal") or i + 1 == len(jobs) or jobs[i + 1][0] != name:  # the pattern's last rate
+            best = mqar.pick_best(tried)
+            if len(tried) > 1:
+                print(f"  {name}: best lr {best.get('lr', float('nan')):g} of {lrs}", flush=True)
+            result["runs"].append(best)
+            tried = []
+            mqar.save({**result, "table": mqar.table_rows(result)}, args.out, plot=False)  # partial results
         if rec.get("fatal"):
             print("  the CUDA context is lost after that fault: the remaining models cannot run in this process; "
                   "results so far are saved", flush=True)

@@ -270,3 +270,57 @@ def test_curriculum_starts_on_short_settings_and_is_off_without_a_split(monkeypa
                              log=lambda s: None)["runs"][0])
     assert [h["loss"] for h in runs[0]["history"]] == [h["loss"] for h in runs[1]["history"]]
     assert mqar.HarnessConfig().curriculum > 0  # on by default, the same for every pattern
+
+
+def test_lr_sweep_keeps_each_models_best_rate(monkeypatch):
+    """With ``lr_sweep`` every pattern is trained once per rate (same seed and data) and its best run by mean test
+    accuracy is kept, with every rate's result listed; a failed rate does not hide the others."""
+    calls = []
+
+    def fake(pattern, hidden, cfg, train, tests, device, log=print):
+        calls.append((pattern, cfg.lr, cfg.lr_sweep))
+        if pattern == "d f" and cfg.lr == 1e-2:
+            raise RuntimeError("diverged")
+        good = {"a f": 1e-3, "d f": 3e-3}[pattern]  # each pattern has its own best rate
+        acc = 0.9 if cfg.lr == good else 0.2
+        return {"name": pattern, "hidden": hidden, "lr": cfg.lr, "steps": 4, "final_loss": 1.0, "train_time_s": 0.1,
+                "accuracy": {k: acc for k in tests}, "error": None}
+
+    monkeypatch.setattr(mqar, "train_one", fake)
+    res = mqar.run(_tiny(lr_sweep=[1e-3, 3e-3, 1e-2]), log=lambda s: None)
+    assert calls == [(p, lr, None) for p in ("a f", "d f") for lr in (1e-3, 3e-3, 1e-2)]
+    best = {r["name"]: r for r in res["runs"]}
+    assert len(res["runs"]) == 2 and best["a f"]["lr"] == 1e-3 and best["d f"]["lr"] == 3e-3
+    sweep = best["d f"]["lr_sweep"]
+    assert [s["lr"] for s in sweep] == [1e-3, 3e-3, 1e-2] and sweep[1]["mean_accuracy"] == pytest.approx(0.9)
+    assert sweep[2]["mean_accuracy"] is None and "diverged" in sweep[2]["error"]
+    assert mqar.pick_best([{"lr": 1, "error": "x", "accuracy": {}}])["lr"] == 1  # all failed: the record stays
+    with pytest.raises(MQARError, match="lr_sweep"):
+        _tiny(lr_sweep=[]).validate()
+    with pytest.raises(MQARError, match="lr_sweep"):
+        _tiny(lr_sweep=[1e-3, -1.0]).validate()
+
+
+def test_cli_lrs_sweeps_and_reports_the_kept_rate(tmp_path, monkeypatch):
+    seen = []
+    real = mqar.train_one
+
+    def spy(pattern, hidden, cfg, *a, **k):
+        seen.append(cfg.lr)
+        return real(pattern, hidden, cfg, *a, **k)
+
+    monkeypatch.setattr(mqar, "train_one", spy)
+    app = typer.Typer()
+    mqar.register(app)
+    app.command("noop")(lambda: None)
+    out = tmp_path / "res"
+    r = CliRunner().invoke(app, ["mqar", "--patterns", "a f", "--hidden", "32", "--seq-lens", "16", "--pairs", "2",
+                                 "--steps", "2", "--vocab-size", "64", "--train-examples", "16",
+                                 "--test-examples", "8", "--lrs", "1e-3", "1e-2", "--device", "cpu",
+                                 "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert seen == [1e-3, 1e-2]
+    run = json.loads((out / "mqar.json").read_text())["runs"][0]
+    assert [s["lr"] for s in run["lr_sweep"]] == [1e-3, 1e-2] and run["lr"] in (1e-3, 1e-2)
+    bad = CliRunner().invoke(app, ["mqar", "--lrs", "fast", "--out", str(out)])
+    assert bad.exit_code == 1 and "--lrs takes numbers" in bad.output

@@ -290,6 +290,13 @@ class HarnessConfig:
     new kernel shape on a GPU) is not charged to the model's budget; it leaves training exactly as it would be
     without it (see :func:`warm_up`).
 
+    ``lr_sweep`` (a list of learning rates; Zoology's protocol): every (pattern, width) is trained once per rate,
+    with the same seed, data and budget, and the run with the best mean test accuracy is kept; its record lists
+    every rate's result under ``lr_sweep``. One rate does not fit every operator at a short budget: on the CPU
+    (``benchmarks/results/mqar-mamba2-cpu-trials.json``) pure Mamba2 stays on the in-context guessing plateau for
+    1000 steps at 1e-3 and solves the task at 1e-2, pure attention solves it at 1e-3 and stays on its plateau at
+    1e-2, DeltaNet and Gated DeltaNet learn at both.
+
     ``curriculum`` > 0 (default 0.3, the same for every pattern): batches start with only the training settings
     of length <= ``curriculum_len``; the share of rows drawn from the whole mix grows linearly to 1 over that
     fraction of the (planned) steps. Pure attention needs it to leave its loss plateau on long mixes in a
@@ -306,6 +313,7 @@ class HarnessConfig:
     steps: int = 1_000
     batch_size: int = 64
     lr: float | dict = 1e-3
+    lr_sweep: list[float] | None = None  # learning rates to try per model, the best kept (overrides lr)
     warmup: float = 0.1  # fraction of steps
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.1
@@ -357,6 +365,12 @@ class HarnessConfig:
         for v in lrs:
             if not (isinstance(v, (int, float)) and v > 0):
                 raise MQARError(f"lr={self.lr!r} is invalid: learning rates must be numbers > 0")
+        if self.lr_sweep is not None:
+            if isinstance(self.lr_sweep, (str, bytes)) or not isinstance(self.lr_sweep, (list, tuple)) \
+                    or not self.lr_sweep or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                    and v > 0 for v in self.lr_sweep):
+                raise MQARError(f"lr_sweep={self.lr_sweep!r} is invalid: a non-empty list of learning rates > 0, "
+                                "or None (use lr)")
         if not 0 <= self.warmup < 1:
             raise MQARError(f"warmup={self.warmup!r} is invalid: a fraction of the steps in [0, 1)")
         for name in self.patterns:
@@ -366,6 +380,29 @@ class HarnessConfig:
         if isinstance(self.lr, dict):
             return float(self.lr.get(name, self.lr.get("default", 1e-3)))
         return float(self.lr)
+
+    def lrs_for(self, name: str) -> list[float]:
+        """The learning rates a model of pattern ``name`` is trained at: ``lr_sweep``, else ``[lr_for(name)]``."""
+        return [float(v) for v in self.lr_sweep] if self.lr_sweep else [self.lr_for(name)]
+
+
+def mean_accuracy(rec: dict) -> float | None:
+    """Mean test accuracy of a run record (None for a failed run)."""
+    acc = rec.get("accuracy") or {}
+    return None if rec.get("error") or not acc else sum(acc.values()) / len(acc)
+
+
+def pick_best(records: Sequence[dict]) -> dict:
+    """The run with the best mean test accuracy among one model's learning-rate runs (the first on ties; a failed
+    run only when all failed), with ``lr_sweep``: each rate's mean accuracy, steps, final loss and error."""
+    scored = [(mean_accuracy(r), i) for i, r in enumerate(records)]
+    ok = [(a, i) for a, i in scored if a is not None]
+    best = dict(records[max(ok, key=lambda t: (t[0], -t[1]))[1]] if ok else records[0])
+    if len(records) > 1:
+        best["lr_sweep"] = [{"lr": r.get("lr"), "mean_accuracy": a, "steps": r.get("steps"),
+                             "final_loss": r.get("final_loss"), "error": r.get("error")}
+                            for r, (a, _) in zip(records, scored)]
+    return best
 
 
 def pattern_name(pattern) -> str:
@@ -634,16 +671,23 @@ def run(cfg: HarnessConfig, log: Callable[[str], None] = print,
     for i, (pattern, hidden) in enumerate(jobs):
         name = pattern_name(pattern)
         log(f"[{i + 1}/{len(jobs)}] {name} hidden {hidden} ({time.perf_counter() - t0:.0f}s elapsed)")
-        try:
-            rec = train_one(pattern, hidden, cfg, train, tests, device, log)
-            log(f"  {name} h={hidden}: " + ", ".join(f"{k} {v:.3f}" for k, v in rec["accuracy"].items())
-                + f" ({rec['steps']} steps, {rec['train_time_s']:.1f}s)")
-        except Exception as e:  # noqa: BLE001 - one failing model must not end the study
-            rec = {"name": name, "hidden": hidden, "accuracy": {}, "error": f"{type(e).__name__}: {e}",
-                   "traceback": traceback.format_exc(limit=8)}
-            log(f"  {name} h={hidden} FAILED: {rec['error']}")
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        tried = []
+        for lr in cfg.lrs_for(name):
+            one = dataclasses.replace(cfg, lr=lr, lr_sweep=None)
+            try:
+                rec = train_one(pattern, hidden, one, train, tests, device, log)
+                log(f"  {name} h={hidden} lr {lr:g}: " + ", ".join(f"{k} {v:.3f}" for k, v in rec["accuracy"].items())
+                    + f" ({rec['steps']} steps, {rec['train_time_s']:.1f}s)")
+            except Exception as e:  # noqa: BLE001 - one failing model must not end the study
+                rec = {"name": name, "hidden": hidden, "lr": lr, "accuracy": {}, "error": f"{type(e).__name__}: {e}",
+                       "traceback": traceback.format_exc(limit=8)}
+                log(f"  {name} h={hidden} lr {lr:g} FAILED: {rec['error']}")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            tried.append(rec)
+        rec = pick_best(tried)
+        if len(tried) > 1:
+            log(f"  {name} h={hidden}: best lr {rec.get('lr', float('nan')):g} of {cfg.lrs_for(name)}")
         result["runs"].append(rec)
         if on_result is not None:
             on_result(result)
@@ -691,17 +735,18 @@ def print_summary(result: dict, console=None) -> None:
     console = console or Console(width=None if sys.stdout.isatty() else 200)
     tests = [_key(parse_setting(s)) for s in result["settings"]["test"]]
     t = Table(title="MQAR accuracy")
-    for col in ("pattern", "hidden", "state", "steps"):
+    for col in ("pattern", "hidden", "state", "lr", "steps"):
         t.add_column(col, justify="left" if col == "pattern" else "right")
     for k in tests:
         t.add_column(k, justify="right")
     for r in result["runs"]:
         state = f"{r['state_bytes'] / 1024:.0f} KiB" if r.get("state_bytes") is not None else "-"
+        lr = f"{r['lr']:g}" if isinstance(r.get("lr"), (int, float)) else "-"
         if r.get("error"):
-            t.add_row(r["name"], str(r["hidden"]), state, "-", *["[red]error[/]"] * len(tests))
+            t.add_row(r["name"], str(r["hidden"]), state, lr, "-", *["[red]error[/]"] * len(tests))
             continue
         steps = f"{r['steps']}" + ("*" if r.get("truncated") else "")
-        t.add_row(r["name"], str(r["hidden"]), state, steps,
+        t.add_row(r["name"], str(r["hidden"]), state, lr, steps,
                   *[f"{r['accuracy'][k]:.3f}" if k in r["accuracy"] else "-" for k in tests])
     console.print(t)
     for r in result["runs"]:
@@ -739,15 +784,23 @@ def _greedy_command_class():
     return GreedyListCommand
 
 
-def _ints(values: list[str], flag: str) -> list[int]:
+def _numbers(values: list[str], flag: str, kind: type) -> list:
     out = []
     for v in values:
         for part in v.replace(",", " ").split():
             try:
-                out.append(int(part))
+                out.append(kind(part))
             except ValueError:
-                raise MQARError(f"{flag} takes integers, got {part!r}") from None
+                raise MQARError(f"{flag} takes {'integers' if kind is int else 'numbers'}, got {part!r}") from None
     return out
+
+
+def _ints(values: list[str], flag: str) -> list[int]:
+    return _numbers(values, flag, int)
+
+
+def _floats(values: list[str], flag: str) -> list[float]:
+    return _numbers(values, flag, float)
 
 
 def register(app) -> None:
@@ -755,7 +808,7 @@ def register(app) -> None:
     import typer
 
     cls = _greedy_command_class()
-    cls.greedy = ("--patterns", "-p", "--hidden", "--seq-lens", "--pairs", "--train")
+    cls.greedy = ("--patterns", "-p", "--hidden", "--seq-lens", "--pairs", "--train", "--lrs")
 
     @app.command("mqar", cls=cls)
     def mqar_command(
@@ -774,6 +827,10 @@ def register(app) -> None:
         steps: int = typer.Option(2000, "--steps", help="optimizer steps per model"),
         batch_size: int = typer.Option(64, "--batch-size"),
         lr: float = typer.Option(1e-3, "--lr", help="peak learning rate (AdamW, warmup then cosine)"),
+        lrs: Optional[List[str]] = typer.Option(None, "--lrs",
+                                                help="several peak learning rates (Zoology's sweep, e.g. --lrs "
+                                                     "1e-3 1e-2): each model is trained at each, the best kept; "
+                                                     "overrides --lr"),
         vocab_size: int = typer.Option(1024, "--vocab-size",
                                        help="Zoology uses 8192; attention needs many more steps there"),
         train_examples: int = typer.Option(20_000, "--train-examples", help="per training setting"),
@@ -807,12 +864,13 @@ def register(app) -> None:
             skipped = [(L, n) for L in lens for n in counts if L < 4 * n]
             if skipped:
                 console.print(f"skipping settings with seq_len < 4*pairs: {', '.join(map(_key, skipped))}")
+            sweep = _floats(lrs, "--lrs") if lrs else None
             cfg = HarnessConfig(patterns=list(patterns), hidden=_ints(hidden, "--hidden"),
                                 train=[parse_train_setting(s) for s in train] if train else default_train_mix(test),
                                 test=test,
                                 vocab_size=vocab_size, train_examples=train_examples, test_examples=test_examples,
-                                steps=steps, batch_size=batch_size, lr=lr, noise=noise, seed=seed,
-                                curriculum=curriculum,
+                                steps=steps, batch_size=batch_size, lr=lr, lr_sweep=sweep, noise=noise,
+                                seed=seed, curriculum=curriculum,
                                 model={"swa_window": swa_window}, device=device, compile=compile_,
                                 max_time_s=max_time, time_budget_s=time_budget)
             cfg.validate()
