@@ -3,12 +3,17 @@
     HYLO_COMMIT=$(git rev-parse HEAD) python benchmarks/harness_gpu.py --out benchmarks/results/harness-h100.json \\
         [--model RUN_OR_MODEL_DIR ...] [--time-limit 80]
 
-Setup: a 4096-token BPE trained on 3 MB of the held-out corpus, hylo's tasks built from it (``--n`` examples per
-task), and the requests lm_eval would send for ``hylo_lastword`` and ``hylo_nextsent`` (tokenized as lm_eval's
-``hf`` model does). Two random-weight models: ``mixed`` (d f m2 f a f, hidden 512, 16 meta tokens) and ``all-ops``
-(every operator incl. sliding-window attention, hidden 256). Cases, most informative first, so that a time limit
-cuts the least useful ones:
+Setup: hylo's tasks built from the held-out corpus (``--n`` examples per task); after the trained models' suites, for
+the random ones, a 4096-token BPE trained on 3 MB of it and the requests lm_eval would send for ``hylo_lastword`` and
+``hylo_nextsent`` (tokenized as lm_eval's ``hf`` model does). Two random-weight models: ``mixed`` (d f m2 f a f,
+hidden 512, 16 meta tokens) and ``all-ops`` (every operator incl. sliding-window attention, hidden 256). Cases, most
+informative first, so that a time limit cuts the least useful ones:
 
+- ``lm_eval-suite/<model>`` (when lm_eval is installed and ``--model`` is given): lm_eval's ``simple_evaluate``
+  with ``--model hylo`` on all four hylo tasks (``--suite-limit`` examples each), bf16, batch 32, max_length 1024
+  (on the CPU smoke test too), for each trained ``--model``: the numbers that mean something, so they run first,
+  right after the tasks are built (before the tokenizer the random models need is trained); the random-weight
+  checks get what time is left.
 - ``mixed/score-exact``: fp32, right-padded batches of 32 (256 requests) against one request at a time without
   padding (the first ``--rowwise`` requests): max |difference| of the summed log-probs, greedy flags agreeing
   (expected: < 1e-3, all).
@@ -18,9 +23,8 @@ cuts the least useful ones:
 - ``mixed/generate``: greedy generation on hylo's engine (CUDA graphs) for 64 prompts (16 new tokens, stop at
   newline), twice, against argmax decoding with full forwards (fp32, 16 prompts, right-padded to one shape: one
   forward per new token): identical texts expected; time per call.
-- ``lm_eval-suite/<model>`` (when lm_eval is installed): lm_eval's ``simple_evaluate`` with ``--model hylo`` on
-  all four hylo tasks (``--suite-limit`` examples each), bf16, batch 32, for each ``--model`` (trained models:
-  meaningful numbers), or for the random ``mixed`` model when none is given (a pipeline check).
+- ``lm_eval-suite/random-mixed`` (when lm_eval is installed and no ``--model`` is given): the same suite on the
+  random ``mixed`` model, a pipeline check.
 - ``mixed/score-speed``: bf16 weights, batch 1 (first 64 requests), 16 and 64 rows (all): requests/s, tokens/s,
   and the bf16 vs fp32 difference of the sums.
 - ``all-ops/score-exact``, ``all-ops/generate``, ``all-ops/score-speed``: the same for the model with every
@@ -305,20 +309,53 @@ def main(argv: list[str] | None = None) -> None:
     from hylo.eval.tasks import build_tasks
     from hylo.ops.backend import backend
 
+    # ---- the tasks (all the trained models' suites need), then those suites: first, while the time is there
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="hylo-harness-"))
+    build_tasks(tmp / "tasks", corpus=args.corpus, n=args.n, seed=0)
+    result["tasks_setup_s"] = round(time.perf_counter() - t0, 2)
+    cases.write()
+    try:
+        import lm_eval  # noqa: F401
+
+        have_lm_eval = True
+    except ImportError as e:
+        have_lm_eval = False
+        result["cases"]["lm_eval-suite"] = {"skipped": f"lm_eval not installed ({e}); pip install 'hylo[eval]'"}
+        cases.write()
+
+    def run_suites(suites: list[tuple[str, Path]], max_len: int) -> None:
+        from hylo.eval import harness
+
+        tm = harness.task_manager(tmp / "tasks", include_defaults=False)
+        for label, path in suites:
+            def suite(path=path):
+                with no_lm_eval_env_report():
+                    res = harness.simple_evaluate(
+                        model="hylo", model_args=f"pretrained={path},dtype=bf16,max_length={max_len}",
+                        tasks=["hylo"], task_manager=tm, batch_size=32, device=DEV, bootstrap_iters=0,
+                        limit=args.suite_limit or None)
+                return {"results": res["results"], "limit": args.suite_limit or None}
+
+            cases.run(f"lm_eval-suite/{label}", suite, estimate=10)
+
+    if have_lm_eval and args.model:
+        run_suites([(m, Path(m)) for m in args.model], 1024)  # 1024 on the CPU too: the model's own tokenizer
+
+    # ---- the random-weight checks: a tokenizer, the requests lm_eval would send, the prompts
+    t1 = time.perf_counter()
     with gzip.open(args.corpus, "rt", encoding="utf-8") as f:
         (tmp / "corpus").mkdir()
         (tmp / "corpus" / "slice.txt").write_text(f.read(3_000_000), encoding="utf-8")
     tok = train_tokenizer(tmp / "corpus", 4096, tmp / "tok", show_progress=False)
-    build_tasks(tmp / "tasks", corpus=args.corpus, n=args.n, seed=0)
     rows = requests(tok, tmp / "tasks")
     result["settings"]["requests"] = len(rows)
     result["settings"]["request_tokens"] = sum(min(len(a) + len(b), MAX_LEN) for a, b in rows)
     prompts = [tok.encode(json.loads(line)["context"])[-(MAX_LEN - 32):]
                for line in (tmp / "tasks" / "hylo_lastword.jsonl").read_text().splitlines()[:64]]
     pad = tok.eos_token_id
-    result["setup_s"] = round(time.perf_counter() - t0, 2)
+    result["tokenizer_setup_s"] = round(time.perf_counter() - t1, 2)
+    result["setup_s"] = round(result["tasks_setup_s"] + result["tokenizer_setup_s"], 2)
     cases.write()
 
     def build(name: str):
@@ -392,34 +429,11 @@ def main(argv: list[str] | None = None) -> None:
                   estimate=4)
     cases.run("mixed/generate", lambda: generate(model, "mixed"), estimate=5)
 
-    # ---- lm_eval suites: the trained models (or the random one, as a pipeline check)
-    try:
-        import lm_eval  # noqa: F401
-
-        have_lm_eval = True
-    except ImportError as e:
-        have_lm_eval = False
-        result["cases"]["lm_eval-suite"] = {"skipped": f"lm_eval not installed ({e}); pip install 'hylo[eval]'"}
-        cases.write()
-    if have_lm_eval:
-        from hylo.eval import harness
-
-        suites = [(p, Path(p)) for p in args.model]
-        if not suites:
-            model.save_pretrained(tmp / "mixed")
-            tok.save_pretrained(tmp / "mixed")
-            suites = [("random-mixed", tmp / "mixed")]
-        tm = harness.task_manager(tmp / "tasks", include_defaults=False)
-        for label, path in suites:
-            def suite(path=path):
-                with no_lm_eval_env_report():
-                    res = harness.simple_evaluate(
-                        model="hylo", model_args=f"pretrained={path},dtype=bf16,max_length={MAX_LEN}",
-                        tasks=["hylo"], task_manager=tm, batch_size=32, device=DEV, bootstrap_iters=0,
-                        limit=args.suite_limit or None)
-                return {"results": res["results"], "limit": args.suite_limit or None}
-
-            cases.run(f"lm_eval-suite/{label}", suite, estimate=10)
+    # ---- no trained model given: the lm_eval suite on the random one, as a pipeline check
+    if have_lm_eval and not args.model:
+        model.save_pretrained(tmp / "mixed")
+        tok.save_pretrained(tmp / "mixed")
+        run_suites([("random-mixed", tmp / "mixed")], MAX_LEN)
 
     # ---- speed on the mixed model, then the all-ops model
     cases.run("mixed/score-speed", lambda: speed(model, fp32, "mixed"), estimate=8)

@@ -141,8 +141,13 @@ def retrieval_command(
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto"),
     dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16, amp-bf16"),
     prefix: bool = typer.Option(True, "--prefix/--no-prefix", help="start the prompt with BOS/EOS"),
+    logprob: bool = typer.Option(True, "--logprob/--no-logprob",
+                                 help="also score the key by teacher forcing against a control prompt (a different "
+                                 "key in the needle): the log-prob gain, graded where greedy accuracy is 0 or 1; "
+                                 "costs one more prefill per batch"),
 ):
-    """Passkey retrieval: a number hidden at a given depth of real text; accuracy per (length, depth) + heat map."""
+    """Passkey retrieval: a number hidden at a given depth of real text; greedy accuracy and the key's
+    teacher-forced log-prob gain per (length, depth) + heat maps."""
     from .eval.common import EvalError
     from .eval.report import print_table, write_result
     from .eval.retrieval import passkey_retrieval, plot_heatmap
@@ -163,13 +168,19 @@ def retrieval_command(
     try:
         res = passkey_retrieval(model, tokenizer, lengths=lens, depths=deps, trials=trials, haystack=haystack,
                                 seed=seed, batch_size=batch_size, batch_tokens=batch_tokens, device=device,
-                                dtype=dtype, max_new_tokens=max_new_tokens, prefix=prefix, progress=True,
-                                on_length=save)
+                                dtype=dtype, max_new_tokens=max_new_tokens, prefix=prefix, key_logprob=logprob,
+                                progress=True, on_length=save)
     except EvalError as e:
         _fail(str(e))
     rows = [{"length": n, **{f"{d:.0%}": acc for d, acc in zip(deps, res["accuracy"][i])},
              "mean": res["by_length"][str(n)], "s": res["seconds_by_length"][str(n)]} for i, n in enumerate(lens)]
     print_table(f"passkey accuracy: {Path(model).name} (overall {res['overall']:.3f})", rows)
+    if logprob:
+        rows = [{"length": n, **{f"{d:.0%}": g for d, g in zip(deps, res["key_logprob_gain"][i])},
+                 "mean": res["key_logprob_gain_by_length"][str(n)],
+                 "1st token": res["key_logprob_gain_first_by_length"][str(n)]} for i, n in enumerate(lens)]
+        print_table(f"key log-prob gain, nats/key token, over a control key (overall "
+                    f"{res['key_logprob_gain_overall']:+.3f}; > 0: the model uses the needle)", rows)
     _err.print(f"wrote {written[0]} and {written[1]}")
 
 

@@ -1,5 +1,7 @@
 """`hylo eval retrieval`: prompts of exact length with the needle at the requested depth, the scorer, an oracle that
-reads the key scores 1.0, cached greedy decoding matches full forwards, and the CLI writes JSON and a heat map."""
+reads the key scores 1.0, cached greedy decoding matches full forwards, the teacher-forced key log-prob is exactly
+that of the key's tokens (batched or not) and its gain over the control is > 0 for a copying model and 0 for one
+blind to the context, and the CLI writes JSON and heat maps."""
 
 import gzip
 import json
@@ -161,6 +163,9 @@ def test_cli_writes_json_and_heatmap(files, tok, tmp_path):
     acc = np.array(doc["result"]["accuracy"])
     assert acc.shape == (2, 2) and ((0 <= acc) & (acc <= 1)).all()
     assert len(doc["result"]["results"]) == 2 * 2 * 2
+    gain = np.array(doc["result"]["key_logprob_gain"])
+    assert gain.shape == (2, 2) and np.isfinite(gain).all() and "key log-prob gain" in r.output
+    assert all(r["key_logprob"] <= 0 and r["key_tokens"] >= 1 for r in doc["result"]["results"])
     png = (out / "retrieval.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
@@ -232,17 +237,22 @@ def test_prompts_are_batched_and_results_reported_per_length(files, tok):
     kw = dict(depths=[0.0, 1.0], trials=3, haystack=files / "hay.txt", on_length=seen.append)
     res = passkey_retrieval(model, tok, lengths=[128, 200], batch_size=4, **kw)
     n = 2 * 3  # prompts per length
-    assert model.prefills == [3, 3, 3, 3]  # ceil(6 / 4) = 2 batches per length, sizes differing by at most 1
+    # ceil(6 / 4) = 2 batches per length, sizes differing by at most 1; each batch: the prompts' prefill (greedy
+    # decoding and the key's teacher-forced score share it), then the control prompts' (same shape)
+    assert model.prefills == [3] * 8
     assert res["batches"] == {"128": [3, 3], "200": [3, 3]}
-    assert model.steps == len(model.prefills) * (res["max_new_tokens"] - 1)  # a few decode steps per batch
+    # decode steps per batch: greedy, plus the key's tokens but the first for the prompts and for the controls
+    k = [max(r["key_tokens"] for r in res["results"][i:i + 3]) for i in range(0, 4 * 3, 3)]
+    assert model.steps == sum(res["max_new_tokens"] - 1 + 2 * (kb - 1) for kb in k)
     assert [s["lengths"] for s in seen] == [[128], [128, 200]] and [s["complete"] for s in seen] == [False, True]
     assert len(seen[0]["results"]) == n and np.array(seen[0]["accuracy"]).shape == (1, 2)
     assert seen[-1]["accuracy"] == res["accuracy"]
     # without a batch size: as many rows as fit in batch_tokens
     model.prefills.clear()
-    res = passkey_retrieval(model, tok, lengths=[128, 200], batch_tokens=400, **kw)
+    res = passkey_retrieval(model, tok, lengths=[128, 200], batch_tokens=400, key_logprob=False, **kw)
     assert model.prefills == [3, 3, 2, 2, 2]  # 400 // 128 = 3 rows, 400 // 200 = 2 rows
     assert len(model.prefills) <= sum(-(-n // (400 // L)) for L in (128, 200))
+    assert "key_logprob_gain" not in res and "key_logprob" not in res["results"][0]
 
 
 def test_tokenizer_encoder_built_once(files, tok, monkeypatch):
@@ -269,10 +279,10 @@ def test_cli_keeps_finished_lengths_when_interrupted(files, tok, tmp_path, monke
     tok.save_pretrained(d)
     real = retrieval.greedy_generate
 
-    def gen(m, x, n, prec=None):
+    def gen(m, x, n, prec=None, **kw):
         if x.shape[1] == 180:
             raise KeyboardInterrupt  # as if the run were stopped during the second length
-        return real(m, x, n, prec)
+        return real(m, x, n, prec, **kw)
 
     monkeypatch.setattr(retrieval, "greedy_generate", gen)
     out = tmp_path / "ret"
@@ -292,3 +302,161 @@ def test_even_batches(n, rows):
     assert len(got) == -(-n // rows) and [i for r in got for i in r] == list(range(n))
     sizes = [len(r) for r in got]
     assert all(0 < s <= rows for s in sizes) and (not sizes or max(sizes) - min(sizes) <= 1)
+
+
+# ------------------------------------------------------------------ the teacher-forced key log-prob and its control
+def _direct_key_logprobs(model, prompt, key):
+    """log p(key[i] | prompt, key[:i]) from one full forward of ``prompt + key`` (no cache, no batching)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([list(prompt) + list(key)])).logits[0].float()
+    lp = torch.log_softmax(logits, -1)
+    return torch.stack([lp[len(prompt) - 1 + i, t] for i, t in enumerate(key)])
+
+
+def test_key_logprobs_score_exactly_the_key_tokens(hay_ids):
+    """Batched (keys of different lengths padded), through the cache and decode steps, and fused with greedy
+    decoding: the same numbers as a direct forward of each prompt + key alone."""
+    from hylo.eval.retrieval import key_logprobs
+
+    model = tiny_hylo(2)
+    x = torch.as_tensor(np.stack([hay_ids[:48], hay_ids[300:348], hay_ids[700:748]]))
+    keys = [[5, 17, 300], [9], [44, 45]]
+    kx = torch.tensor([k + k[-1:] * (3 - len(k)) for k in keys])
+    got = key_logprobs(model, x, kx)
+    tokens, fused = greedy_generate(model, x, 4, key_ids=kx)
+    for b, k in enumerate(keys):
+        want = _direct_key_logprobs(model, x[b].tolist(), k)
+        torch.testing.assert_close(got[b, :len(k)], want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(fused[b, :len(k)], want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(tokens, greedy_generate(model, x, 4))  # scoring the key does not disturb decoding
+
+
+def test_key_logprobs_transformers_model(hay_ids):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hylo.eval.retrieval import key_logprobs
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    x = torch.as_tensor(np.stack([hay_ids[:30], hay_ids[50:80]]))
+    kx = torch.tensor([[7, 8, 9], [10, 11, 11]])
+    got = key_logprobs(llama, x, kx)
+    for b in range(2):
+        torch.testing.assert_close(got[b], _direct_key_logprobs(llama, x[b].tolist(), kx[b].tolist()),
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_control_key_differs_at_every_digit_and_keeps_the_needle_length(tok):
+    from hylo.eval.retrieval import control_key
+
+    rng = np.random.default_rng(0)
+    n_tokens = lambda k: len(tok(NEEDLE.format(key=k), add_special_tokens=False)["input_ids"])  # noqa: E731
+    keys = [str(k) for k in np.random.default_rng(1).integers(10_000, 100_000, 40)] + ["12345", "99999", "10000"]
+    for key in keys:
+        c = control_key(key, rng, n_tokens)
+        assert len(c) == len(key) and c[0] != "0" and all(a != b for a, b in zip(key, c)), (key, c)
+    # a needle length rule it can meet: the control has the key's class whenever a digit-different key can
+    rule = lambda k: k[0] in "13"  # noqa: E731  (e.g. " 1" and " 3" are tokens, " 8" is " " + "8")
+    for key in keys:
+        c = control_key(key, rng, rule)
+        assert rule(c) == rule(key) and all(a != b for a, b in zip(key, c)), (key, c)
+    # and when it cannot (the only "7"-class key is "7..." itself), still a digit-different key
+    c = control_key("70000", rng, lambda k: k[0] == "7")
+    assert c[0] not in "07" and all(a != b for a, b in zip("70000", c))
+
+
+class _ToyLM(torch.nn.Module):
+    """A context model with known logits (+``boost`` on one token, 0 elsewhere). ``copy``: the token that followed
+    the most recent earlier occurrence of the longest suffix that occurred before (an idealized induction head);
+    else a fixed function of the current token only (a bigram model: ignores the context)."""
+
+    def __init__(self, copy: bool, vocab: int = 512, boost: float = 5.0):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, 1)
+        self.copy, self.vocab, self.boost = copy, vocab, boost
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def _predict(self, ids: list[int], t: int) -> int:
+        if self.copy:
+            for m in range(min(t, 12), 0, -1):
+                suffix = ids[t - m + 1:t + 1]
+                for j in range(t - 1, m - 2, -1):
+                    if ids[j - m + 1:j + 1] == suffix:
+                        return ids[j + 1]
+        return (ids[t] * 7 + 3) % self.vocab
+
+    def forward(self, input_ids, logits_to_keep=0, **kw):
+        from types import SimpleNamespace
+
+        B, T = input_ids.shape
+        keep = T if not logits_to_keep else logits_to_keep
+        out = torch.zeros(B, keep, self.vocab)
+        for b, row in enumerate(input_ids.tolist()):
+            for i, t in enumerate(range(T - keep, T)):
+                out[b, i, self._predict(row, t)] = self.boost
+        return SimpleNamespace(logits=out)
+
+
+def _toy_generate(model, ids, n):
+    for _ in range(n):
+        ids = torch.cat([ids, model(ids, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids[:, -n:]
+
+
+def test_copying_model_gains_and_context_blind_model_does_not(files, tok):
+    kw = dict(lengths=[128, 180], depths=[0.0, 0.5, 1.0], trials=2, haystack=files / "hay.txt", batch_size=3,
+              generate=_toy_generate)
+    log_z = float(np.log(np.exp(5.0) + 511))
+    cp = passkey_retrieval(_ToyLM(copy=True), tok, **kw)
+    assert cp["overall"] == 1.0  # it copies the key greedily too
+    for r in cp["results"]:
+        assert r["key_logprob"] == pytest.approx(5.0 - log_z, abs=1e-3)  # every key token predicted
+        assert r["key_logprob_gain_first"] == pytest.approx(5.0, abs=1e-3)  # the control predicts its own digit
+        assert r["key_logprob_gain"] > 1.0 and r["control_key"] != r["key"]
+    gain = np.array(cp["key_logprob_gain"])
+    assert gain.shape == (2, 3) and (gain > 1.0).all() and cp["key_logprob_gain_overall"] > 1.0
+    assert set(cp["key_logprob_gain_by_length"]) == {"128", "180"}
+
+    blind = passkey_retrieval(_ToyLM(copy=False), tok, **kw)
+    assert blind["overall"] == 0.0
+    assert all(abs(r["key_logprob_gain"]) < 1e-6 for r in blind["results"])
+    assert np.abs(np.array(blind["key_logprob_gain"])).max() < 1e-6
+    assert [r["key"] for r in blind["results"]] == [r["key"] for r in cp["results"]]
+
+
+def test_batching_does_not_change_the_key_logprobs(files, tok):
+    kw = dict(lengths=[140], depths=[0.0, 1.0], trials=3, haystack=files / "hay.txt")
+    one = passkey_retrieval(tiny_hylo(3), tok, batch_size=1, **kw)
+    all_ = passkey_retrieval(tiny_hylo(3), tok, batch_size=6, **kw)
+    assert all_["batches"] == {"140": [6]} and one["batches"] == {"140": [1] * 6}
+    for a, b in zip(one["results"], all_["results"]):
+        assert a["answer"] == b["answer"]
+        for f in ("key_logprob", "key_logprob_control", "key_logprob_gain"):
+            assert a[f] == pytest.approx(b[f], abs=2e-4), f
+    np.testing.assert_allclose(one["key_logprob_gain"], all_["key_logprob_gain"], atol=2e-4)
+    # the accuracy fields keep their form
+    assert one["accuracy"] == all_["accuracy"] and set(one["by_length"]) == {"140"}
+
+
+def test_heatmap_draws_the_gain_panel(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = {"accuracy": [[0.0, 0.0]], "lengths": [1024], "depths": [0.0, 1.0], "trials": 4, "overall": 0.0,
+           "model": "m", "key_logprob_gain": [[0.42, -0.05]], "key_logprob_gain_overall": 0.185}
+    shown, images = [], []
+    orig_text, orig_imshow = plt.Axes.text, plt.Axes.imshow
+    try:
+        plt.Axes.text = lambda self, x, y, s, *a, **k: shown.append(s) or orig_text(self, x, y, s, *a, **k)
+        plt.Axes.imshow = lambda self, m, *a, **k: images.append(k) or orig_imshow(self, m, *a, **k)
+        plot_heatmap(res, tmp_path / "h.png")
+    finally:
+        plt.Axes.text, plt.Axes.imshow = orig_text, orig_imshow
+    assert shown == ["0.00", "0.00", "+0.42", "-0.05"]
+    assert images[1]["vmin"] == -images[1]["vmax"] > -1  # centred on 0
+    assert (tmp_path / "h.png").stat().st_size > 0

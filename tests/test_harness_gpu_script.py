@@ -80,3 +80,39 @@ def test_watchdog_marks_the_running_case_interrupted(hg, tmp_path):
     assert "time limit" in at_limit[0]["stopped"]
     rec = at_limit[0]["cases"]["slow"]
     assert rec["ok"] is False and "time limit" in rec["interrupted"]
+
+
+def test_trained_models_suites_run_before_the_random_weight_cases(hg, tmp_path, monkeypatch):
+    """The lm_eval suites of the ``--model`` checkpoints run first (a time limit then cuts random-weight checks,
+    not the numbers that mean something); without ``--model`` the random model's suite keeps its place."""
+    import gzip
+
+    pytest.importorskip("lm_eval")
+    src = REPO.parent / "shared" / "data" / "corpus" / "gutenberg_val.txt.gz"
+    if not src.is_file():
+        pytest.skip(f"real corpus not found at {src}")
+    with gzip.open(src, "rt", encoding="utf-8") as f:
+        text = f.read(400_000)
+    corpus = tmp_path / "val.txt.gz"
+    with gzip.open(corpus, "wt", encoding="utf-8") as f:
+        f.write(text)
+    order = []
+
+    def fake_run(self, name, fn, estimate=0.0):  # record the order; run nothing
+        order.append(name)
+        self.result["cases"][name] = {"ok": True}
+        return {}
+
+    monkeypatch.setattr(hg.Cases, "run", fake_run)
+    monkeypatch.setattr(hg.Cases, "watchdog", lambda self: None)
+    monkeypatch.setattr(hg.signal, "signal", lambda *a: None)
+    common = ["--device", "cpu", "--n", "20", "--corpus", str(corpus), "--skip-all-ops", "--time-limit", "600"]
+    hg.main(["--out", str(tmp_path / "a.json"), "--model", "A", "--model", "B", *common])
+    assert order[:2] == ["lm_eval-suite/A", "lm_eval-suite/B"]
+    assert {"mixed/score-exact", "mixed/generate", "mixed/score-speed"} <= set(order[2:])
+    assert "lm_eval-suite/random-mixed" not in order
+    saved = _read(tmp_path / "a.json")
+    assert list(saved["cases"])[:2] == order[:2] and saved["setup_s"] > 0
+    order.clear()
+    hg.main(["--out", str(tmp_path / "b.json"), *common])
+    assert order == ["mixed/score-exact", "mixed/generate", "lm_eval-suite/random-mixed", "mixed/score-speed"]
