@@ -18,6 +18,8 @@ eager runs also time each operator's block alone.
     python benchmarks/train_throughput.py --data DATA_DIR --out results.json
     python benchmarks/train_throughput.py --data DATA_DIR --out r.json --models attn-125m \\
         --compile compiled max-autotune-no-cudagraphs --loss plain fused --time-limit 290
+    python benchmarks/train_throughput.py --data DATA_DIR --out r.json --models attn-125m --compile compiled \\
+        --sdpa auto cudnn   # PyTorch's SDPA kernel for causal attention (hylo.ops.backend's HYLO_SDPA)
     python benchmarks/train_throughput.py --data DATA_DIR --out smoke.json --smoke   # CPU, tiny: checks the script
 """
 
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 
 from hylo.flops import model_flops, peak_bf16_tflops
 from hylo.model import HybridLM
-from hylo.ops import linear_ce
+from hylo.ops import backend, linear_ce
 from hylo.presets import NEMOTRON_FLASH_1B
 from hylo.train import train
 from hylo.runinfo import versions
@@ -243,11 +245,15 @@ def step_kernels(model: HybridLM, batch: int, seq_len: int, loss_impl: str) -> d
 
 
 # ----------------------------------------------------------------------------------------------- one run
+RUN_KEYS = ("model", "mode", "loss", "sdpa", "model_config")  # what a run record copies from its spec
+
+
 def one_run(spec: dict) -> dict:
     """One training run (in a child process): tokens/s, MFU, peak memory; blocks for eager runs."""
     a = spec["args"]
-    run = {k: spec[k] for k in ("model", "mode", "loss", "model_config")}
+    run = {k: spec[k] for k in RUN_KEYS}
     try:
+        backend.set_sdpa(spec["sdpa"])  # before the model is built and compiled (read at each attention call)
         impl = run["loss_impl"] = LOSSES[spec["loss"]]
         cuda = torch.cuda.is_available()
         dev = torch.device("cuda" if cuda else "cpu")
@@ -312,7 +318,7 @@ def run_in_child(spec: dict, timeout: float | None) -> dict:
             p.kill()
             p.join()
     if run is None:
-        run = {k: spec[k] for k in ("model", "mode", "loss", "model_config")}
+        run = {k: spec[k] for k in RUN_KEYS}
         run["error"] = (f"time limit: stopped after {time.monotonic() - t0:.0f} s" if not got
                         else f"the run's process died (exit code {p.exitcode})")
     run["wall_s"] = time.monotonic() - t0
@@ -336,6 +342,10 @@ def main() -> None:
     ap.add_argument("--loss", nargs="*", default=["fused"], choices=list(LOSSES),
                     help="LM head + loss of the runs: plain (full logits, float32 cross-entropy) and/or fused "
                          "(hylo.ops.linear_ce, what the trainer takes on CUDA by default)")
+    ap.add_argument("--sdpa", nargs="+", default=["auto"], choices=list(backend.SDPA_BACKENDS),
+                    help="PyTorch SDPA kernel of causal full attention (hylo.ops.backend.set_sdpa), one set of runs "
+                         "each: auto (PyTorch chooses: FlashAttention-2 on an H100), flash, cudnn, efficient, math. "
+                         "Without CUDA or with --smoke, only auto and math run")
     ap.add_argument("--time-limit", type=float, default=None,
                     help="seconds for the whole script: a run still going then is stopped (recorded as such), "
                          "later steps are skipped, and what was measured is saved")
@@ -361,6 +371,12 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
     name = torch.cuda.get_device_name() if cuda else "cpu"
+    skipped = []
+    if args.smoke or not cuda:  # flash, cudnn and efficient: CUDA kernels (the CPU runs the reference attention)
+        skipped = [f"--sdpa {s}: needs CUDA and no --smoke" for s in args.sdpa if s not in ("auto", "math")]
+        args.sdpa = [s for s in args.sdpa if s in ("auto", "math")]
+        for s in skipped:
+            print(f"skipped: {s}", flush=True)
     measured_peak = matmul_tflops(128 if args.smoke else 8192, device=dev.type)
     sheet_peak = peak_bf16_tflops(name)
     result = {"benchmark": "train_throughput", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -368,7 +384,7 @@ def main() -> None:
               "seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps, "skip": args.skip,
               "vocab_size": args.vocab_size, "loss_default_chunk": linear_ce.DEFAULT_CHUNK,
               "peak_tflops_datasheet": sheet_peak, "peak_tflops_measured_matmul": measured_peak,
-              "smoke": args.smoke, "time_limit_s": args.time_limit, "skipped": [], "runs": []}
+              "smoke": args.smoke, "time_limit_s": args.time_limit, "skipped": skipped, "runs": []}
 
     def save():
         result["elapsed_s"] = time.monotonic() - t_start
@@ -415,19 +431,20 @@ def main() -> None:
         mcfg = dict(MODELS[mname], vocab_size=args.vocab_size)
         for mode in args.compile:
             for loss in args.loss:
-                tag = f"{mname}/{mode}/{loss}"
-                if left() is not None and left() < 30:
-                    result["skipped"].append(f"run {tag}: time limit")
-                    continue
-                spec = dict(model=mname, mode=mode, loss=loss, model_config=mcfg, smoke=args.smoke,
-                            args=vars(args), peak_tflops_datasheet=sheet_peak,
-                            peak_tflops_measured_matmul=measured_peak)
-                run = run_in_child(spec, left())
-                result["runs"].append(run)
-                print(json.dumps({k: v for k, v in run.items() if k not in ("traceback", "blocks", "model_config",
-                                                                               "forward_flops_by_operator")}),
-                      flush=True)
-                save()
+                for sdpa in args.sdpa:
+                    tag = f"{mname}/{mode}/{loss}/sdpa={sdpa}"
+                    if left() is not None and left() < 30:
+                        result["skipped"].append(f"run {tag}: time limit")
+                        continue
+                    spec = dict(model=mname, mode=mode, loss=loss, sdpa=sdpa, model_config=mcfg, smoke=args.smoke,
+                                args=vars(args), peak_tflops_datasheet=sheet_peak,
+                                peak_tflops_measured_matmul=measured_peak)
+                    run = run_in_child(spec, left())
+                    result["runs"].append(run)
+                    print(json.dumps({k: v for k, v in run.items()
+                                      if k not in ("traceback", "blocks", "model_config", "forward_flops_by_operator")}),
+                          flush=True)
+                    save()
 
     # 4. the head + loss compiled, if time is left (a compile takes tens of seconds)
     if any(m != "eager" for m in args.compile) or args.smoke:
@@ -438,17 +455,22 @@ def main() -> None:
             result["skipped"].append("compiled head+loss timing: time limit")
     save()
 
-    base = {(r["mode"], r["loss"]): r.get("tokens_per_s") for r in result["runs"] if r["model"] == "attn-125m"}
-    print(f"\n{'model':<22}{'mode':<28}{'loss':<7}{'params':>12}{'tok/s':>12}{'MFU':>8}{'vs attn':>9}"
-          f"{'peak GiB':>10}{'loss@end':>10}")
+    # relative_to_attn: vs the attn-125m run of the same mode, loss and SDPA kernel; relative_to_sdpa_auto: vs the
+    # same model, mode and loss with PyTorch's own kernel choice (when --sdpa has auto)
+    tps = {(r["model"], r["mode"], r["loss"], r["sdpa"]): r.get("tokens_per_s") for r in result["runs"]}
+    print(f"\n{'model':<22}{'mode':<28}{'loss':<7}{'sdpa':<10}{'params':>12}{'tok/s':>12}{'MFU':>8}{'vs attn':>9}"
+          f"{'vs auto':>9}{'peak GiB':>10}{'loss@end':>10}")
     for r in result["runs"]:
         if "error" in r:
-            print(f"{r['model']:<22}{r['mode']:<28}{r['loss']:<7} ERROR {r['error'][:80]}")
+            print(f"{r['model']:<22}{r['mode']:<28}{r['loss']:<7}{r['sdpa']:<10} ERROR {r['error'][:80]}")
             continue
-        rel = r["tokens_per_s"] / base[(r["mode"], r["loss"])] if base.get((r["mode"], r["loss"])) else float("nan")
-        r["relative_to_attn"] = rel
-        print(f"{r['model']:<22}{r['mode']:<28}{r['loss']:<7}{r['params']:>12,}{r['tokens_per_s']:>12,.0f}"
-              f"{(r['mfu_datasheet'] or 0):>8.1%}{rel:>9.2f}{(r['peak_mem_gib'] or 0):>10.1f}{r['final_loss']:>10.3f}")
+        base = tps.get(("attn-125m", r["mode"], r["loss"], r["sdpa"]))
+        auto = tps.get((r["model"], r["mode"], r["loss"], "auto"))
+        rel = r["relative_to_attn"] = r["tokens_per_s"] / base if base else float("nan")
+        rel_auto = r["relative_to_sdpa_auto"] = r["tokens_per_s"] / auto if auto else float("nan")
+        print(f"{r['model']:<22}{r['mode']:<28}{r['loss']:<7}{r['sdpa']:<10}{r['params']:>12,}"
+              f"{r['tokens_per_s']:>12,.0f}{(r['mfu_datasheet'] or 0):>8.1%}{rel:>9.2f}{rel_auto:>9.2f}"
+              f"{(r['peak_mem_gib'] or 0):>10.1f}{r['final_loss']:>10.3f}")
         for op, b in r.get("blocks", {}).items():
             print(f"    {op:<14} x{b['count']:<3} fwd+bwd {b['fwd_bwd_ms']:.2f} ms each")
     for k, v in result["head_loss"].items():

@@ -1,5 +1,7 @@
 """attn / swa: parallel forward ≡ steps, chunked prefill, ring buffer, fast-path cores ≡ reference."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -139,3 +141,74 @@ def test_decode_attention_matches_reference(heads, kv_heads):
     pos = torch.tensor([0, 4, 9])
     mask = (torch.arange(L)[None, :] <= pos[:, None])[:, None, None, :]
     torch.testing.assert_close(A.decode_attention(q, k, v, mask), A.attention_ref(q, k, v, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_switch_validates_and_is_scoped():
+    """HYLO_SDPA: unknown names are refused; a scope restores the outer value, also when left by an exception."""
+    from hylo.ops import backend
+
+    assert backend.get_sdpa() == "auto"
+    with pytest.raises(ValueError, match="SDPA backend 'fa3' is invalid"):
+        backend.set_sdpa("fa3")
+    with backend.sdpa("math"):
+        assert backend.get_sdpa() == "math"
+        with pytest.raises(ValueError):
+            with backend.sdpa("cudnn"):
+                raise ValueError("leaves the scope")
+        assert backend.get_sdpa() == "math"
+    assert backend.get_sdpa() == "auto"
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 4)])
+def test_causal_sdpa_math_matches_auto(monkeypatch, heads, kv_heads):
+    """The HYLO_SDPA-selected path of causal self-attention (here the math kernel, the one the CPU runs) equals the
+    plain ``auto`` call and the reference, with GQA; and runs the call under ``sdpa_kernel`` (so a forced kernel
+    is really forced), with K/V passed grouped."""
+    from hylo.ops import backend
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, heads, 9, 16), torch.randn(2, kv_heads, 9, 16), torch.randn(2, kv_heads, 9, 16)
+    auto = A.causal_sdpa(q, k, v)
+    ref = A.attention_ref(q, k, v, A.window_mask(torch.arange(9), torch.arange(9), None))
+    torch.testing.assert_close(auto, ref, atol=1e-5, rtol=1e-5)
+    seen, kernel, sdpa = [], A.sdpa_kernel, A.F.scaled_dot_product_attention
+    monkeypatch.setattr(A, "sdpa_kernel", lambda backends: seen.append(backends) or kernel(backends))
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append(k.shape[1]) or sdpa(q, k, v, **kw))
+    with backend.sdpa("math"):
+        torch.testing.assert_close(A.causal_sdpa(q, k, v), auto, atol=1e-6, rtol=1e-6)
+    assert seen == [A.SDPBackend.MATH, kv_heads]
+
+
+def test_causal_sdpa_expands_kv_for_kernels_without_gqa(monkeypatch):
+    """cuDNN / efficient get K/V expanded to the query heads (query head i reads KV head i // group, as
+    ``enable_gqa`` does); flash gets them grouped. The kernels are CUDA-only, so the call is intercepted."""
+    from hylo.ops import backend
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    got = {}
+    monkeypatch.setattr(A, "sdpa_kernel", lambda b: contextlib.nullcontext())
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention", lambda q, k, v, **kw: (k, v))
+    for name in ("cudnn", "efficient", "flash"):
+        with backend.sdpa(name):
+            got[name] = A.causal_sdpa(q, k, v)
+    for name in ("cudnn", "efficient"):
+        assert torch.equal(got[name][0], k[:, [0, 0, 1, 1]]) and torch.equal(got[name][1], v[:, [0, 0, 1, 1]])
+    assert got["flash"][0] is k and got["flash"][1] is v
+
+
+def test_causal_sdpa_compiles_with_a_forced_kernel():
+    """``sdpa_kernel`` inside the compiled graph traces (no graph break) and the switch is read at call time:
+    changing it after the first compile is honoured (dynamo recompiles on its guard; cuDNN, which the CPU lacks,
+    then fails instead of running the kernel compiled first)."""
+    from hylo.ops import backend
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    f = torch.compile(A.causal_sdpa, backend="aot_eager", fullgraph=True)
+    auto = f(q, k, v)
+    with backend.sdpa("math"):
+        torch.testing.assert_close(f(q, k, v), auto, atol=1e-5, rtol=1e-5)
+    with backend.sdpa("cudnn"), pytest.raises(RuntimeError):
+        f(q, k, v)

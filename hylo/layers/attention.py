@@ -6,7 +6,8 @@ Decode state:
   slot ``p % R``. Keys are stored after RoPE, so the slot order does not matter to softmax.
 
 Paths: the reference computes softmax(QKᵀ)V explicitly in float32 (CPU, tests). The fast path uses
-``scaled_dot_product_attention`` (flash kernel for causal attention; a lower-right causal bias when a prefill
+``scaled_dot_product_attention`` (flash kernel for causal attention unless ``HYLO_SDPA`` picks another: see
+:func:`causal_sdpa`; a lower-right causal bias when a prefill
 continues a cache, so no per-length compilation) and flex attention with a sliding-window block mask for `swa`
 prefill/training.
 """
@@ -19,9 +20,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..config import HyloConfig
-from ..ops.backend import use_fast
+from ..ops.backend import get_sdpa, use_fast
 from .base import Layer, State, fuse_projection_keys
 from .norm import RMSNorm
 
@@ -86,6 +88,30 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+_SDPA_KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}  # HYLO_SDPA names
+_SDPA_NATIVE_GQA = ("flash", "math")  # kernels that take fewer KV heads than query heads (enable_gqa)
+
+
+def causal_sdpa(q, k, v) -> torch.Tensor:
+    """Causal self-attention (``Tq = Tk``) through SDPA, in the kernel picked by ``HYLO_SDPA``
+    (:func:`hylo.ops.backend.set_sdpa`), read at each call so a benchmark can switch it per run.
+
+    ``auto`` lets PyTorch choose (FlashAttention-2 on an H100). A named kernel runs under
+    ``torch.nn.attention.sdpa_kernel``, which raises if that kernel cannot take the inputs: the switch exists to
+    measure one kernel against another (cuDNN attention is reported faster than FA2 on Hopper), so no silent
+    fallback. cuDNN and the efficient kernel accept grouped K/V only in some torch versions, so for them K/V are
+    expanded to the query heads first (a copy: the measured time includes it; none for MHA)."""
+    name = get_sdpa()
+    if name == "auto":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    g = q.shape[1] // k.shape[1]
+    if g > 1 and name not in _SDPA_NATIVE_GQA:
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    with sdpa_kernel(_SDPA_KERNELS[name]):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
 def attention(q, k, v, window: int | None, q_offset: int) -> torch.Tensor:
     """Causal (optionally windowed) attention of ``Tq`` queries at positions ``q_offset + i`` over ``Tk`` keys at
     positions ``0..Tk-1`` (``Tk = q_offset + Tq``). Dispatches to the reference or the fast path."""
@@ -95,7 +121,7 @@ def attention(q, k, v, window: int | None, q_offset: int) -> torch.Tensor:
         return attention_ref(q, k, v, window_mask(pos_q, torch.arange(Tk, device=q.device), window))
     full_window = window is None or window >= Tk
     if full_window and Tq == Tk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return causal_sdpa(q, k, v)
     if full_window and Tq == 1:
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     if full_window:  # cached prefill (meta tokens, chunks): the causal diagonal sits at the lower right

@@ -4,6 +4,11 @@
 reference otherwise. ``ref`` forces the reference everywhere (tests, debugging); ``fast`` makes a
 missing fast path an error instead of a silent fallback. Set with :func:`set_backend`, the
 :func:`backend` context manager, or the ``HYLO_BACKEND`` environment variable.
+
+``HYLO_SDPA`` (:func:`set_sdpa`, :func:`sdpa`) picks PyTorch's SDPA kernel for causal full attention on the fast
+path (training, prefill): ``auto`` lets PyTorch choose (FlashAttention-2 on an H100); ``flash``, ``cudnn``,
+``efficient`` or ``math`` force one, so a benchmark can compare them (cuDNN attention is reported faster than
+FA2 on Hopper).
 """
 
 from __future__ import annotations
@@ -46,6 +51,10 @@ class Choice:
 
 _BACKEND = Choice("backend", "HYLO_BACKEND", ("auto", "ref", "fast"), "auto")
 set_backend, get_backend, backend = _BACKEND.set, _BACKEND.get, _BACKEND.use
+
+SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+_SDPA = Choice("SDPA backend", "HYLO_SDPA", SDPA_BACKENDS, "auto")
+set_sdpa, get_sdpa, sdpa = _SDPA.set, _SDPA.get, _SDPA.use  # read at each call of layers.attention.causal_sdpa
 
 
 @functools.lru_cache(maxsize=None)
