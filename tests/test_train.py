@@ -156,6 +156,102 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path):
     assert max(r["step"] for r in lines) == e.value.step - 1 and all(math.isfinite(r["loss"]) for r in lines)
 
 
+def _fused_adamw(monkeypatch):
+    """The trainer builds torch.optim.AdamW(fused=True) only on CUDA: force it on the CPU (fused since torch 2.4)."""
+    import functools
+
+    monkeypatch.setattr(torch.optim, "AdamW", functools.partial(torch.optim.AdamW, fused=True))
+
+
+def _run_trainer(cfg, **kw):
+    """(Trainer, Result or the NonFiniteLossError it raised): the trainer keeps its model either way."""
+    from hylo.train.trainer import Trainer
+
+    t = Trainer(cfg, **kw)
+    try:
+        return t, t.run()
+    except NonFiniteLossError as e:
+        return t, e
+
+
+def _record(rec):
+    return {k: v for k, v in rec.items() if k not in ("tokens_per_s", "elapsed_s")}
+
+
+@pytest.mark.parametrize("log_interval", [1, 3])
+def test_deferred_nan_check_matches_synchronous_check(data, tmp_path, monkeypatch, log_interval):
+    """With a fused AdamW the loss and grad norm are read one step late and found_inf (always 0 here) goes to the
+    kernel: the run equals the one that reads them every step, bit for bit (logs, evals, checkpoints, weights)."""
+    from hylo.train.trainer import Trainer
+
+    _fused_adamw(monkeypatch)
+    cfg = _cfg(data, max_steps=8, checkpoint_interval=3, eval_interval=4, logging=dict(log_interval=log_interval))
+    runs = {}
+    for defer in (False, True):
+        monkeypatch.setattr(Trainer, "_defer_checks", defer)
+        t, res = _run_trainer(cfg, out_dir=tmp_path / str(defer), return_model=True)
+        assert t._defer == defer and not isinstance(res, Exception), res
+        runs[defer] = res
+    sync, deferred = runs[False], runs[True]
+    assert [_record(r) for r in deferred.history] == [_record(r) for r in sync.history]
+    assert [r["step"] for r in sync.history] == ([1, 2, 3, 4, 5, 6, 7, 8] if log_interval == 1 else [1, 3, 6, 8])
+    assert deferred.evals == sync.evals and deferred.val_loss == sync.val_loss
+    assert deferred.train_loss == sync.train_loss == sync.history[-1]["loss"]
+    for a, b in zip(sync.model.parameters(), deferred.model.parameters()):
+        assert torch.equal(a, b)
+    a, b = load_checkpoint(tmp_path / "False" / "checkpoints" / "step_00000006.pt"), \
+        load_checkpoint(tmp_path / "True" / "checkpoints" / "step_00000006.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"] == 6
+
+
+class _Poison(torch.autograd.Function):
+    """Identity on the loss that makes its value NaN (``value=True``) or its gradient infinite."""
+
+    @staticmethod
+    def forward(ctx, x, value):
+        ctx.value = value
+        return x * float("nan") if value else x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return (g if ctx.value else g * float("inf")), None
+
+
+@pytest.mark.parametrize("what,k", [("loss", 5), ("gradient norm", 5), ("gradient norm", 4), ("loss", 8)])
+def test_deferred_nan_check_stops_before_the_bad_update(data, tmp_path, monkeypatch, what, k):
+    """A NaN loss / infinite gradient at step k (of 8) under the deferred check: NonFiniteLossError names step k,
+    is raised before step k+1's update (after its forward/backward) or, where step k is checkpointed (even k) or
+    last, before that checkpoint; the weights are those of step k-1 (the fused kernel skipped step k's update on the
+    device) and no checkpoint or log line follows step k-1."""
+    from hylo.model import HybridLM
+
+    _fused_adamw(monkeypatch)
+    cfg = _cfg(data, max_steps=8, checkpoint_interval=2, logging=dict(log_interval=100))
+    _, before = _run_trainer(cfg, stop_at_step=k - 1, return_model=True)  # the weights after step k-1
+    forward, calls = HybridLM.forward, []
+
+    def poisoned(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if torch.is_grad_enabled():  # a training micro-batch (evaluation runs under no_grad)
+            calls.append(1)
+            if len(calls) == k:
+                out.loss = _Poison.apply(out.loss, what == "loss")
+        return out
+
+    monkeypatch.setattr(HybridLM, "forward", poisoned)
+    t, err = _run_trainer(cfg, out_dir=tmp_path)
+    assert t._defer and isinstance(err, NonFiniteLossError), err
+    assert err.step == k and f"non-finite {what} at step {k} " in str(err) and "last good checkpoint is" in str(err)
+    assert len(calls) == (k if k % 2 == 0 else k + 1)  # checked one step late, or at once before a checkpoint
+    last_saved = (k - 1) // 2 * 2
+    assert err.checkpoint.endswith(f"step_{last_saved:08d}.pt") and load_checkpoint(tmp_path)["step"] == last_saved
+    for (name, a), b in zip(before.model.named_parameters(), t.raw.parameters()):
+        assert torch.equal(a, b), name
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1]
+
+
 LAUNCH = """
 import sys
 from hylo.cli_train import train_app

@@ -6,6 +6,12 @@ validation loss is measured on the first ``eval_batches`` batches of the ``val``
 batches). A non-finite loss or gradient norm stops the run with :class:`NonFiniteLossError` before the
 update is applied; the checkpoints already written are left as they are.
 
+With a fused AdamW on plain tensors (CUDA, DDP included; not FSDP2) that check costs no GPU->host sync per step:
+the step's "non-finite" flag goes to the optimizer as ``found_inf`` (GradScaler's hook: the fused kernel skips
+the update and the step count on the device), the loss and gradient norm are copied to the host asynchronously,
+and step N's values are checked once step N+1's forward/backward is queued, before its ``optimizer.step()``;
+they are checked at once before anything is logged, evaluated or saved. Elsewhere each step reads them at once.
+
 Resuming (``resume=True`` / ``--resume``) restores model, optimizer, scheduler, every rank's RNG states and
 the loader position from the latest checkpoint and truncates ``metrics.jsonl`` to that step, so the
 resumed run reproduces an uninterrupted one step for step (bit-exact on CPU).
@@ -84,6 +90,29 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def _finite(x: float) -> bool:
     return math.isfinite(x)
+
+
+class _StepValues:
+    """One step's loss and gradient norm on their way to the host: the copy is queued at once (pinned buffer and
+    an event on CUDA) and :meth:`get` waits for that copy alone, not for the work queued after it."""
+
+    def __init__(self, step: int, lr: float, loss: torch.Tensor, gn: torch.Tensor):
+        self.step, self.lr = step, lr
+        vals = torch.stack([loss.detach().double(), gn.detach().double()])  # float64: exact for any float input
+        self.event = None
+        if vals.is_cuda:
+            self.host = torch.empty(vals.shape, dtype=vals.dtype, pin_memory=True)
+            self.host.copy_(vals, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = vals
+
+    def get(self) -> tuple[float, float]:
+        if self.event is not None:
+            self.event.synchronize()
+        loss, gn = self.host.tolist()
+        return loss, gn
 
 
 class _Metrics:
@@ -167,6 +196,8 @@ def plot_curves(history: list[dict], evals: list[dict], path: Path) -> bool:
 
 # ---------------------------------------------------------------------------------------------- trainer
 class Trainer:
+    _defer_checks = True  # False: read every step's loss and gradient norm at once (tests compare both paths)
+
     def __init__(self, config, data: str | os.PathLike | None = None, max_tokens: int | None = None,
                  out_dir: str | os.PathLike | None = None, *, max_steps: int | None = None, resume: bool = False,
                  progress: bool = False, stop_at_step: int | None = None, return_model: bool = False,
@@ -319,6 +350,10 @@ class Trainer:
                                            betas=cfg.optimizer.betas, eps=cfg.optimizer.eps,
                                            **({"fused": True} if fused else {}))
         self._params = [p for p in self.model.parameters()]
+        # skip bad steps on the device and check them one step late (module docstring): needs the fused kernel's
+        # found_inf; DTensor parameters (FSDP2) keep the synchronous check
+        self._defer = self._defer_checks and all(g.get("fused") for g in self.optimizer.param_groups) and \
+            not any(hasattr(p, "full_tensor") for p in self._params)
         self.total_steps = cfg.total_steps(info.world_size)
         self.scheduler = make_scheduler(self.optimizer, Schedule(
             cfg.schedule.kind, self.total_steps, cfg.warmup_steps(self.total_steps), cfg.schedule.min_lr_ratio,
@@ -380,7 +415,9 @@ class Trainer:
         return v
 
     # ---------------------------------------------------------------------------------------- loop
-    def _train_step(self, it) -> tuple[float, float]:
+    def _train_step(self, it) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward/backward over ``grad_accum`` micro-batches and clipping; the loss and the gradient norm stay on
+        the device (reading them would wait for the whole step)."""
         cfg, info = self.cfg, self.info
         ddp = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
         loss_sum = torch.zeros((), device=info.device)
@@ -398,7 +435,25 @@ class Trainer:
         gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         if hasattr(gn, "full_tensor"):
             gn = gn.full_tensor()
-        return float(loss_t), float(gn)
+        return loss_t, gn
+
+    def _check(self, step: int, lr: float, loss: float, gn: float) -> None:
+        """Raise :class:`NonFiniteLossError` if step ``step`` had a non-finite loss or gradient norm."""
+        if _finite(loss) and _finite(gn):
+            return
+        what = "loss" if not _finite(loss) else "gradient norm"
+        where = (f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else
+                 "no checkpoint was written" + ("" if self.out else " (no out_dir)"))
+        raise NonFiniteLossError(
+            f"non-finite {what} at step {step} (loss {loss}, grad norm {gn}, lr {lr:.3g}): training stopped "
+            f"before applying the update; {where}. Lower optimizer.lr, lengthen schedule.warmup or set "
+            f"optimizer.grad_clip, then resume.", step, self.last_ckpt)
+
+    def _resolve(self, pending: _StepValues) -> tuple[float, float]:
+        """Wait for a step's values and check them: its loss and gradient norm, as floats."""
+        loss, gn = pending.get()
+        self._check(pending.step, pending.lr, loss, gn)
+        return loss, gn
 
     def _progress_bar(self):
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -436,17 +491,20 @@ class Trainer:
         it = iter(self.train_loader)
         with self._progress_bar() as bar:
             task = bar.add_task("train", total=end, completed=self.step, loss="-", tps="-")
+            pending = None  # the last step's values while their check is deferred
             while self.step < end:
                 lr = self.optimizer.param_groups[0]["lr"]
-                loss, gn = self._train_step(it)
-                if not (_finite(loss) and _finite(gn)):
-                    what = "loss" if not _finite(loss) else "gradient norm"
-                    where = (f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else
-                             "no checkpoint was written" + ("" if self.out else " (no out_dir)"))
-                    raise NonFiniteLossError(
-                        f"non-finite {what} at step {self.step + 1} (loss {loss}, grad norm {gn}, lr {lr:.3g}): "
-                        f"training stopped before applying the update; {where}. Lower optimizer.lr, lengthen "
-                        f"schedule.warmup or set optimizer.grad_clip, then resume.", self.step + 1, self.last_ckpt)
+                loss_t, gn_t = self._train_step(it)
+                values = _StepValues(self.step + 1, lr, loss_t, gn_t)
+                if self._defer:
+                    # 1.0 makes the fused kernel skip this update (and undo its step count) on the device
+                    self.optimizer.found_inf = (~(loss_t.isfinite() & gn_t.isfinite())).float()
+                    if pending is not None:  # the previous step, now that this one's work is queued
+                        self._resolve(pending)
+                    pending = values
+                else:
+                    loss, gn = self._resolve(values)
+                    train_loss = loss
                 self.optimizer.step()
                 # the fused AdamW (CUDA) updates parameters without bumping their version counters; bump them so
                 # caches keyed on versions (HybridLM's meta-token state) see the new weights
@@ -459,8 +517,14 @@ class Trainer:
                     normalize_weights(self.raw)
                 self.step += 1
                 self.tokens += tps_step
-                train_loss = loss
-                if self.step % cfg.logging.log_interval == 0 or self.step in (start_step + 1, end):
+                log = self.step % cfg.logging.log_interval == 0 or self.step in (start_step + 1, end)
+                evaluate = bool(cfg.eval_interval) and self.step % cfg.eval_interval == 0 and self.step != end
+                save = self.out is not None and bool(cfg.checkpoint_interval) and \
+                    self.step % cfg.checkpoint_interval == 0 and self.step != end
+                if pending is not None and (log or evaluate or save or self.step == end):
+                    loss, gn = self._resolve(pending)  # nothing is reported or saved after an unchecked step
+                    train_loss, pending = loss, None
+                if log:
                     if info.device.type == "cuda":
                         torch.cuda.synchronize()
                     now = time.perf_counter()
@@ -470,10 +534,9 @@ class Trainer:
                                       "lr": lr, "grad_norm": gn, "tokens_per_s": tps, "elapsed_s": now - t0})
                     bar.update(task, loss=f"{loss:.4f}", tps=f"{tps:,.0f}")
                 bar.update(task, completed=self.step)
-                if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step != end:
+                if evaluate:
                     val_loss = self._eval_and_log()
-                if self.out is not None and cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0 \
-                        and self.step != end:
+                if save:
                     self._save(self.step, self.tokens)
         elapsed = time.perf_counter() - t0
         if self.step > start_step or not self.metrics.evals:
