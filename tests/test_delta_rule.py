@@ -168,6 +168,7 @@ def test_dispatch(monkeypatch):
         return delta_rule_chunked(l2norm(q), l2norm(k), v, beta, g, scale, initial_state, output_final_state)
 
     monkeypatch.delenv("HYLO_GATED_BWD", raising=False)
+    monkeypatch.setenv("HYLO_PAD_HEADS", "0")  # routing only; head padding has its own test
     monkeypatch.setattr(D, "use_fast", lambda x, needs_fla=True: True)
     monkeypatch.setattr(D, "fla_forward", fake_fla)
     monkeypatch.setattr(D, "chunk_gated_delta_rule", fake_hylo)
@@ -211,3 +212,45 @@ def test_backward_detection_override(monkeypatch):
     monkeypatch.delenv("HYLO_DELTA_FLA_BWD")
     monkeypatch.setattr(D, "_fla_gated_bwd_blocked", lambda: False)  # not Hopper / new Triton: fla's own bwd
     assert D.fla_gated_backward_supported(None, None, None, None, None) is True
+
+
+def test_narrow_heads_are_padded_exactly_for_a_gated_backward(monkeypatch):
+    """Gated calls whose backward will run get key/query and value heads zero-padded to multiples of 64 before
+    fla's kernels (head_pad: a Hopper fault workaround); outputs, final state and every gradient equal the unpadded
+    call's, and forward-only or ungated calls are not padded."""
+    seen = []
+
+    def spy(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+            use_qk_l2norm_in_kernel=False, dqkwg="triton"):
+        seen.append((k.shape[-1], v.shape[-1], None if initial_state is None else tuple(initial_state.shape[-2:])))
+        if use_qk_l2norm_in_kernel:
+            q, k = l2norm(q), l2norm(k)
+        return delta_rule_chunked(q, k, v, beta, g, scale, initial_state, output_final_state)
+
+    monkeypatch.delenv("HYLO_GATED_BWD", raising=False)
+    monkeypatch.setattr(D, "use_fast", lambda x, needs_fla=True: True)
+    monkeypatch.setattr(D, "chunk_gated_delta_rule", spy)
+    monkeypatch.setattr(D, "fla_gated_backward_supported", lambda *a: False)
+
+    def run(pad: str):
+        monkeypatch.setenv("HYLO_PAD_HEADS", pad)
+        leaves = [t.clone().requires_grad_() for t in make(37, dtype=torch.float64)]
+        q, k, v, beta, g, s0 = leaves
+        o, h = delta_rule(q, k, v, beta, g, initial_state=s0, output_final_state=True, use_qk_l2norm=True)
+        (o.square().sum() + (h * 0.3).sum()).backward()
+        return o, h, [t.grad for t in leaves]
+
+    o0, h0, g0 = run("0")
+    o1, h1, g1 = run("1")
+    assert seen == [(K, V, (K, V)), (64, 64, (64, 64))] and h1.shape == h0.shape == (2, H, K, V)
+    torch.testing.assert_close(o1, o0)
+    torch.testing.assert_close(h1, h0)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b)
+    assert D.head_pad(64) == 0 and D.head_pad(32) == 32 and D.head_pad(96) == 32
+    monkeypatch.setattr(D, "fla_forward", lambda q, k, v, *a: seen.append((k.shape[-1], v.shape[-1])) or
+                        delta_rule_chunked(q, k, v, *a[:4]))
+    q, k, v, beta, g, s0 = make(9, dtype=torch.float32)
+    with torch.no_grad():  # no backward: fla's forward as it is
+        delta_rule(q, k, v, beta, g, initial_state=s0)
+    assert seen[-1] == (K, V)

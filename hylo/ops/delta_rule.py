@@ -252,6 +252,33 @@ def _fla_fwd_positional(q, k, v, beta, g, scale, initial_state, output_final_sta
     return fla_forward(q, k, v, beta, g, scale, initial_state, output_final_state)
 
 
+def head_pad(n: int) -> int:
+    """Zero channels to add to a key or value head of size ``n`` before fla's gated backward (0 unless ``n % 64``).
+
+    Why: on an H100 (torch 2.11, Triton 3.6, fla 0.6.0) MQAR's ``gdn gdn`` at width 64 (key heads of 32
+    channels, value heads of 64) died with an illegal memory access in its first training step, while ``gdn a``
+    of the same layer shape had trained (``benchmarks/results/mqar-h100-w64``). Mamba2's SSD had the same fault at
+    head size 32, located in fla's ``chunk_bwd_kernel_dv`` and cured by padding to 64 (:func:`hylo.ops.ssd.
+    value_pad`); the gated delta rule goes through the same fla backward kernels, so its heads are padded the
+    same way. The cause here is inferred, not confirmed. Padding is exact: zero query/key channels add nothing to
+    any dot product (nor to an L2 norm) and leave their state rows at zero; zero value channels have zero state
+    columns and outputs; the padded gradients are dropped. ``HYLO_PAD_HEADS=0`` turns it off."""
+    if os.environ.get("HYLO_PAD_HEADS", "1") == "0":
+        return 0
+    return -n % 64
+
+
+def _padded(fn, q, k, v, initial_state, pk: int, pv: int):
+    """``fn(q, k, v, initial_state) -> (o, state)`` with ``pk`` zero key/query channels and ``pv`` zero value
+    channels added, the padding cut from the results (see :func:`head_pad`)."""
+    K, V = k.shape[-1], v.shape[-1]
+    q, k, v = F.pad(q, (0, pk)), F.pad(k, (0, pk)), F.pad(v, (0, pv))
+    if initial_state is not None:
+        initial_state = F.pad(initial_state, (0, pv, 0, pk))
+    o, state = fn(q, k, v, initial_state)
+    return o[..., :V], (None if state is None else state[..., :K, :V])
+
+
 def delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None, output_final_state: bool = False,
                use_qk_l2norm: bool = False):
     """The (gated) delta rule over a sequence; returns ``(o [B, T, H, V] in q.dtype, final state float32 | None)``.
@@ -268,6 +295,10 @@ def delta_rule(q, k, v, beta, g=None, scale=None, initial_state=None, output_fin
     if fast:
         tensors = (q, k, v, beta) + tuple(t for t in (g, initial_state) if t is not None)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        pk, pv = (head_pad(k.shape[-1]), head_pad(v.shape[-1])) if g is not None and needs_grad else (0, 0)
+        if pk or pv:  # narrow heads, a backward to come: run padded (head_pad); the call below then pads nothing
+            return _padded(lambda q, k, v, s: delta_rule(q, k, v, beta, g, scale, s, output_final_state,
+                                                         use_qk_l2norm), q, k, v, initial_state, pk, pv)
         mode = gated_bwd_mode() if g is not None and needs_grad else "fla"
         if mode == "fla" or (mode == "auto" and fla_gated_backward_supported(q, k, v, g, beta)):
             return fla_forward(q, k, v, beta, g, scale, initial_state, output_final_state, use_qk_l2norm)
