@@ -20,6 +20,7 @@ eager runs also time each operator's block alone.
         --compile compiled max-autotune-no-cudagraphs --loss plain fused --time-limit 290
     python benchmarks/train_throughput.py --data DATA_DIR --out r.json --models attn-125m --compile compiled \\
         --sdpa auto cudnn   # PyTorch's SDPA kernel for causal attention (hylo.ops.backend's HYLO_SDPA)
+        --nan-check deferred sync   # the trainer's non-finite check without / with a host sync every step
     python benchmarks/train_throughput.py --data DATA_DIR --out smoke.json --smoke   # CPU, tiny: checks the script
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -245,7 +247,7 @@ def step_kernels(model: HybridLM, batch: int, seq_len: int, loss_impl: str) -> d
 
 
 # ----------------------------------------------------------------------------------------------- one run
-RUN_KEYS = ("model", "mode", "loss", "sdpa", "model_config")  # what a run record copies from its spec
+RUN_KEYS = ("model", "mode", "loss", "sdpa", "nan_check", "model_config")  # what a run record copies from its spec
 
 
 def one_run(spec: dict) -> dict:
@@ -254,6 +256,9 @@ def one_run(spec: dict) -> dict:
     run = {k: spec[k] for k in RUN_KEYS}
     try:
         backend.set_sdpa(spec["sdpa"])  # before the model is built and compiled (read at each attention call)
+        from hylo.train.trainer import Trainer
+
+        Trainer._defer_checks = spec["nan_check"] == "deferred"  # the trainer's per-step check (module docstring)
         impl = run["loss_impl"] = LOSSES[spec["loss"]]
         cuda = torch.cuda.is_available()
         dev = torch.device("cuda" if cuda else "cpu")
@@ -346,6 +351,9 @@ def main() -> None:
                     help="PyTorch SDPA kernel of causal full attention (hylo.ops.backend.set_sdpa), one set of runs "
                          "each: auto (PyTorch chooses: FlashAttention-2 on an H100), flash, cudnn, efficient, math. "
                          "Without CUDA or with --smoke, only auto and math run")
+    ap.add_argument("--nan-check", nargs="+", default=["deferred"], choices=["deferred", "sync"],
+                    help="the trainer's per-step non-finite check, one set of runs each: deferred (its default: no "
+                         "GPU->host sync per step, with a fused AdamW) or sync (loss and grad norm read every step)")
     ap.add_argument("--time-limit", type=float, default=None,
                     help="seconds for the whole script: a run still going then is stopped (recorded as such), "
                          "later steps are skipped, and what was measured is saved")
@@ -427,24 +435,21 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     # 3. the training runs, each in its own process
-    for mname in args.models:
-        mcfg = dict(MODELS[mname], vocab_size=args.vocab_size)
-        for mode in args.compile:
-            for loss in args.loss:
-                for sdpa in args.sdpa:
-                    tag = f"{mname}/{mode}/{loss}/sdpa={sdpa}"
-                    if left() is not None and left() < 30:
-                        result["skipped"].append(f"run {tag}: time limit")
-                        continue
-                    spec = dict(model=mname, mode=mode, loss=loss, sdpa=sdpa, model_config=mcfg, smoke=args.smoke,
-                                args=vars(args), peak_tflops_datasheet=sheet_peak,
-                                peak_tflops_measured_matmul=measured_peak)
-                    run = run_in_child(spec, left())
-                    result["runs"].append(run)
-                    print(json.dumps({k: v for k, v in run.items()
-                                      if k not in ("traceback", "blocks", "model_config", "forward_flops_by_operator")}),
-                          flush=True)
-                    save()
+    for mname, mode, loss, sdpa, nan_check in itertools.product(args.models, args.compile, args.loss, args.sdpa,
+                                                                args.nan_check):
+        tag = f"{mname}/{mode}/{loss}/sdpa={sdpa}/nan_check={nan_check}"
+        if left() is not None and left() < 30:
+            result["skipped"].append(f"run {tag}: time limit")
+            continue
+        spec = dict(model=mname, mode=mode, loss=loss, sdpa=sdpa, nan_check=nan_check,
+                    model_config=dict(MODELS[mname], vocab_size=args.vocab_size), smoke=args.smoke,
+                    args=vars(args), peak_tflops_datasheet=sheet_peak, peak_tflops_measured_matmul=measured_peak)
+        run = run_in_child(spec, left())
+        result["runs"].append(run)
+        print(json.dumps({k: v for k, v in run.items()
+                          if k not in ("traceback", "blocks", "model_config", "forward_flops_by_operator")}),
+              flush=True)
+        save()
 
     # 4. the head + loss compiled, if time is left (a compile takes tens of seconds)
     if any(m != "eager" for m in args.compile) or args.smoke:
@@ -457,18 +462,20 @@ def main() -> None:
 
     # relative_to_attn: vs the attn-125m run of the same mode, loss and SDPA kernel; relative_to_sdpa_auto: vs the
     # same model, mode and loss with PyTorch's own kernel choice (when --sdpa has auto)
-    tps = {(r["model"], r["mode"], r["loss"], r["sdpa"]): r.get("tokens_per_s") for r in result["runs"]}
-    print(f"\n{'model':<22}{'mode':<28}{'loss':<7}{'sdpa':<10}{'params':>12}{'tok/s':>12}{'MFU':>8}{'vs attn':>9}"
+    tps = {(r["model"], r["mode"], r["loss"], r["sdpa"], r["nan_check"]): r.get("tokens_per_s")
+           for r in result["runs"]}
+    print(f"\n{'model':<22}{'mode':<28}{'loss':<7}{'sdpa':<10}{'check':<9}{'params':>12}{'tok/s':>12}{'MFU':>8}{'vs attn':>9}"
           f"{'vs auto':>9}{'peak GiB':>10}{'loss@end':>10}")
     for r in result["runs"]:
         if "error" in r:
-            print(f"{r['model']:<22}{r['mode']:<28}{r['loss']:<7}{r['sdpa']:<10} ERROR {r['error'][:80]}")
+            print(f"{r['model']:<22}{r['mode']:<28}{r['loss']:<7}{r['sdpa']:<10}{r['nan_check']:<9} "
+                  f"ERROR {r['error'][:80]}")
             continue
-        base = tps.get(("attn-125m", r["mode"], r["loss"], r["sdpa"]))
-        auto = tps.get((r["model"], r["mode"], r["loss"], "auto"))
+        base = tps.get(("attn-125m", r["mode"], r["loss"], r["sdpa"], r["nan_check"]))
+        auto = tps.get((r["model"], r["mode"], r["loss"], "auto", r["nan_check"]))
         rel = r["relative_to_attn"] = r["tokens_per_s"] / base if base else float("nan")
         rel_auto = r["relative_to_sdpa_auto"] = r["tokens_per_s"] / auto if auto else float("nan")
-        print(f"{r['model']:<22}{r['mode']:<28}{r['loss']:<7}{r['sdpa']:<10}{r['params']:>12,}"
+        print(f"{r['model']:<22}{r['mode']:<28}{r['loss']:<7}{r['sdpa']:<10}{r['nan_check']:<9}{r['params']:>12,}"
               f"{r['tokens_per_s']:>12,.0f}{(r['mfu_datasheet'] or 0):>8.1%}{rel:>9.2f}{rel_auto:>9.2f}"
               f"{(r['peak_mem_gib'] or 0):>10.1f}{r['final_loss']:>10.3f}")
         for op, b in r.get("blocks", {}).items():
