@@ -56,6 +56,20 @@ class Block(nn.Module):
         return x + self.mixer.step(self.norm(x), state, pos)
 
 
+# transformers 5.25 renamed the decode cache ``past_key_values`` -> ``cache`` (generate's inputs, model outputs)
+_CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+
+
+def _one_cache(cache, past_key_values):
+    """The decode cache passed under either name (both only if they are the same object); a hylo HybridCache."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the decode cache once, as cache or as past_key_values")
+    cache = cache if cache is not None else past_key_values
+    if cache is not None and not isinstance(cache, HybridCache):
+        raise TypeError(f"the decode cache must be a hylo HybridCache (model.new_cache), got {type(cache).__name__}")
+    return cache
+
+
 class HybridLM(PreTrainedModel, GenerationMixin):
     config_class = HyloConfig
     base_model_prefix = "hylo"
@@ -190,8 +204,10 @@ class HybridLM(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep: int | torch.Tensor = 0, return_dict=True,
-                targets=None, **kwargs):
+                targets=None, cache=None, **kwargs):
         """Hugging Face style forward. ``labels`` (same shape as ``input_ids``, -100 ignored) are shifted inside.
+        The decode cache comes as ``cache`` (transformers >= 5.25's name) or ``past_key_values`` (before); the
+        output holds it under the name the installed transformers uses.
 
         ``targets`` (the trainer's form: already the next tokens, same shape as ``input_ids``) returns only the
         mean cross-entropy, with ``logits=None``, from :func:`hylo.ops.linear_ce.linear_cross_entropy`: on CUDA
@@ -207,10 +223,7 @@ class HybridLM(PreTrainedModel, GenerationMixin):
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("HybridLM.forward does not take padded batches (attention_mask has zeros): "
                              "recurrent operators have no notion of padding. Use hylo's engine for ragged batches.")
-        if past_key_values is not None and not isinstance(past_key_values, HybridCache):
-            raise TypeError(f"past_key_values must be a hylo HybridCache (model.new_cache), "
-                            f"got {type(past_key_values).__name__}")
-        cache = past_key_values
+        cache = _one_cache(cache, past_key_values)
         if use_cache and cache is None:
             ref = input_ids if input_ids is not None else inputs_embeds
             cache = self.new_cache(ref.shape[0], max_len=max(ref.shape[1], 1) * 2, growable=True)
@@ -223,7 +236,7 @@ class HybridLM(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
 
     # ------------------------------------------------------------------ generate (transformers)
     @classmethod
@@ -231,18 +244,28 @@ class HybridLM(PreTrainedModel, GenerationMixin):
         """False: generate must not create a ``DynamicCache``; ``forward`` creates a :class:`HybridCache` instead."""
         return False
 
+    def generate(self, *args, **kwargs):
+        """transformers' ``generate``, refusing what a recurrent state cannot do: assisted and prompt-lookup
+        decoding roll the cache back after rejected tokens (transformers' own refusal depends on its version)."""
+        if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens"):
+            raise ValueError("HybridLM.generate cannot do assisted / prompt-lookup decoding: hylo's recurrent "
+                             "states are stateful and cannot be rolled back after rejected tokens")
+        return super().generate(*args, **kwargs)
+
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
-                                      inputs_embeds=None, use_cache=True, logits_to_keep=None, **kwargs):
+                                      inputs_embeds=None, use_cache=True, logits_to_keep=None, cache=None,
+                                      **kwargs):
         """Inputs of one generate step: the tokens of ``input_ids`` (the whole sequence so far) that the cache has
         not consumed yet. Computed from the cache itself, so it does not depend on transformers' bookkeeping
         (``cache_position`` before 5.6, ``next_sequence_length`` after). Without a cache: the whole sequence."""
         if inputs_embeds is not None:
             raise ValueError("HybridLM.generate takes input_ids; inputs_embeds are not supported")
+        past_key_values = _one_cache(cache, past_key_values)
         seen = 0 if past_key_values is None else past_key_values.get_seq_length()
         if seen >= input_ids.shape[1]:
             raise ValueError(f"input_ids must hold the whole sequence: the cache already holds {seen} tokens, "
                              f"input_ids has {input_ids.shape[1]}")
-        inputs = {"input_ids": input_ids[:, seen:], "past_key_values": past_key_values,
+        inputs = {"input_ids": input_ids[:, seen:], _CACHE_FIELD: past_key_values,
                   "attention_mask": attention_mask, "use_cache": use_cache}
         if logits_to_keep is not None:
             inputs["logits_to_keep"] = logits_to_keep

@@ -11,6 +11,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 import hylo
 from hylo import HybridCache, HybridLM, HyloConfig
+from hylo.model import _CACHE_FIELD
 
 VOCAB = 101
 
@@ -108,13 +109,13 @@ def test_generate_with_user_cache_and_continuation():
     ids = prompt()
     ref = greedy_by_full_forwards(model, ids, 10)
     cache = model.new_cache(2, 32)
-    first = model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
+    first = model.generate(ids, **{_CACHE_FIELD: cache}, max_new_tokens=4, do_sample=False)
     assert torch.equal(first, ref[:, :9]) and cache.get_seq_length() == 8  # the last token is not yet consumed
     more = torch.cat([first, prompt(length=3, seed=5)], 1)  # 4 tokens the cache has not seen
-    rest = model.generate(more, past_key_values=cache, max_new_tokens=6, do_sample=False)
+    rest = model.generate(more, **{_CACHE_FIELD: cache}, max_new_tokens=6, do_sample=False)
     assert torch.equal(rest, greedy_by_full_forwards(model, more, 6))
     with pytest.raises(ValueError, match="whole sequence"):  # only the new tokens: ambiguous, refused
-        model.generate(more[:, -2:], past_key_values=cache, max_new_tokens=2)
+        model.generate(more[:, -2:], **{_CACHE_FIELD: cache}, max_new_tokens=2)
 
 
 def test_generate_stops_at_eos_and_pads():
@@ -173,4 +174,7 @@ def test_unsupported_generate_uses_are_refused():
         model.generate(inputs_embeds=model.embed_tokens(ids), max_new_tokens=3)
     with pytest.raises(TypeError, match="HybridCache"):
         model(ids, past_key_values=DynamicCache())
-    assert isinstance(model(ids, use_cache=True).past_key_values, HybridCache)
+    assert isinstance(getattr(model(ids, use_cache=True), _CACHE_FIELD), HybridCache)
+    assert isinstance(model(ids, cache=model.new_cache(2, 16)).logits, torch.Tensor)  # either name is taken
+    with pytest.raises(ValueError, match="once"):
+        model(ids, cache=model.new_cache(2, 16), past_key_values=model.new_cache(2, 16))
