@@ -1,0 +1,39 @@
+#!/bin/bash
+# Stages of a GPU session, run on the device machine from a copy of the tree (tools/device/prepare.sh copies this
+# to .carry/h100.sh). Usage there: LANE=0 MQ_ARGS='...' bash .carry/h100.sh env mqar ...
+# Carry [".whl", ".carry/h100.sh", ".carry/tcache", ".carry/gbpack", ".carry/evaldata", ...] as the stages need.
+# Results go to /tmp/res$LANE, tarred to $OUT/res$LANE.tgz; the Triton cache comes back as $OUT/tcache$LANE.part*
+# pieces of 15 MB (the device returns files of at most 16 MiB): `cat tcache0.part* > .carry/tcache/all.tgz`.
+set -u
+LANE=${LANE:-0}
+R=/tmp/res$LANE; mkdir -p $R
+if [ ! -d /tmp/site ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>&1 | tail -2
+fi
+export PYTHONPATH=/tmp/site:$PWD
+export TRITON_CACHE_DIR=/tmp/tcache$LANE TRITON_CACHE_AUTOTUNING=1
+mkdir -p $TRITON_CACHE_DIR
+if [ ! -f $TRITON_CACHE_DIR/.restored ]; then
+  for t in .carry/tcache/*.tgz; do [ -f "$t" ] && tar xzf "$t" -C $TRITON_CACHE_DIR 2>/dev/null; done
+  touch $TRITON_CACHE_DIR/.restored
+fi
+export HYLO_COMMIT=${HYLO_COMMIT:-unknown}
+lim() { timeout -s INT "$1" "${@:2}"; echo "[rc $? : ${*:2:3}]"; }
+for stage in "$@"; do
+  echo "=== lane $LANE stage $stage $(date +%T)"
+  case $stage in
+    env) nvidia-smi --query-gpu=name,memory.used --format=csv; python3 -c "import torch,triton,fla;print(torch.__version__,triton.__version__,fla.__version__)";;
+    mqar) eval lim ${MQ_LIMIT:-540} python3 benchmarks/mqar.py --out $R/mqar $MQ_ARGS 2>&1 | tail -${MQ_TAIL:-60};;
+    gutenberg-on) lim ${GB_LIMIT:-240} python3 benchmarks/gutenberg_run.py --data .carry/gbpack --heldout .carry/evaldata/gutenberg_val.txt.gz --wikitext .carry/evaldata/wiki.valid.tokens --modes on --runs-dir /tmp/gruns --out $R/gutenberg ${GB_ARGS:-} 2>&1 | tail -25;;
+    retrieval) lim ${RT_LIMIT:-200} python3 -m hylo.cli eval retrieval /tmp/gruns/wn-on/run --lengths ${RT_LENGTHS:-1024,2048,4096} --haystack .carry/evaldata/gutenberg_val.txt.gz --out $R/retrieval 2>&1 | tail -30;;
+    tt) lim ${TT_LIMIT:-400} python3 benchmarks/train_throughput.py --data .carry/gbpack --out $R/tt.json $TT_ARGS 2>&1 | tail -${TT_TAIL:-50};;
+    qwen3) lim ${Q_LIMIT:-300} python3 benchmarks/qwen3_vs_transformers.py --out $R/qwen3.json $Q_ARGS 2>&1 | tail -40;;
+    gemv) lim ${G_LIMIT:-150} python3 benchmarks/gemv.py --out $R/gemv.json ${G_ARGS:-} 2>&1 | tail -30;;
+    ssdgrads) lim ${SSD_LIMIT:-330} python3 benchmarks/ssd_bwd_check.py --cases grads --case-timeout 240 --out $R/ssd_grads.json 2>&1 | tail -30;;
+    cmd) eval "$CMD";;
+    *) echo "unknown stage $stage";;
+  esac
+done
+tar czf $OUT/res$LANE.tgz -C $R --exclude='runs' --exclude='checkpoints' --exclude='*.pt' --exclude='*.safetensors' . 2>/dev/null
+tar czf - -C $TRITON_CACHE_DIR --exclude=.restored . 2>/dev/null | split -b 15m - $OUT/tcache$LANE.part
+ls -la $OUT
