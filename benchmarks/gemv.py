@@ -8,8 +8,8 @@ This times ``y = x W^T`` for ``x [1, K]`` and that model's weight shapes (bf16) 
 - ``cublas``: ``F.linear``;
 - ``inductor``: ``torch.compile(F.linear, mode="max-autotune-no-cudagraphs")`` (inductor's own Triton templates
   compete with cuBLAS);
-- ``triton_gemv``: a plain Triton kernel written here (rows of W per program, a loop over K, autotuned block
-  sizes), the candidate for a decode-path kernel if it is measurably faster.
+- ``triton_gemv``: a plain Triton kernel (rows of W per program, a loop over K, autotuned block sizes), hylo's
+  opt-in decode path (``hylo.ops.gemv``, ``HYLO_GEMV=on``), called through its custom op ``hylo::gemv``.
 Each is timed as a CUDA graph of ``--calls`` back-to-back products (launch overhead amortised as in a decode
 graph), median of 5 replays; results in microseconds and GB/s against the copy bandwidth measured in the same run.
 The products cycle through copies of the weight totalling >= 256 MB, five times the H100's 50 MB L2, because a
@@ -31,45 +31,16 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - the script needs a GPU anyway
-    triton = None
+from hylo.ops import gemv as hylo_gemv  # noqa: E402
 
 # Qwen3-0.6B decode step: qkv, o, gate_up, down (x28 layers) and the tied LM head
 SHAPES = {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072),
           "lm_head": (151936, 1024)}
 
-if triton is not None:
-    @triton.autotune(
-        configs=[triton.Config({"BN": bn, "BK": bk}, num_warps=nw, num_stages=ns)
-                 for bn in (4, 8, 16) for bk in (256, 512, 1024) for nw in (4, 8) for ns in (2, 4)
-                 if bn * bk <= 8192],
-        key=["N", "K"],
-    )
-    @triton.jit
-    def _gemv_kernel(x, w, y, N, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        # one program: BN output rows; W is [N, K] row-major, so each row's K elements are contiguous
-        rows = tl.program_id(0) * BN + tl.arange(0, BN)
-        m_n = rows < N
-        acc = tl.zeros([BN, BK], dtype=tl.float32)
-        for i_k in range(tl.cdiv(K, BK)):
-            cols = i_k * BK + tl.arange(0, BK)
-            m_k = cols < K
-            b_x = tl.load(x + cols, mask=m_k, other=0.0).to(tl.float32)
-            b_w = tl.load(w + rows[:, None].to(tl.int64) * K + cols[None, :], mask=m_n[:, None] & m_k[None, :],
-                          other=0.0)
-            acc += b_w.to(tl.float32) * b_x[None, :]
-        tl.store(y + rows, tl.sum(acc, axis=1).to(y.dtype.element_ty), mask=m_n)
-
 
 def triton_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    N, K = w.shape
-    y = torch.empty(1, N, dtype=x.dtype, device=x.device)
-    _gemv_kernel[lambda meta: (triton.cdiv(N, meta["BN"]),)](x, w, y, N, K)
-    return y
+    """hylo's decode GEMV (the op ``hylo::gemv``)."""
+    return hylo_gemv.gemv(x, w)
 
 
 def graph_us(fn, ws: list, calls: int) -> float:
@@ -143,7 +114,7 @@ def main():
             methods["inductor"] = lambda w, x=x, c=comp: c(x, w)
         except Exception as e:  # noqa: BLE001
             res["errors"].append({"shape": name, "method": "inductor", "error": f"{type(e).__name__}: {e}"[:300]})
-        if triton is not None:
+        if hylo_gemv.triton is not None:
             methods["triton_gemv"] = lambda w, x=x: triton_gemv(x, w)
         for m, fn in methods.items():
             try:
@@ -154,8 +125,8 @@ def main():
                 rec[m] = {"us": us, "GBps": gbps, "of_copy_bw": gbps / bw, "rel_l2_vs_fp32": err}
             except Exception as e:  # noqa: BLE001
                 rec[m] = {"error": f"{type(e).__name__}: {e}"[:300]}
-        if "triton_gemv" in rec and hasattr(_gemv_kernel, "best_config"):
-            rec["triton_gemv"]["config"] = str(_gemv_kernel.best_config)
+        if "triton_gemv" in rec and hasattr(hylo_gemv.kernel(), "best_config"):
+            rec["triton_gemv"]["config"] = str(hylo_gemv.kernel().best_config)
         res["shapes"][name] = rec
         print(name, json.dumps({m: {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
                                 for m, r in rec.items() if isinstance(r, dict)}), flush=True)

@@ -11,7 +11,11 @@ memory-bandwidth floor. One call:
   ``hylo.engine.DecodeRunner`` (one CUDA graph per step, argmax fed back on the device) with a static cache of
   prompt + 64 tokens; also with the engine's default 2048-token cache (attention's step reads the whole cache);
   and the same with the step compiled by inductor before capture (``DecodeRunner(compile=True)``); for both, the
-  GPU kernels of one step (count, summed time, the costliest) from torch.profiler.
+  GPU kernels of one step (count, summed time, the costliest) from torch.profiler. A mode with the suffix
+  ``+gemv`` (``eager+gemv``, ``default+gemv``, ``max-autotune-no-cudagraphs+gemv``) builds its runners with
+  ``HYLO_GEMV=on``: the step's matrix products through hylo's Triton GEMV (``hylo.ops.gemv``) instead of cuBLAS;
+  its results go under the mode's key + ``_gemv``. On the CPU (``--smoke``) such modes are skipped with a note,
+  unless ``TRITON_INTERPRET=1`` (then the kernel runs in Triton's interpreter, eager steps only: slow).
 - floor: bytes read per step (every weight once: the tied embedding is read whole by the LM head; plus the KV
   cache) / device-to-device copy bandwidth measured here with a 1 GiB copy (read + write bytes / time).
 - agreement: greedy tokens of both for the first 16 new tokens (reported, not a failure: bf16 kernels differ and
@@ -38,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hylo.convert import from_transformers  # noqa: E402
 from hylo.engine.runner import DecodeRunner  # noqa: E402
+from hylo.ops import gemv as hylo_gemv  # noqa: E402
 from hylo.profile.report import environment  # noqa: E402
 from timing import kernel_table  # noqa: E402  (benchmarks/timing.py)
 
@@ -140,7 +145,7 @@ def kernel_profile(runner: DecodeRunner, dev, top: int = 12) -> dict:
 
     def step():
         runner.set_positions(16)
-        runner._fn(tok)
+        runner._call(tok)  # the step as the graph captured it (with HYLO_GEMV=on, through the GEMV)
     t = kernel_table(step, top)
     return {"kernels_per_step": t.pop("kernels"), **t}
 
@@ -168,6 +173,22 @@ def try_profile(res: dict, make_runner, dev) -> dict | None:
         return None
 
 
+def parse_modes(spec: str) -> list[tuple[str, bool | str, bool]]:
+    """``--modes`` -> ``(result key, DecodeRunner's compile argument, GEMV on)`` per mode: ``eager`` (no compile),
+    ``default`` (``compile=True``) or another ``torch.compile`` mode, each optionally suffixed ``+gemv``."""
+    out = []
+    for m in (m.strip() for m in spec.split(",")):
+        if not m:
+            continue
+        base, plus, suffix = m.partition("+")
+        if plus and suffix != "gemv":
+            raise SystemExit(f"--modes: unknown suffix in {m!r} (the only one is +gemv)")
+        key, compile = {"eager": ("hylo", False), "default": ("hylo_compiled", True)}.get(
+            base, (f"hylo_compiled_{base.replace('-', '_')}", base))
+        out.append((key + ("_gemv" if plus else ""), compile, bool(plus)))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results/qwen3-vs-transformers.json")
@@ -175,9 +196,11 @@ def main():
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--modes", default="eager,default,max-autotune-no-cudagraphs",
-                    help="hylo decode steps to time: eager (graph of eager kernels) and torch.compile modes")
+                    help="hylo decode steps to time: eager (graph of eager kernels) and torch.compile modes; "
+                         "append +gemv to a mode to time it with HYLO_GEMV=on (e.g. default+gemv)")
     ap.add_argument("--smoke", action="store_true", help="tiny shape on the CPU: checks the script")
     args = ap.parse_args()
+    modes = parse_modes(args.modes)  # bad names fail here, before anything runs
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     if args.smoke:
@@ -244,15 +267,20 @@ def main():
     # --- hylo: DecodeRunner, CUDA graph, cache = prompt + new tokens (and the engine's default 2048); then the same
     # with the step compiled (inductor) before capture, which fuses the norms, RoPE, gates and adds
     hy_tokens = None
-    variants = {"eager": ("hylo", False), "default": ("hylo_compiled", True)}
-    modes = [m for m in args.modes.split(",") if m]
-    for key, compile in [variants.get(m, (f"hylo_compiled_{m.replace('-', '_')}", m)) for m in modes]:
+    for key, compile, gemv in modes:
+        if gemv and (not hylo_gemv.supported(dev) or (dev.type != "cuda" and compile)):
+            res.setdefault("skipped", {})[key] = (
+                "HYLO_GEMV=on needs CUDA and Triton, or TRITON_INTERPRET=1 on the CPU for eager steps (the "
+                f"interpreter cannot be traced by torch.compile); on {dev.type} the step would run F.linear")
+            continue
         try:
-            rec, tokens = measure_hylo(hy, prompt, n, graphs, compile, args.repeats, dev)
-            rec["kernels"] = try_profile(
-                res, lambda: DecodeRunner(hy, 1, T + n, cuda_graph=False, compile=compile), dev)
+            with hylo_gemv.gemv_mode("on" if gemv else "off"):
+                rec, tokens = measure_hylo(hy, prompt, n, graphs, compile, args.repeats, dev)
+                rec["kernels"] = try_profile(
+                    res, lambda: DecodeRunner(hy, 1, T + n, cuda_graph=False, compile=compile), dev)
             rec["compile_mode"] = compile if isinstance(compile, str) else ("default" if compile else None)
-            if compile and hy_tokens is not None:
+            rec["gemv"] = gemv
+            if (compile or gemv) and hy_tokens is not None:
                 k = min(16, n)
                 rec["greedy_agree_with_eager_kernels"] = sum(x == y for x, y in zip(tokens[:k], hy_tokens[:k]))
             hy_tokens = hy_tokens or tokens
@@ -291,7 +319,7 @@ def main():
         if "transformers" in res:
             res["transformers"]["x_floor"] = res["transformers"]["ms_per_token"] / floor_small
             res["speedup_hylo_vs_transformers"] = res["transformers"]["ms_per_token"] / res["hylo"]["ms_per_token"]
-        hylo_keys = [k for k in res if k.startswith("hylo_compiled")]
+        hylo_keys = [k for k in res if k.startswith("hylo_")]
         for k in hylo_keys:
             hc = res[k]
             hc["x_floor"] = hc["ms_per_token"] / floor_small
@@ -303,10 +331,10 @@ def main():
                                                default=0) >= 30,
                         "hylo_within_1.5x_floor": best <= 1.5}
     save()
-    print(json.dumps({k: res.get(k) for k in ("transformers", "hylo", "hylo_compiled", "floor_ms_per_token",
-                                              "copy_bandwidth_GBps",
-                                              "speedup_hylo_vs_transformers", "goals", "greedy",
-                                              "prompt_logits_max_abs_diff", "errors")}, indent=1, default=str))
+    keys = ["transformers"] + [k for k in res if k == "hylo" or k.startswith("hylo_")] + [
+        "floor_ms_per_token", "copy_bandwidth_GBps", "speedup_hylo_vs_transformers", "goals", "greedy",
+        "prompt_logits_max_abs_diff", "skipped", "errors"]
+    print(json.dumps({k: res.get(k) for k in keys}, indent=1, default=str))
     print(f"→ {out}")
 
 

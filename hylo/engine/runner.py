@@ -20,15 +20,22 @@ depends on ``max_len``, not on the current position.
 does: a graph of eager kernels still pays one small kernel per norm, RoPE, gate and residual add; inductor fuses
 them, which is what brings decoding at batch 1 near the memory-bandwidth floor. The states are updated in place
 (inductor re-inplaces the cache writes; ``tests/test_engine.py`` checks compiled == eager).
+
+``HYLO_GEMV=on`` (:mod:`hylo.ops.gemv`, read when a runner is built) routes the step's matrix products -- every
+``nn.Linear`` of the model while the step runs, and the LM head -- through a Triton matrix-vector kernel for
+buckets of up to four rows: batch-1 decoding is bound by reading the weights, which cuBLAS does at about half
+the copy bandwidth. Off by default; prefill and training never go through the runner's step.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
 
 from ..cache import HybridCache
+from ..ops import gemv
 
 
 def row_view(cache: HybridCache, start: int, stop: int) -> HybridCache:
@@ -113,6 +120,9 @@ class DecodeRunner:
         self._tokens = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self._logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.gemv = gemv.get_gemv() == "on"
+        # scoped to each call of the step (traced or captured inside it), so nothing outside the step sees it
+        self._linears = gemv.gemv_linears(model) if self.gemv else contextlib.nullcontext()
         self._fn = self._make_step(compile)
         if cuda_graph:
             self._capture(pool, warmup)
@@ -166,13 +176,14 @@ class DecodeRunner:
         model, states, pos = self.model, self.cache.states, self.cache.pos
         with torch.no_grad():
             head = model.head_weight()
+        linear = gemv.linear if self.gemv else torch.nn.functional.linear
 
         def step(tokens: torch.Tensor) -> torch.Tensor:
             x = model.embed_tokens(tokens.view(-1, 1))
             for block, st in zip(model.layers, states):
                 x = block.step(x, st, pos)
             pos.add_(1)
-            return torch.nn.functional.linear(model.norm(x), head)[:, 0]
+            return linear(model.norm(x), head)[:, 0]
 
         if not mode:
             return step
@@ -186,7 +197,8 @@ class DecodeRunner:
 
     def _call(self, tokens: torch.Tensor) -> torch.Tensor:
         """One step on the cache; ``seq_len`` (one number for all rows) only has to pass the capacity check."""
-        out = self._fn(tokens)
+        with self._linears:
+            out = self._fn(tokens)
         self.cache.seq_len += 1
         return out
 

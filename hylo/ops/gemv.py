@@ -1,0 +1,181 @@
+"""Decode-time matrix-vector products: ``y = x W^T (+ b)`` for a handful of rows ``x [M, K]``, ``W [N, K]``.
+
+Why: at batch 1, hylo's decode step of a Qwen3-0.6B-shaped model spends ~0.92 of its 1.44 ms/token (H100) in
+cuBLAS products that reach about half the copy bandwidth; a plain Triton GEMV (rows of ``W`` per program, a loop
+over ``K``) beat cuBLAS in a first H100 test (``benchmarks/gemv.py``). This module makes it an opt-in decode path.
+
+- :func:`gemv_ref`: float32-accumulated PyTorch reference.
+- :func:`gemv`: the Triton kernel as the custom op ``hylo::gemv`` (``torch.library.triton_op``), so
+  ``torch.compile`` traces it and inductor sees the kernel itself; float32 accumulation, output in ``x.dtype``.
+- :func:`linear`: ``F.linear`` semantics; takes :func:`gemv` only when ``HYLO_GEMV=on`` and the call is a decode
+  product (at most :data:`MAX_ROWS` rows, CUDA, matching dtypes, no autograd), ``F.linear`` otherwise. The
+  decision reads only the switch and static tensor properties, so a compiled step specialises on it.
+- :class:`gemv_linears`: while active, the switch is on and the ``nn.Linear`` modules of a model compute through
+  :func:`linear` (``DecodeRunner`` built with the switch on enters it around each call of its step).
+
+``HYLO_GEMV`` (:func:`set_gemv`, :func:`gemv_mode`): ``off`` (default until timed on a GPU inside the real decode
+step) or ``on``. Under ``TRITON_INTERPRET=1`` the kernel also runs on CPU tensors (tests), with one fixed block
+config since the interpreter cannot autotune.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from types import MethodType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hylo.ops.backend import Choice
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: linear() always takes F.linear
+    triton = None
+
+MAX_ROWS = 4  # decode batch buckets up to this size take the GEMV; larger ones (and prefill) take F.linear
+
+_GEMV = Choice("GEMV path", "HYLO_GEMV", ("off", "on"), "off")
+set_gemv, get_gemv, gemv_mode = _GEMV.set, _GEMV.get, _GEMV.use
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def supported(device: torch.device) -> bool:
+    """Whether :func:`linear` can take the kernel for tensors on ``device``: CUDA with Triton, or the CPU under
+    ``TRITON_INTERPRET=1`` (tests)."""
+    return triton is not None and (device.type == "cuda" or (device.type == "cpu" and _interpreting()))
+
+
+def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K] @ weight[N, K]^T + bias[N]`` accumulated in float32, returned in ``x.dtype``."""
+    y = x.float() @ weight.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------- Triton
+if triton is not None:
+
+    def _gemv_kernel(x, w, b, y, M, N, K: tl.constexpr, HAS_BIAS: tl.constexpr, BN: tl.constexpr,
+                     BK: tl.constexpr):
+        # One program: BN outputs of one row of x. The grid is flat with the row index fastest, so the M programs
+        # reading one tile of W run side by side and all but the first find it in L2 (W crosses HBM once).
+        # W is [N, K] row-major: each output's K weights are contiguous.
+        pid = tl.program_id(0)
+        i_m, i_n = pid % M, pid // M
+        rows = i_n * BN + tl.arange(0, BN)
+        m_n = rows < N
+        acc = tl.full([BN, BK], 0.0, dtype=tl.float32)  # core op (tl.zeros is a jit helper)
+        for k0 in range(0, K, BK):
+            cols = k0 + tl.arange(0, BK)
+            m_k = cols < K
+            b_x = tl.load(x + i_m * K + cols, mask=m_k, other=0.0).to(tl.float32)
+            b_w = tl.load(w + rows[:, None].to(tl.int64) * K + cols[None, :], mask=m_n[:, None] & m_k[None, :],
+                          other=0.0)
+            acc += b_w.to(tl.float32) * b_x[None, :]
+        out = tl.reduce(acc, 1, tl.standard._sum_combine)  # tl.sum's own reduction (tl.sum is a jit helper)
+        if HAS_BIAS:
+            out += tl.load(b + rows, mask=m_n, other=0.0).to(tl.float32)
+        tl.store(y + i_m * N + rows, out.to(y.dtype.element_ty), mask=m_n)
+
+    _CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=nw, num_stages=ns)
+                for bn in (4, 8, 16) for bk in (256, 512, 1024) for nw in (4, 8) for ns in (2, 4)
+                if bn * bk <= 8192]
+    _INTERP_CONFIG = {"BN": 32, "BK": 64}  # the interpreter cannot autotune; small blocks keep tests quick
+
+
+@functools.lru_cache(maxsize=None)
+def _jit(interpret: bool):
+    k = triton.jit(_gemv_kernel)
+    return k if interpret else triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "HAS_BIAS"])(k)
+
+
+def kernel():
+    """The kernel, JIT-wrapped on first use and keyed on TRITON_INTERPRET (read by ``triton.jit`` when it wraps):
+    autotuned over block sizes normally (``kernel().best_config`` after a call), plain under the interpreter."""
+    if triton is None:
+        raise RuntimeError("hylo.ops.gemv needs Triton (HYLO_GEMV=on on a machine without it)")
+    return _jit(_interpreting())
+
+
+@torch.library.triton_op("hylo::gemv", mutates_args=())
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton ``x [M, K] @ weight[N, K]^T (+ bias[N])`` -> ``[M, N]`` in ``x.dtype``, float32 accumulation.
+    ``x``, ``weight`` and ``bias`` share one dtype; ``weight`` must be contiguous (it is read row by row)."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"gemv takes x [M, K] and weight [N, K]; got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(f"gemv needs one dtype; got x {x.dtype}, weight {weight.dtype}, "
+                         f"bias {None if bias is None else bias.dtype}")
+    if not weight.is_contiguous():
+        raise ValueError("gemv needs a contiguous weight (a copy would cost more than the product)")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"gemv: bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
+    x = x.contiguous()
+    (M, K), N = x.shape, weight.shape[0]
+    y = x.new_empty(M, N)
+    cfg = _INTERP_CONFIG if _interpreting() else {}  # else the autotuner picks BN, BK
+    b = x if bias is None else bias.contiguous()  # x: an unused pointer without a bias
+    torch.library.wrap_triton(kernel())[lambda meta: (M * triton.cdiv(N, meta["BN"]),)](
+        x, weight, b, y, M, N, K, HAS_BIAS=bias is not None, **cfg)
+    return y
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for ``x [..., K]``; through :func:`gemv` when ``HYLO_GEMV=on``, ``x`` is CUDA
+    (or a CPU tensor under the Triton interpreter), it has at most :data:`MAX_ROWS` rows, the dtypes match, the
+    weight is contiguous, no gradient is needed (the op has no backward) and autocast is off."""
+    K = weight.shape[-1]
+    rows = x.numel() // K if K else 0
+    use = (_GEMV.value == "on" and 1 <= rows <= MAX_ROWS and x.shape[-1] == K and weight.dim() == 2
+           and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype) and weight.is_contiguous()
+           and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                 or (bias is not None and bias.requires_grad)))
+           and (x.is_cuda or (x.device.type == "cpu" and _interpreting()))
+           and not torch.is_autocast_enabled(x.device.type))  # autocast would change F.linear's dtype
+    if not use:
+        return F.linear(x, weight, bias)
+    return gemv(x.reshape(rows, K), weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+
+def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, self.weight, self.bias)
+
+
+class gemv_linears:
+    """Context manager (re-enterable): while active, ``HYLO_GEMV`` is ``on`` and every ``nn.Linear`` of ``model``
+    (whose forward is ``nn.Linear``'s own) computes through :func:`linear`; on exit both are restored.
+
+    The replacement forwards are built once here, so entering around every call of a compiled step sets the same
+    objects each time (no recompiles) and ``DecodeRunner`` can scope it to its decode step: training and prefill
+    outside it never see it, and inside it prefill-sized products still take ``F.linear``. The switch is set too,
+    so a runner built with it on keeps the GEMV whatever the switch says when it is called or traced."""
+
+    def __init__(self, model: nn.Module):
+        self._patches = [(m, MethodType(_linear_forward, m)) for m in model.modules()
+                         if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward]
+        self._saved: list[tuple] = []  # (switch, forwards) per active entry
+
+    def __enter__(self):
+        self._saved.append((_GEMV.value, [m.__dict__.get("forward") for m, _ in self._patches]))
+        _GEMV.set("on")
+        for m, f in self._patches:
+            m.forward = f  # an instance attribute shadows nn.Linear.forward
+        return self
+
+    def __exit__(self, *exc):
+        switch, forwards = self._saved.pop()
+        _GEMV.set(switch)
+        for (m, _), old in zip(self._patches, forwards):
+            if old is None:
+                del m.forward
+            else:
+                m.forward = old
+        return False

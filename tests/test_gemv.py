@@ -1,0 +1,242 @@
+"""hylo.ops.gemv on the CPU: the Triton GEMV under Triton's interpreter against F.linear, when ``linear`` takes it,
+the HYLO_GEMV switch, the nn.Linear patch, a DecodeRunner step with the switch on (same logits as off), the
+compiled step's trace (one graph of hylo::gemv products) and the benchmark's ``+gemv`` modes."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hylo import HybridLM
+from hylo.engine import DecodeRunner
+from hylo.ops import gemv as G
+from hylo.presets import preset
+
+triton = pytest.importorskip("triton")
+REPO = Path(__file__).resolve().parents[1]
+K, N = 100, 37  # neither a multiple of the interpreter's blocks (BK 64, BN 32)
+
+
+@pytest.fixture
+def interp(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts calls of the op (``linear`` looks ``gemv`` up at each call) and still runs it."""
+    calls = []
+    real = G.gemv
+
+    def wrapped(x, w, b=None):
+        calls.append(tuple(x.shape))
+        return real(x, w, b)
+    monkeypatch.setattr(G, "gemv", wrapped)
+    return calls
+
+
+def make(M, dtype, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
+    b = torch.randn(N, generator=g) if bias else None
+    return [None if t is None else t.to(dtype) for t in (x, w, b)]
+
+
+# ----------------------------------------------------------------------------------------- the kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M", [1, 2, 3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_kernel_matches_linear(interp, dtype, M, bias):
+    x, w, b = make(M, dtype, bias, seed=M)
+    y = G.gemv(x, w, b)
+    assert y.dtype == dtype and y.shape == (M, N)
+    ref = F.linear(x.float(), w.float(), None if b is None else b.float())
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    else:  # one rounding of the float32 result: within an ulp of it
+        torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(y, G.gemv_ref(x, w, b), rtol=1e-2, atol=1e-2)
+
+
+def test_op_rejects_bad_input():
+    x, w, b = make(2, torch.float32, True)
+    with pytest.raises(ValueError, match=r"\[M, K\]"):
+        G.gemv(x, w[:, :-1])
+    with pytest.raises(ValueError, match="one dtype"):
+        G.gemv(x, w.double())
+    with pytest.raises(ValueError, match="one dtype"):
+        G.gemv(x, w, b.half())
+    with pytest.raises(ValueError, match="contiguous"):
+        G.gemv(x, torch.randn(K, N).t())
+    with pytest.raises(ValueError, match="bias"):
+        G.gemv(x, w, b[:-1])
+
+
+# ----------------------------------------------------------------------------------------- linear() routing
+def test_linear_takes_the_kernel_only_for_decode_products(interp, spy):
+    w = make(1, torch.float32, False)[1]
+    g = torch.Generator().manual_seed(1)
+    with G.gemv_mode("on"):
+        for shape in [(1, 1, K), (4, K), (2, 2, K), (3, 1, K)]:  # rows 1..4, any leading shape
+            x = torch.randn(shape, generator=g)
+            spy.clear()
+            y = G.linear(x, w)
+            assert spy == [(x.numel() // K, K)], shape
+            torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
+        for x in [torch.randn(5, K), torch.randn(2, 4, K)]:  # more than MAX_ROWS rows: prefill, big buckets
+            spy.clear()
+            torch.testing.assert_close(G.linear(x, w), F.linear(x, w))
+            assert spy == []
+        x = torch.randn(1, K)
+        spy.clear()
+        with pytest.raises(RuntimeError):  # dtypes differ: F.linear's own error
+            G.linear(x.half(), w)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # F.linear computes in bf16 here
+            assert G.linear(x, w).dtype == torch.bfloat16
+        assert spy == []
+        wg = w.clone().requires_grad_()
+        G.linear(x, wg)  # the op has no backward
+        assert spy == []
+        with torch.no_grad():
+            G.linear(x, wg)
+        assert spy == [(1, K)]
+    spy.clear()
+    with G.gemv_mode("off"):
+        torch.testing.assert_close(G.linear(x, w), F.linear(x, w))
+    assert spy == []
+
+
+def test_linear_without_interpreter_on_cpu_takes_f_linear(monkeypatch, spy):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, w, _ = make(1, torch.float32, False)
+    with G.gemv_mode("on"):
+        torch.testing.assert_close(G.linear(x, w), F.linear(x, w))
+    assert spy == [] and not G.supported(torch.device("cpu"))
+
+
+def test_switch():
+    assert (G._GEMV.env, G._GEMV.choices) == ("HYLO_GEMV", ("off", "on"))
+    before = G.get_gemv()
+    with pytest.raises(ValueError, match="invalid"):
+        G.set_gemv("fast")
+    with G.gemv_mode("on"):
+        assert G.get_gemv() == "on"
+    assert G.get_gemv() == before
+
+
+def test_invalid_env_value_is_refused(monkeypatch):
+    monkeypatch.setenv("HYLO_GEMV", "yes")
+    with pytest.raises(ValueError, match="HYLO_GEMV='yes' is invalid"):
+        type(G._GEMV)(G._GEMV.what, G._GEMV.env, G._GEMV.choices, "off")
+
+
+# ----------------------------------------------------------------------------------------- the nn.Linear patch
+class Doubled(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_gemv_linears_patches_and_restores(interp, spy):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(K, N), nn.ReLU(), Doubled(N, 8))
+    x = torch.randn(1, K)
+    ref = model(x)
+    patch = G.gemv_linears(model)
+    with torch.no_grad(), G.gemv_mode("off"):
+        with patch:  # turns the switch on
+            with patch:  # re-entered: the outer exit still restores
+                torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+            assert "forward" in model[0].__dict__ and G.get_gemv() == "on"
+        assert spy == [(1, K)]  # the subclass with its own forward keeps it
+        assert all("forward" not in m.__dict__ for m in model) and G.get_gemv() == "off"
+        spy.clear()
+        model(x)
+        assert spy == []
+
+
+# ----------------------------------------------------------------------------------------- the decode step
+def tiny_all(seed=0):
+    torch.manual_seed(seed)
+    model = HybridLM(preset("tiny-all")).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # every parameter random, so JetBlock's zero-initialised generator matters
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def n_linear_calls(model) -> int:
+    """nn.Linear calls in one decode step of ``model``: every such module of the layers is used once."""
+    return sum(isinstance(m, nn.Linear) for m in model.layers.modules())
+
+
+def test_runner_same_logits_with_gemv(interp, spy):
+    """Every projection and the LM head of the step go through the kernel (interpreter) for a bucket of 2 rows,
+    with the logits of the F.linear step; a bucket of 5 rows, prefill and the model's own forward never do."""
+    model = tiny_all()
+    ids = torch.tensor([[3, 4], [5, 6]])
+    off = DecodeRunner(model, 2, 8)
+    ref = [off.step(t) for t in ids]
+    with G.gemv_mode("on"):
+        on = DecodeRunner(model, 2, 8)
+        assert on.gemv and not off.gemv
+        spy.clear()
+        got = [on.step(t) for t in ids]
+        assert len(spy) == 2 * (n_linear_calls(model) + 1) and {rows for rows, _ in spy} == {2}
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert all("forward" not in m.__dict__ for m in model.modules())  # restored after every step
+        spy.clear()
+        DecodeRunner(model, 5, 8).step(torch.arange(5))
+        with torch.no_grad():
+            model(ids[:1, :1])  # a 1-token forward outside the runner: its Linear modules are not patched
+        assert spy == []
+
+
+def test_compiled_step_traces_one_graph_of_gemv(monkeypatch):
+    """What torch.compile sees on a GPU, traced on the CPU: pretend the kernel can run (no interpreter), capture
+    dynamo's graph of the runner's step without running it: one graph (fullgraph), every product a hylo::gemv."""
+    monkeypatch.setattr(G, "_interpreting", lambda: True)
+    monkeypatch.setattr(G, "kernel", lambda: triton.jit(G._gemv_kernel))  # compiled kind, never launched
+    model = tiny_all()
+    graphs = []
+
+    class Captured(Exception):
+        pass
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        raise Captured
+
+    with G.gemv_mode("on"):
+        runner = DecodeRunner(model, 1, 8)
+    torch._dynamo.reset()  # the runner's patch turns the switch on while the step is traced
+    with torch.no_grad(), runner._linears, pytest.raises(Exception) as e:
+        torch.compile(runner._fn, backend=capture, dynamic=False, fullgraph=True)(torch.tensor([3]))
+    torch._dynamo.reset()
+    assert len(graphs) == 1, e.value
+    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.hylo.gemv.default) == n_linear_calls(model) + 1
+    assert F.linear not in targets and torch._C._nn.linear not in targets
+
+
+# ----------------------------------------------------------------------------------------- the benchmark
+def test_benchmark_modes():
+    sys.path.insert(0, str(REPO / "benchmarks"))  # the script imports its sibling timing.py
+    try:
+        spec = importlib.util.spec_from_file_location("qwen3_vs_transformers",
+                                                      REPO / "benchmarks" / "qwen3_vs_transformers.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    assert mod.parse_modes("eager,default+gemv,max-autotune-no-cudagraphs+gemv,eager+gemv") == [
+        ("hylo", False, False), ("hylo_compiled_gemv", True, True),
+        ("hylo_compiled_max_autotune_no_cudagraphs_gemv", "max-autotune-no-cudagraphs", True),
+        ("hylo_gemv", False, True)]
+    with pytest.raises(SystemExit, match="suffix"):
+        mod.parse_modes("eager+cublas")
