@@ -1,0 +1,67 @@
+"""The GPU benchmark scripts run end to end in their --smoke mode on the CPU (tiny shapes, numbers meaningless).
+
+GPU time is scarce: a script that breaks on its first line costs a whole device call. These runs check the
+plumbing only: arguments, the sets of runs they multiply out, and the JSON each writes."""
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hylo.data import prepare, train_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+VAL = REPO.parent / "shared" / "data" / "corpus" / "gutenberg_val.txt.gz"
+
+
+def _run(args: list[str], timeout: int = 300) -> None:
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
+                               "HOME": str(Path.home())})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    if not VAL.is_file():
+        pytest.skip(f"real corpus not found at {VAL}")
+    root = tmp_path_factory.mktemp("bench_data")
+    with gzip.open(VAL, "rt", encoding="utf-8") as f:
+        text = f.read(400_000)
+    (root / "corpus").mkdir()
+    (root / "corpus" / "books.txt").write_text(text, encoding="utf-8")
+    train_tokenizer(root / "corpus", 512, root / "tok", show_progress=False)
+    return prepare(root / "corpus", root / "tok", root / "ds", val_fraction=0.0, val_docs=1, seed=0,
+                   progress=False).path
+
+
+def test_train_throughput_multiplies_runs_by_check(data, tmp_path):
+    out = tmp_path / "tt.json"
+    _run(["benchmarks/train_throughput.py", "--smoke", "--data", str(data), "--out", str(out), "--models",
+          "attn-125m", "--sdpa", "auto", "cudnn", "--nan-check", "deferred", "sync"])
+    res = json.loads(out.read_text())
+    runs = [(r["model"], r["sdpa"], r["nan_check"]) for r in res["runs"]]
+    assert runs == [("attn-125m", "auto", "deferred"), ("attn-125m", "auto", "sync")], runs
+    assert all("error" not in r and r["tokens_per_s"] > 0 for r in res["runs"])
+    assert any("cudnn" in s for s in res["skipped"])  # no CUDA: recorded as skipped, not silently dropped
+
+
+def test_mqar_smoke_with_a_learning_rate_sweep(tmp_path):
+    _run(["benchmarks/mqar.py", "--smoke", "--out", str(tmp_path), "--patterns", "attn", "mamba2", "--lrs", "1e-3",
+          "1e-2"])
+    res = json.loads((tmp_path / "mqar.json").read_text())
+    assert [r["name"] for r in res["runs"]] == ["attn", "mamba2"]
+    for r in res["runs"]:
+        assert r.get("error") is None and [s["lr"] for s in r["lr_sweep"]] == [1e-3, 1e-2]
+    assert (tmp_path / "mqar.png").is_file() and "separation" in res
+
+
+def test_qwen3_vs_transformers_smoke(tmp_path):
+    out = tmp_path / "q3.json"
+    _run(["benchmarks/qwen3_vs_transformers.py", "--smoke", "--out", str(out), "--modes", "eager,default+gemv"])
+    res = json.loads(out.read_text())
+    assert not res["errors"] and res["hylo"]["ms_per_token"] > 0 and res["transformers"]["ms_per_token"] > 0
+    assert "skipped" in res  # +gemv needs CUDA or the Triton interpreter
