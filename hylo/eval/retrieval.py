@@ -493,9 +493,8 @@ def _per_prompt(lp: torch.Tensor, lpc: torch.Tensor, n: list[int],
 
 def _gain_summary(done: list[int], depths: list[float], trials: int, scores: dict) -> dict:
     """The key log-prob fields of the result: lengths x depths matrices, per length, overall."""
-    t = np.array([[s[0] for s in scores[n]] for n in done]).reshape(len(done), len(depths), trials)
-    c = np.array([[s[1] for s in scores[n]] for n in done]).reshape(len(done), len(depths), trials)
-    f = np.array([[s[2] for s in scores[n]] for n in done]).reshape(len(done), len(depths), trials)
+    t, c, f = np.moveaxis(np.array([scores[n] for n in done], dtype=float).reshape(len(done), len(depths), trials, 3),
+                          -1, 0)  # per prompt: true key, control key, first-token gain
     g = t - c
     se = (g.std(-1, ddof=1) / math.sqrt(trials)).round(4).tolist() if trials > 1 else None
     r = lambda a: np.round(a, 4).tolist()  # noqa: E731
