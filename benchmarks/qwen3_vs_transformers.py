@@ -11,18 +11,20 @@ memory-bandwidth floor. One call:
   ``hylo.engine.DecodeRunner`` (one CUDA graph per step, argmax fed back on the device) with a static cache of
   prompt + 64 tokens; also with the engine's default 2048-token cache (attention's step reads the whole cache);
   and the same with the step compiled by inductor before capture (``DecodeRunner(compile=True)``); for both, the
-  GPU kernels of one step (count, summed time, the costliest) from torch.profiler. A mode with the suffix
-  ``+gemv`` (``eager+gemv``, ``default+gemv``, ``max-autotune-no-cudagraphs+gemv``) builds its runners with
-  ``HYLO_GEMV=on``: the step's matrix products through hylo's Triton GEMV (``hylo.ops.gemv``) instead of cuBLAS;
-  its results go under the mode's key + ``_gemv``. On the CPU (``--smoke``) such modes are skipped with a note,
-  unless ``TRITON_INTERPRET=1`` (then the kernel runs in Triton's interpreter, eager steps only: slow).
+  GPU kernels of one step (count, summed time, the costliest) from torch.profiler. On CUDA the engine's step
+  takes hylo's Triton GEMV (``hylo.ops.gemv``, ``HYLO_GEMV=auto``) for its matrix products; a mode with the suffix
+  ``+cublas`` (``default+cublas``) builds its runners with ``HYLO_GEMV=off`` (cuBLAS), ``+gemv`` with ``on``; the
+  suffixes join the result key (``hylo_compiled_cublas``). On the CPU (``--smoke``) ``+gemv`` modes are skipped
+  with a note, unless ``TRITON_INTERPRET=1`` (then the kernel runs in Triton's interpreter, eager steps only).
 - floor: bytes read per step (every weight once: the tied embedding is read whole by the LM head; plus the KV
   cache) / device-to-device copy bandwidth measured here with a 1 GiB copy (read + write bytes / time).
 - agreement: greedy tokens of both for the first 16 new tokens (reported, not a failure: bf16 kernels differ and
   a near-tie can flip an argmax), and the max abs difference of the prompt's logits.
 
-Goals (issue 4): hylo >= 30x faster per token than transformers' eager generate; hylo <= 1.5x the floor.
-Expected run time on an H100: ~45 s (transformers' generate is ~120 ms/token: 3 x 64 tokens timed).
+Goals (issue 4): hylo >= 30x faster per token than transformers' eager generate; hylo <= 1.5x the floor. The
+goals take hylo's fastest mode (median of its runs) and transformers' fastest run: transformers' generate is
+host-bound, and its time for the same 64 tokens varied from 1.8 to 3.5 s between runs on one H100 machine.
+Expected run time on an H100: ~2 min (transformers: 5 x 64 tokens; each compiled mode compiles ~30 s).
 ``--smoke`` runs a tiny shape on the CPU (a check of the script, not a measurement).
 """
 
@@ -173,19 +175,26 @@ def try_profile(res: dict, make_runner, dev) -> dict | None:
         return None
 
 
-def parse_modes(spec: str) -> list[tuple[str, bool | str, bool]]:
-    """``--modes`` -> ``(result key, DecodeRunner's compile argument, GEMV on)`` per mode: ``eager`` (no compile),
-    ``default`` (``compile=True``) or another ``torch.compile`` mode, each optionally suffixed ``+gemv``."""
+SUFFIXES = {"gemv": ("gemv", "on"), "cublas": ("gemv", "off")}  # mode suffix -> (switch, value)
+
+
+def parse_modes(spec: str) -> list[tuple[str, bool | str, dict[str, str]]]:
+    """``--modes`` -> ``(result key, DecodeRunner's compile argument, switches)`` per mode: ``eager`` (no compile),
+    ``default`` (``compile=True``) or another ``torch.compile`` mode, each optionally suffixed: ``+cublas``
+    (``HYLO_GEMV=off``: cuBLAS products instead of the engine's default Triton GEMV on CUDA), ``+gemv``
+    (``HYLO_GEMV=on``, also where ``auto`` would not take it)."""
     out = []
     for m in (m.strip() for m in spec.split(",")):
         if not m:
             continue
-        base, plus, suffix = m.partition("+")
-        if plus and suffix != "gemv":
-            raise SystemExit(f"--modes: unknown suffix in {m!r} (the only one is +gemv)")
+        base, *suffixes = m.split("+")
+        bad = [x for x in suffixes if x not in SUFFIXES]
+        if bad:
+            raise SystemExit(f"--modes: unknown suffix {bad[0]!r} in {m!r} (known: {', '.join(SUFFIXES)})")
         key, compile = {"eager": ("hylo", False), "default": ("hylo_compiled", True)}.get(
             base, (f"hylo_compiled_{base.replace('-', '_')}", base))
-        out.append((key + ("_gemv" if plus else ""), compile, bool(plus)))
+        switches = dict(SUFFIXES[x] for x in suffixes)
+        out.append(("_".join([key, *suffixes]), compile, switches))
     return out
 
 
@@ -194,10 +203,13 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/qwen3-vs-transformers.json")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--modes", default="eager,default,max-autotune-no-cudagraphs",
-                    help="hylo decode steps to time: eager (graph of eager kernels) and torch.compile modes; "
-                         "append +gemv to a mode to time it with HYLO_GEMV=on (e.g. default+gemv)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each hylo measurement (median)")
+    ap.add_argument("--tf-repeats", type=int, default=5,
+                    help="timed runs of transformers' generate (host-bound, so noisier: median and fastest kept)")
+    ap.add_argument("--modes", default="eager,default,default+cublas",
+                    help="hylo decode steps to time: eager (graph of eager kernels), default (compiled) or another "
+                         "torch.compile mode, e.g. max-autotune-no-cudagraphs (minutes to compile); suffix "
+                         "+cublas times it with HYLO_GEMV=off, +gemv with HYLO_GEMV=on (e.g. default+cublas)")
     ap.add_argument("--smoke", action="store_true", help="tiny shape on the CPU: checks the script")
     args = ap.parse_args()
     modes = parse_modes(args.modes)  # bad names fail here, before anything runs
@@ -246,15 +258,16 @@ def main():
         kw = dict(do_sample=False, pad_token_id=0)
         with torch.no_grad():
             tf.generate(prompt, max_new_tokens=8, min_new_tokens=8, **kw)  # warm-up
-            t1 = wall(lambda: tf.generate(prompt, max_new_tokens=1, min_new_tokens=1, **kw), dev, args.repeats)
+            t1 = wall(lambda: tf.generate(prompt, max_new_tokens=1, min_new_tokens=1, **kw), dev, args.tf_repeats)
             holder = {}
 
             def gen():
                 holder["out"] = tf.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kw)
 
-            tn = wall(gen, dev, args.repeats)
+            tn = wall(gen, dev, args.tf_repeats)
         tf_tokens = holder["out"][0, T:].tolist()
         res["transformers"] = {"ms_per_token": 1e3 * (statistics.median(tn) - statistics.median(t1)) / (n - 1),
+                               "ms_per_token_fastest": 1e3 * (min(tn) - min(t1)) / (n - 1),
                                "ms_per_token_incl_prefill": 1e3 * statistics.median(tn) / n,
                                "generate_s": tn, "one_token_s": t1, "cache": "DynamicCache (default)",
                                "compiled": False}
@@ -267,22 +280,24 @@ def main():
     # --- hylo: DecodeRunner, CUDA graph, cache = prompt + new tokens (and the engine's default 2048); then the same
     # with the step compiled (inductor) before capture, which fuses the norms, RoPE, gates and adds
     hy_tokens = None
-    for key, compile, gemv in modes:
-        if gemv and (not hylo_gemv.supported(dev) or (dev.type != "cuda" and compile)):
+    for key, compile, switches in modes:
+        gemv = switches.get("gemv", hylo_gemv.get_gemv())
+        if gemv == "on" and (not hylo_gemv.supported(dev) or (dev.type != "cuda" and compile)):
             res.setdefault("skipped", {})[key] = (
                 "HYLO_GEMV=on needs CUDA and Triton, or TRITON_INTERPRET=1 on the CPU for eager steps (the "
                 f"interpreter cannot be traced by torch.compile); on {dev.type} the step would run F.linear")
             continue
         try:
-            with hylo_gemv.gemv_mode("on" if gemv else "off"):
+            with hylo_gemv.gemv_mode(gemv):
                 rec, tokens = measure_hylo(hy, prompt, n, graphs, compile, args.repeats, dev)
                 rec["kernels"] = try_profile(
                     res, lambda: DecodeRunner(hy, 1, T + n, cuda_graph=False, compile=compile), dev)
+                rec["gemv"] = hylo_gemv.enabled(dev)  # what the runner took
             rec["compile_mode"] = compile if isinstance(compile, str) else ("default" if compile else None)
-            rec["gemv"] = gemv
-            if (compile or gemv) and hy_tokens is not None:
+            rec["switches"] = {"HYLO_GEMV": gemv}
+            if hy_tokens is not None:
                 k = min(16, n)
-                rec["greedy_agree_with_eager_kernels"] = sum(x == y for x, y in zip(tokens[:k], hy_tokens[:k]))
+                rec["greedy_agree_with_first_mode"] = sum(x == y for x, y in zip(tokens[:k], hy_tokens[:k]))
             hy_tokens = hy_tokens or tokens
             res[key] = rec
             print(f"{key}: {rec['ms_per_token']:.3f} ms/token (cache {T + n}), {rec['ms_per_token_cache_2048']:.3f} "
@@ -308,31 +323,33 @@ def main():
                          "first_mismatch": same.index(False) if not all(same) else None,
                          "transformers": tf_tokens[:k], "hylo": hy_tokens[:k]}
 
-    # --- floor and goals
-    if bw and "hylo" in res:
-        floor_small = (res["weights_bytes"] + res["hylo"]["kv_cache_bytes"]) / bw * 1e3
-        floor_2048 = (res["weights_bytes"] + res["hylo"]["kv_cache_bytes_2048"]) / bw * 1e3
+    # --- floor and goals (every mode's cache holds the same bytes)
+    hylo_keys = [k for k in res if k == "hylo" or k.startswith("hylo_")]
+    if bw and hylo_keys:
+        first = res[hylo_keys[0]]
+        floor_small = (res["weights_bytes"] + first["kv_cache_bytes"]) / bw * 1e3
+        floor_2048 = (res["weights_bytes"] + first["kv_cache_bytes_2048"]) / bw * 1e3
         res["floor_ms_per_token"] = floor_small
         res["floor_ms_per_token_cache_2048"] = floor_2048
-        res["hylo"]["x_floor"] = res["hylo"]["ms_per_token"] / floor_small
-        res["hylo"]["x_floor_cache_2048"] = res["hylo"]["ms_per_token_cache_2048"] / floor_2048
-        if "transformers" in res:
-            res["transformers"]["x_floor"] = res["transformers"]["ms_per_token"] / floor_small
-            res["speedup_hylo_vs_transformers"] = res["transformers"]["ms_per_token"] / res["hylo"]["ms_per_token"]
-        hylo_keys = [k for k in res if k.startswith("hylo_")]
+        tf_res = res.get("transformers")
         for k in hylo_keys:
             hc = res[k]
             hc["x_floor"] = hc["ms_per_token"] / floor_small
             hc["x_floor_cache_2048"] = hc["ms_per_token_cache_2048"] / floor_2048
-            if "transformers" in res:
-                res[f"speedup_{k}_vs_transformers"] = res["transformers"]["ms_per_token"] / hc["ms_per_token"]
-        best = min((res[k]["x_floor"] for k in ["hylo"] + hylo_keys if k in res), default=float("inf"))
-        res["goals"] = {"hylo_30x_faster": max([v for k, v in res.items() if k.startswith("speedup_")],
-                                               default=0) >= 30,
-                        "hylo_within_1.5x_floor": best <= 1.5}
+            if tf_res:
+                hc["speedup_vs_transformers"] = tf_res["ms_per_token"] / hc["ms_per_token"]
+                hc["speedup_vs_transformers_fastest"] = tf_res["ms_per_token_fastest"] / hc["ms_per_token"]
+        if tf_res:
+            tf_res["x_floor"] = tf_res["ms_per_token"] / floor_small
+        best = min(hylo_keys, key=lambda k: res[k]["ms_per_token"])
+        res["best_mode"] = best
+        # the speed-up goal is judged against transformers' fastest run (its times are host-bound and vary a lot
+        # between runs; its fastest is the least favourable to hylo)
+        res["goals"] = {"hylo_30x_faster": bool(tf_res) and res[best]["speedup_vs_transformers_fastest"] >= 30,
+                        "hylo_within_1.5x_floor": res[best]["x_floor"] <= 1.5}
     save()
-    keys = ["transformers"] + [k for k in res if k == "hylo" or k.startswith("hylo_")] + [
-        "floor_ms_per_token", "copy_bandwidth_GBps", "speedup_hylo_vs_transformers", "goals", "greedy",
+    keys = ["transformers"] + hylo_keys + [
+        "floor_ms_per_token", "copy_bandwidth_GBps", "best_mode", "goals", "greedy",
         "prompt_logits_max_abs_diff", "skipped", "errors"]
     print(json.dumps({k: res.get(k) for k in keys}, indent=1, default=str))
     print(f"→ {out}")

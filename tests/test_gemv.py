@@ -119,13 +119,28 @@ def test_linear_without_interpreter_on_cpu_takes_f_linear(monkeypatch, spy):
 
 
 def test_switch():
-    assert (G._GEMV.env, G._GEMV.choices) == ("HYLO_GEMV", ("off", "on"))
+    assert (G._GEMV.env, G._GEMV.choices) == ("HYLO_GEMV", ("auto", "off", "on"))
     before = G.get_gemv()
     with pytest.raises(ValueError, match="invalid"):
         G.set_gemv("fast")
     with G.gemv_mode("on"):
         assert G.get_gemv() == "on"
     assert G.get_gemv() == before
+
+
+def test_enabled_auto_takes_cuda_only(interp, monkeypatch):
+    """``auto`` (the default) sends a runner's products to the kernel on CUDA only; ``on`` also under the CPU
+    interpreter; ``off`` nowhere; and nothing where Triton is missing."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    with G.gemv_mode("auto"):
+        assert G.enabled(cuda) and not G.enabled(cpu)
+    with G.gemv_mode("on"):
+        assert G.enabled(cuda) and G.enabled(cpu)
+    with G.gemv_mode("off"):
+        assert not G.enabled(cuda) and not G.enabled(cpu)
+    monkeypatch.setattr(G, "triton", None)
+    with G.gemv_mode("on"):
+        assert not G.enabled(cuda)
 
 
 def test_invalid_env_value_is_refused(monkeypatch):

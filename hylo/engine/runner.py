@@ -21,10 +21,11 @@ does: a graph of eager kernels still pays one small kernel per norm, RoPE, gate 
 them, which is what brings decoding at batch 1 near the memory-bandwidth floor. The states are updated in place
 (inductor re-inplaces the cache writes; ``tests/test_engine.py`` checks compiled == eager).
 
-``HYLO_GEMV=on`` (:mod:`hylo.ops.gemv`, read when a runner is built) routes the step's matrix products -- every
-``nn.Linear`` of the model while the step runs, and the LM head -- through a Triton matrix-vector kernel for
-buckets of up to four rows: batch-1 decoding is bound by reading the weights, which cuBLAS does at about half
-the copy bandwidth. Off by default; prefill and training never go through the runner's step.
+On CUDA (``HYLO_GEMV=auto``, the default; ``off`` turns it off; :mod:`hylo.ops.gemv`, read when a runner is
+built) the step's matrix products -- every ``nn.Linear`` of the model while the step runs, and the LM head -- go
+through a Triton matrix-vector kernel for buckets of up to four rows: batch-1 decoding is bound by reading the
+weights, which cuBLAS does at about half the copy bandwidth on these small matrices. Prefill and training never
+go through the runner's step.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ class DecodeRunner:
         self._tokens = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self._logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.gemv = gemv.get_gemv() == "on"
+        self.gemv = gemv.enabled(self.device)
         # scoped to each call of the step (traced or captured inside it), so nothing outside the step sees it
         self._linears = gemv.gemv_linears(model) if self.gemv else contextlib.nullcontext()
         self._fn = self._make_step(compile)
