@@ -14,7 +14,8 @@ memory-bandwidth floor. One call:
   GPU kernels of one step (count, summed time, the costliest) from torch.profiler. On CUDA the engine's step
   takes hylo's Triton GEMV (``hylo.ops.gemv``, ``HYLO_GEMV=auto``) for its matrix products; a mode with the suffix
   ``+cublas`` (``default+cublas``) builds its runners with ``HYLO_GEMV=off`` (cuBLAS), ``+gemv`` with ``on``; the
-  suffixes join the result key (``hylo_compiled_cublas``). On the CPU (``--smoke``) ``+gemv`` modes are skipped
+  suffixes join the result key (``hylo_compiled_cublas``). ``+dattn`` (``HYLO_DECODE_ATTN=on``) computes attention
+  with hylo's split-KV Triton kernel (``hylo.ops.decode_attention``) instead of two matrix products and a softmax. On the CPU (``--smoke``) ``+gemv`` modes are skipped
   with a note, unless ``TRITON_INTERPRET=1`` (then the kernel runs in Triton's interpreter, eager steps only).
 - floor: bytes read per step (every weight once: the tied embedding is read whole by the LM head; plus the KV
   cache) / device-to-device copy bandwidth measured here with a 1 GiB copy (read + write bytes / time).
@@ -44,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hylo.convert import from_transformers  # noqa: E402
 from hylo.engine.runner import DecodeRunner  # noqa: E402
+from hylo.ops import decode_attention as hylo_dattn  # noqa: E402
 from hylo.ops import gemv as hylo_gemv  # noqa: E402
 from hylo.profile.report import environment  # noqa: E402
 from timing import kernel_table  # noqa: E402  (benchmarks/timing.py)
@@ -175,14 +177,16 @@ def try_profile(res: dict, make_runner, dev) -> dict | None:
         return None
 
 
-SUFFIXES = {"gemv": ("gemv", "on"), "cublas": ("gemv", "off")}  # mode suffix -> (switch, value)
+SUFFIXES = {"gemv": ("gemv", "on"), "cublas": ("gemv", "off"),  # mode suffix -> (switch, value)
+            "dattn": ("decode_attn", "on")}
 
 
 def parse_modes(spec: str) -> list[tuple[str, bool | str, dict[str, str]]]:
     """``--modes`` -> ``(result key, DecodeRunner's compile argument, switches)`` per mode: ``eager`` (no compile),
     ``default`` (``compile=True``) or another ``torch.compile`` mode, each optionally suffixed: ``+cublas``
     (``HYLO_GEMV=off``: cuBLAS products instead of the engine's default Triton GEMV on CUDA), ``+gemv``
-    (``HYLO_GEMV=on``, also where ``auto`` would not take it)."""
+    (``HYLO_GEMV=on``, also where ``auto`` would not take it), ``+dattn`` (``HYLO_DECODE_ATTN=on``: the split-KV
+    Triton attention kernel); suffixes combine (``default+dattn+cublas``)."""
     out = []
     for m in (m.strip() for m in spec.split(",")):
         if not m:
@@ -282,19 +286,20 @@ def main():
     hy_tokens = None
     for key, compile, switches in modes:
         gemv = switches.get("gemv", hylo_gemv.get_gemv())
-        if gemv == "on" and (not hylo_gemv.supported(dev) or (dev.type != "cuda" and compile)):
+        dattn = switches.get("decode_attn", hylo_dattn.get_decode_attn())
+        if (gemv == "on" or dattn == "on") and (not hylo_gemv.supported(dev) or (dev.type != "cuda" and compile)):
             res.setdefault("skipped", {})[key] = (
-                "HYLO_GEMV=on needs CUDA and Triton, or TRITON_INTERPRET=1 on the CPU for eager steps (the "
-                f"interpreter cannot be traced by torch.compile); on {dev.type} the step would run F.linear")
+                "HYLO_GEMV=on and HYLO_DECODE_ATTN=on need CUDA and Triton, or TRITON_INTERPRET=1 on the CPU for "
+                "eager steps (the interpreter cannot be traced by torch.compile)")
             continue
         try:
-            with hylo_gemv.gemv_mode(gemv):
+            with hylo_gemv.gemv_mode(gemv), hylo_dattn.decode_attn_mode(dattn):
                 rec, tokens = measure_hylo(hy, prompt, n, graphs, compile, args.repeats, dev)
                 rec["kernels"] = try_profile(
                     res, lambda: DecodeRunner(hy, 1, T + n, cuda_graph=False, compile=compile), dev)
                 rec["gemv"] = hylo_gemv.enabled(dev)  # what the runner took
             rec["compile_mode"] = compile if isinstance(compile, str) else ("default" if compile else None)
-            rec["switches"] = {"HYLO_GEMV": gemv}
+            rec["switches"] = {"HYLO_GEMV": gemv, "HYLO_DECODE_ATTN": dattn}
             if hy_tokens is not None:
                 k = min(16, n)
                 rec["greedy_agree_with_first_mode"] = sum(x == y for x, y in zip(tokens[:k], hy_tokens[:k]))

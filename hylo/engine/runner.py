@@ -14,7 +14,8 @@ The runner is the low-level piece the engine and the profiler share:
 Positions are counted in *real* tokens (meta tokens excluded): after ``reset()`` a row is at position 0 and
 holds only the meta-token state. ``step`` writes each row's token at its own position and advances every row
 by one. Note that attention's decode step attends over the whole preallocated ``max_len`` (masked), so its cost
-depends on ``max_len``, not on the current position.
+depends on ``max_len``, not on the current position -- unless ``HYLO_DECODE_ATTN=on``
+(:mod:`hylo.ops.decode_attention`), whose kernel reads each row's cache only up to its position.
 
 ``compile=True`` runs the step through ``torch.compile`` (inductor) before the graph is captured, as gpt-fast
 does: a graph of eager kernels still pays one small kernel per norm, RoPE, gate and residual add; inductor fuses

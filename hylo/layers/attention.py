@@ -9,7 +9,9 @@ Paths: the reference computes softmax(QKᵀ)V explicitly in float32 (CPU, tests)
 ``scaled_dot_product_attention`` (flash kernel for causal attention unless ``HYLO_SDPA`` picks another: see
 :func:`causal_sdpa`; a lower-right causal bias when a prefill
 continues a cache, so no per-length compilation) and flex attention with a sliding-window block mask for `swa`
-prefill/training.
+prefill/training. The decode step's core is two grouped matrix products (:func:`decode_attention`), or with
+``HYLO_DECODE_ATTN=on`` one split-KV Triton kernel that reads each row's cache only up to its position
+(:mod:`hylo.ops.decode_attention`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..config import HyloConfig
+from ..ops import decode_attention as split_kv
 from ..ops.backend import get_sdpa, use_fast
 from .base import Layer, State, fuse_projection_keys
 from .norm import RMSNorm
@@ -243,6 +246,9 @@ class Attention(Layer):
         # index_put_; a scatter_ compiles to copy cache -> scatter -> copy back, two copies of the cache per step
         state["k"][rows, :, slot] = k[:, :, 0]
         state["v"][rows, :, slot] = v[:, :, 0]
+        if split_kv.use_kernel(q, state["k"]):  # HYLO_DECODE_ATTN=on: one Triton kernel, reading slots s <= pos
+            # (for a ring buffer too: below pos < cap only slots 0..pos are written, then every slot is valid)
+            return self._out(split_kv.decode_attention(q, state["k"], state["v"], pos))
         s = torch.arange(cap, device=x.device)
         if self.window is None:
             valid = s[None, :] <= pos[:, None]

@@ -1,0 +1,241 @@
+"""Split-KV ("flash-decoding") GQA attention for the batched decode step: one query per row over a static cache.
+
+Why: in the compiled, CUDA-graphed decode step, :func:`hylo.layers.attention.decode_attention` costs 3-4 kernels
+per layer (a matrix product, the softmax, another product) and reads the whole preallocated cache every step. One
+fused kernel (plus a small combine when the cache is split) reads K and V once and only up to each row's position.
+
+- :func:`decode_attention_ref`: float32 PyTorch reference.
+- :func:`decode_attention`: the Triton kernels as the custom op ``hylo::decode_attention``
+  (``torch.library.triton_op``), so ``torch.compile`` traces it and inductor sees the kernels.
+- :func:`use_kernel`: whether ``Attention.step`` takes the op (``HYLO_DECODE_ATTN=on`` where :func:`supported`).
+
+Inputs: ``q [B, H, 1, Dh]``, caches ``k, v [B, Hkv, L, Dh]`` (contiguous), ``pos [B]`` int >= 0: row ``b`` attends to
+slots ``s <= pos[b]`` (all ``L`` slots once ``pos[b] >= L - 1``, which is what a sliding-window ring buffer needs:
+see ``Attention.step``). Query heads of one KV group are adjacent (head ``h`` reads KV head ``h // (H // Hkv)``),
+as SDPA's ``enable_gqa`` assumes. Scale ``1/sqrt(Dh)``; output ``[B, H, 1, Dh]`` in ``q.dtype``.
+
+The kernel: grid ``(B * Hkv, splits)``. A program takes all ``g = H / Hkv`` query heads of its KV group (so K/V
+are read once), divides the row's valid slots ``0..min(pos[b], L-1)`` evenly among the splits (in whole blocks)
+and walks its share in blocks with an online softmax in float32. ``pos`` is read from device memory, so the loop
+bound is dynamic: a CUDA graph captured once stays right as ``pos`` advances, blocks past ``pos`` are never read,
+and a short sequence in a long cache is cheap. Scores are a broadcast multiply and a reduction, not ``tl.dot``
+(``g`` is 1-8 rows). With one split the program writes the output; with several it writes float32 partials
+(max, sum, unnormalised output) and a second kernel combines them per query head.
+
+Splits (:func:`num_splits`, from static shapes only, since the grid is fixed at capture): enough programs for
+about four per SM of an H100 (:data:`TARGET_PROGRAMS` = 528), at most :data:`MAX_SPLITS` = 64, and no more than
+one split per :data:`MIN_SPLIT` = 64 slots of the cache. E.g. ``B = 1, Hkv = 8``: 64 splits for ``L = 32768``
+(512 programs), 8 for ``L = 512``; one split for ``B * Hkv >= 528`` or ``L < 128``. Many splits also shorten each
+program's serial chain of blocks (each a round trip to memory: the loads are not pipelined), which is what bounds
+a short decode step. Block size and warps (:func:`_launch_config`) are a first guess from register counts (no
+autotuning: it would time whatever ``pos`` its first call had); none of these numbers is timed on a GPU yet.
+
+``HYLO_DECODE_ATTN`` (:func:`set_decode_attn`, :func:`decode_attn_mode`): ``off`` (default until timed on a GPU)
+or ``on``. Under ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (tests), with small fixed blocks.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+from hylo.ops.backend import Choice, get_backend
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: Attention.step keeps its matmul path
+    triton = None
+
+TARGET_PROGRAMS = 528  # about four resident programs per SM of an H100 (132 SMs)
+MAX_SPLITS = 64  # the combine kernel holds [splits, Dh] partials of one head in registers
+MIN_SPLIT = 64  # cache slots per split at least (a full cache): short caches are not split
+INTERP_BLOCK = 16  # the interpreter's block of slots: small, so tests cross block edges
+
+_SWITCH = Choice("decode attention path", "HYLO_DECODE_ATTN", ("off", "on"), "off")
+set_decode_attn, get_decode_attn, decode_attn_mode = _SWITCH.set, _SWITCH.get, _SWITCH.use
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def supported(device: torch.device) -> bool:
+    """Whether the kernels can run on ``device``: CUDA with Triton, or the CPU under ``TRITON_INTERPRET=1``."""
+    return triton is not None and (device.type == "cuda" or (device.type == "cpu" and _interpreting()))
+
+
+def use_kernel(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether ``Attention.step`` computes through :func:`decode_attention`: ``HYLO_DECODE_ATTN=on``, the backend
+    is not ``ref``, the device is :func:`supported`, the cache has ``q``'s dtype and no gradient is needed (the op
+    has no backward). Reads only the switches and static tensor properties, so a compiled step specialises on it."""
+    return (_SWITCH.value == "on" and get_backend() != "ref" and supported(q.device) and k.dtype == q.dtype
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)))
+
+
+def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Float32 reference: ``q [B, H, 1, Dh]`` attends over ``k, v [B, Hkv, L, Dh]`` slots ``s <= pos[b]``."""
+    B, H, _, Dh = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    g = H // Hkv
+    qg = q.float().reshape(B, Hkv, g, Dh)
+    scores = qg @ k.float().transpose(-1, -2) / math.sqrt(Dh)  # [B, Hkv, g, L]
+    valid = torch.arange(L, device=q.device)[None, :] <= pos.reshape(B, 1)
+    p = scores.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(-1)
+    return (p @ v.float()).reshape(B, H, 1, Dh).to(q.dtype)
+
+
+def num_splits(L: int, kv_rows: int) -> int:
+    """Programs per (row, KV head) for a cache of ``L`` slots and ``kv_rows = B * Hkv``: see the module doc."""
+    want = -(-TARGET_PROGRAMS // kv_rows)
+    return max(1, min(want, MAX_SPLITS, L // MIN_SPLIT))
+
+
+def _launch_config(gp: int, dh: int) -> tuple[int, int]:
+    """(slots per block, warps) for ``gp`` query rows of head size ``dh``: a [gp, block, dh] float32 product of
+    about 2K elements, with 4 warps up to 4K elements, else 8. Compiled for sm_90 (ptxas -v), this keeps the
+    kernel at 72-128 registers without spills for g <= 4, Dh <= 128 (200 at g = 8, Dh = 128): several programs
+    per SM, whose loads in flight hide the latency Triton does not pipeline here (no tl.dot: no async copies)."""
+    if _interpreting():
+        return INTERP_BLOCK, 4
+    block = max(16, min(64, 2048 // (gp * dh)))
+    return block, 4 if gp * block * dh <= 4096 else 8
+
+
+# ----------------------------------------------------------------------------------------- Triton
+if triton is not None:
+    # Only core ops inside the kernels: Triton's jit helpers (tl.sum, tl.max, tl.zeros, tl.cdiv) are wrapped when
+    # triton is imported, and the interpreter cannot call them when TRITON_INTERPRET is set later (tests).
+
+    def _split_kernel(q, k, v, pos, o, m_part, l_part, acc_part, qk_scale, L, HKV: tl.constexpr, G: tl.constexpr,
+                      GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, NSPLIT: tl.constexpr,
+                      INTERP: tl.constexpr):
+        # One program: the G query heads of KV head (b, kvh) over its split of the valid slots. qk_scale folds
+        # log2(e) in, so the softmax runs in base 2 (exp2); the partial maxima are in that base too.
+        pid, sp = tl.program_id(0), tl.program_id(1)  # pid = b * HKV + kvh
+        b = pid // HKV
+        n = tl.minimum(tl.load(pos + b).to(tl.int32) + 1, L)  # valid slots 0..n-1
+        per = (n + NSPLIT - 1) // NSPLIT
+        per = (per + BLOCK - 1) // BLOCK * BLOCK  # whole blocks per split
+        start = sp * per
+        end = tl.minimum(start + per, n)
+        if INTERP:  # never compiled: the interpreter keeps scalars as 1-element arrays, which numpy >= 2.4 refuses
+            start, end = start.handle.data.item(), end.handle.data.item()  # to turn into range() bounds
+
+        heads = tl.arange(0, GP)
+        m_h = heads < G
+        rows = pid * G + heads  # = b * H + kvh * G + i: the query heads' rows of q and the output
+        d = tl.arange(0, D)
+        qt = tl.load(q + rows[:, None] * D + d[None, :], mask=m_h[:, None], other=0.0).to(tl.float32) * qk_scale
+        kv = pid.to(tl.int64) * L * D  # this KV head's cache
+
+        m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
+        l_i = tl.full([GP], 0.0, dtype=tl.float32)
+        acc = tl.full([GP, D], 0.0, dtype=tl.float32)
+        for s0 in range(start, end, BLOCK):  # dynamic bounds: nothing past pos is read
+            s = s0 + tl.arange(0, BLOCK)
+            m_s = s < end
+            off = kv + s[:, None] * D + d[None, :]
+            kb = tl.load(k + off, mask=m_s[:, None], other=0.0).to(tl.float32)
+            vb = tl.load(v + off, mask=m_s[:, None], other=0.0).to(tl.float32)  # issued with K: both in flight
+            sc = tl.reduce(qt[:, None, :] * kb[None, :, :], 2, tl.standard._sum_combine)  # [GP, BLOCK]
+            sc = tl.where(m_s[None, :], sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.reduce(sc, 1, tl.standard._elementwise_max))  # finite: s0 < end
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(sc - m_new[:, None])
+            l_i = l_i * alpha + tl.reduce(p, 1, tl.standard._sum_combine)
+            acc = acc * alpha[:, None] + tl.reduce(p[:, :, None] * vb[None, :, :], 1, tl.standard._sum_combine)
+            m_i = m_new
+
+        if NSPLIT == 1:
+            out = acc / l_i[:, None]
+            tl.store(o + rows[:, None] * D + d[None, :], out.to(o.dtype.element_ty), mask=m_h[:, None])
+        else:  # an empty split (past pos) leaves m = -inf, l = 0, acc = 0: the combine weighs it 0
+            part = rows * NSPLIT + sp
+            tl.store(m_part + part, m_i, mask=m_h)
+            tl.store(l_part + part, l_i, mask=m_h)
+            tl.store(acc_part + part[:, None] * D + d[None, :], acc, mask=m_h[:, None])
+
+    def _combine_kernel(m_part, l_part, acc_part, o, NSPLIT: tl.constexpr, NSP: tl.constexpr, D: tl.constexpr):
+        # One program: one query head of one row; merges its NSPLIT partial softmaxes.
+        row = tl.program_id(0)
+        sp = tl.arange(0, NSP)
+        m_sp = sp < NSPLIT
+        d = tl.arange(0, D)
+        m = tl.load(m_part + row * NSPLIT + sp, mask=m_sp, other=float("-inf"))
+        lsum = tl.load(l_part + row * NSPLIT + sp, mask=m_sp, other=0.0)
+        acc = tl.load(acc_part + (row * NSPLIT + sp)[:, None] * D + d[None, :], mask=m_sp[:, None], other=0.0)
+        w = tl.exp2(m - tl.reduce(m, 0, tl.standard._elementwise_max))  # the max is finite: split 0 has slot 0
+        out = tl.reduce(w[:, None] * acc, 0, tl.standard._sum_combine) / tl.reduce(w * lsum, 0,
+                                                                                    tl.standard._sum_combine)
+        tl.store(o + row * D + d, out.to(o.dtype.element_ty))
+
+
+@functools.lru_cache(maxsize=None)
+def _jit(interpret: bool):
+    return triton.jit(_split_kernel), triton.jit(_combine_kernel)
+
+
+def kernels():
+    """The (split, combine) kernels, JIT-wrapped on first use and keyed on TRITON_INTERPRET (read by
+    ``triton.jit`` when it wraps)."""
+    if triton is None:
+        raise RuntimeError("hylo.ops.decode_attention needs Triton (HYLO_DECODE_ATTN=on on a machine without it)")
+    return _jit(_interpreting())
+
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+    if q.dim() != 4 or q.shape[2] != 1 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"decode_attention takes q [B, H, 1, Dh] and k, v [B, Hkv, L, Dh]; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    (B, H, _, Dh), (Bk, Hkv, L, Dk) = q.shape, k.shape
+    if Bk != B or Dk != Dh or Hkv == 0 or H % Hkv or L == 0:
+        raise ValueError(f"decode_attention: q {tuple(q.shape)} and k, v {tuple(k.shape)} disagree (batch and head "
+                         "size must match, H a multiple of Hkv, L >= 1)")
+    if Dh < 16 or Dh > 256 or Dh & (Dh - 1):
+        raise ValueError(f"decode_attention: head size must be a power of two in 16..256, got {Dh}")
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"decode_attention needs q, k, v of one dtype among {_DTYPES}; got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
+    if pos.shape != (B,) or pos.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"decode_attention: pos must be [B] = [{B}] int32/int64, got {tuple(pos.shape)} {pos.dtype}")
+    if not (k.is_contiguous() and v.is_contiguous()):
+        raise ValueError("decode_attention needs contiguous k, v caches (a copy would cost more than attention)")
+    if not (q.device == k.device == v.device == pos.device):
+        raise ValueError(f"decode_attention: tensors on different devices ({q.device}, {k.device}, {v.device}, "
+                         f"{pos.device})")
+
+
+@torch.library.triton_op("hylo::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Triton decode attention: ``q [B, H, 1, Dh]`` over ``k, v [B, Hkv, L, Dh]`` slots ``s <= pos[b]`` ->
+    ``[B, H, 1, Dh]`` in ``q.dtype`` (see the module doc)."""
+    _check(q, k, v, pos)
+    (B, H, _, Dh), (Hkv, L) = q.shape, k.shape[1:3]
+    g = H // Hkv
+    gp = triton.next_power_of_2(g)
+    q, pos = q.contiguous(), pos.contiguous()
+    out = q.new_empty(B, H, 1, Dh)
+    nsplit = num_splits(L, B * Hkv)
+    block, warps = _launch_config(gp, Dh)
+    interp = _interpreting()
+    split, combine = kernels()
+    if nsplit == 1:  # the kernel writes the output; the partials' pointers are unused
+        parts = (q.new_empty(0, dtype=torch.float32),) * 3
+    else:  # per (row, query head, split): running max (base 2), sum of exponentials, unnormalised output
+        parts = (q.new_empty(B * H, nsplit, dtype=torch.float32), q.new_empty(B * H, nsplit, dtype=torch.float32),
+                 q.new_empty(B * H, nsplit, Dh, dtype=torch.float32))
+    torch.library.wrap_triton(split)[(B * Hkv, nsplit)](
+        q, k, v, pos, out, *parts, math.log2(math.e) / math.sqrt(Dh), L, HKV=Hkv, G=g, GP=gp, D=Dh, BLOCK=block,
+        NSPLIT=nsplit, INTERP=interp, **({} if interp else {"num_warps": warps}))
+    if nsplit > 1:
+        nsp = triton.next_power_of_2(nsplit)
+        launch = {} if interp else {"num_warps": 4 if nsp * Dh <= 4096 else 8}
+        torch.library.wrap_triton(combine)[(B * H,)](*parts, out, NSPLIT=nsplit, NSP=nsp, D=Dh, **launch)
+    return out
