@@ -249,9 +249,10 @@ def test_benchmark_modes():
         spec.loader.exec_module(mod)
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
-    assert mod.parse_modes("eager,default+gemv,max-autotune-no-cudagraphs+gemv,eager+gemv") == [
-        ("hylo", False, False), ("hylo_compiled_gemv", True, True),
-        ("hylo_compiled_max_autotune_no_cudagraphs_gemv", "max-autotune-no-cudagraphs", True),
-        ("hylo_gemv", False, True)]
+    on, off, dattn = {"gemv": "on"}, {"gemv": "off"}, {"decode_attn": "on"}
+    assert mod.parse_modes("eager,default+gemv,max-autotune-no-cudagraphs+gemv,eager+cublas,default+dattn+cublas") == [
+        ("hylo", False, {}), ("hylo_compiled_gemv", True, on),
+        ("hylo_compiled_max_autotune_no_cudagraphs_gemv", "max-autotune-no-cudagraphs", on),
+        ("hylo_cublas", False, off), ("hylo_compiled_dattn_cublas", True, {**dattn, **off})]
     with pytest.raises(SystemExit, match="suffix"):
-        mod.parse_modes("eager+cublas")
+        mod.parse_modes("eager+fast")
