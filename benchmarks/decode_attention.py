@@ -1,5 +1,5 @@
-"""GPU check of hylo.ops.decode_attention (HYLO_DECODE_ATTN; not run on a GPU yet): correctness against the float32 reference on CUDA, then
-CUDA-graphed timings of the Triton op against the matmul path Attention.step uses today (mask build + two grouped
+"""GPU check of hylo.ops.decode_attention (HYLO_DECODE_ATTN; not run on a GPU yet): correctness against the
+float32 reference on CUDA, then CUDA-graphed timings of the Triton op against the matmul path Attention.step uses today (mask build + two grouped
 matmuls + softmax), per layer, at the Qwen3-0.6B shape (H=16, Hkv=8, Dh=128, bf16).
 
     python benchmarks/decode_attention.py [--out decode-attn.json]       # on a GPU (~1 min)

@@ -15,8 +15,9 @@ memory-bandwidth floor. One call:
   takes hylo's Triton GEMV (``hylo.ops.gemv``, ``HYLO_GEMV=auto``) for its matrix products; a mode with the suffix
   ``+cublas`` (``default+cublas``) builds its runners with ``HYLO_GEMV=off`` (cuBLAS), ``+gemv`` with ``on``; the
   suffixes join the result key (``hylo_compiled_cublas``). ``+dattn`` (``HYLO_DECODE_ATTN=on``) computes attention
-  with hylo's split-KV Triton kernel (``hylo.ops.decode_attention``) instead of two matrix products and a softmax. On the CPU (``--smoke``) ``+gemv`` modes are skipped
-  with a note, unless ``TRITON_INTERPRET=1`` (then the kernel runs in Triton's interpreter, eager steps only).
+  with hylo's split-KV Triton kernel (``hylo.ops.decode_attention``) instead of two matrix products and a softmax.
+  On the CPU (``--smoke``) ``+gemv`` and ``+dattn`` modes are skipped with a note, unless ``TRITON_INTERPRET=1``
+  (then the kernels run in Triton's interpreter, eager steps only).
 - floor: bytes read per step (every weight once: the tied embedding is read whole by the LM head; plus the KV
   cache) / device-to-device copy bandwidth measured here with a 1 GiB copy (read + write bytes / time).
 - agreement: greedy tokens of both for the first 16 new tokens (reported, not a failure: bf16 kernels differ and

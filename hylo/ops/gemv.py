@@ -17,8 +17,8 @@ over ``K``) beat cuBLAS in a first H100 test (``benchmarks/gemv.py``). This modu
 the kernel, see :func:`enabled`), ``on`` or ``off``. Measured on an H100 (``benchmarks/results/gemv-h100.json``):
 the kernel is as fast as cuBLAS or faster on every matrix of the Qwen3-0.6B shape (the step's products 645 vs
 840 us for 1.19 GB), and the compiled, graphed Qwen3-0.6B step takes 1.343 instead of 1.409 ms
-(``benchmarks/results/qwen3-vs-transformers-h100-gemv-partial.json``). Under ``TRITON_INTERPRET=1`` the kernel also runs on CPU tensors (tests), with one fixed block
-config since the interpreter cannot autotune.
+(``benchmarks/results/qwen3-vs-transformers-h100-gemv-partial.json``). Under ``TRITON_INTERPRET=1`` the kernel
+also runs on CPU tensors (tests), with one fixed block config since the interpreter cannot autotune.
 """
 
 from __future__ import annotations
