@@ -7,6 +7,11 @@ an H100, then a merge:
         --patterns mamba2 deltanet gdn "swa (w=32)" "mamba2 + attn" --budget 220
     python benchmarks/mqar.py --merge benchmarks/results/mqar-h100-{a,b}/mqar.json --out benchmarks/results/mqar-h100
 
+Under an outer time limit (a device call), pass ``--wall-limit`` a little below it: each model's training is then
+fitted to the time left (less the warm-ups and scoring seen so far), so the last model is not killed mid-run; an
+interrupt (Ctrl-C, ``timeout -s INT``) during a model's training stops it there and still scores and saves it.
+``--lr-for 'mamba2 + attn=1e-2'`` gives one pattern its own rate (e.g. the best of an earlier ``--lrs`` sweep).
+
 Every pattern is a model of two sequence mixers and no MLP at width 128, as Zoology's MQAR models are, trained on
 the same mix of MQAR settings (sequence lengths 512 and 1024 with 8 to 256 key-value pairs, plus short easy
 settings; vocabulary 1024) with the same recipe for the same wall-clock budget, then scored on each setting.
@@ -171,6 +176,14 @@ def main() -> int:
                     help="learning rates to sweep: every pattern is trained at each (the budget is shared over "
                          "all runs) and its best run by mean accuracy is kept, as Zoology does (issue 5: Mamba2 "
                          "needs ~1e-2 where attention learns at 1e-3); default: --lr only")
+    ap.add_argument("--lr-for", action="append", default=[], metavar="PATTERN=LR",
+                    help="learning rate of one pattern (repeatable), e.g. --lr-for 'mamba2 + attn=1e-2'; the "
+                         "others take --lr (ignored with --lrs)")
+    ap.add_argument("--wall-limit", type=float, metavar="S",
+                    help="seconds for the whole script: each model's training is fitted to end early enough "
+                         "(--reserve) for its scoring and the final save; use it under an outer time limit")
+    ap.add_argument("--reserve", type=float, default=20.0,
+                    help="seconds kept free at the end of --wall-limit for scoring and saving")
     ap.add_argument("--vocab-size", type=int, default=1024)
     ap.add_argument("--max-steps", type=int, default=20_000, help="upper bound; the budget usually binds first")
     ap.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=list(PATTERNS))
@@ -205,6 +218,15 @@ def main() -> int:
                                  eval_interval=250, stop_accuracy=0.99, eval_batch_size=args.batch_size,
                                  curriculum=args.curriculum, curriculum_len=128,
                                  kernel_warmup=not args.no_kernel_warmup)
+    lr_for = {}
+    for item in args.lr_for:
+        name, eq, value = item.rpartition("=")
+        if not eq or name.strip() not in PATTERNS:
+            raise SystemExit(f"--lr-for {item!r}: use PATTERN=LR with PATTERN one of {list(PATTERNS)}")
+        try:
+            lr_for[name.strip()] = float(value)
+        except ValueError:
+            raise SystemExit(f"--lr-for {item!r}: {value!r} is not a number") from None
     cfg.patterns = [PATTERNS[n] for n in args.patterns]
     cfg.lr_sweep = args.lrs
     cfg.validate()
@@ -221,46 +243,66 @@ def main() -> int:
     result = {"kind": "mqar", "benchmark": "benchmarks/mqar.py", "environment": mqar.environment(),
               "settings": settings, "runs": []}
     spent = 0.0  # training seconds used so far (kernel warm-ups and evaluations are not counted)
-    lrs = args.lrs or [args.lr]
-    jobs = [(name, lr) for name in args.patterns for lr in lrs]
+    settings["lr_for"] = lr_for
+    deadline = None if args.wall_limit is None else t_start + args.wall_limit - args.reserve
+    jobs = [(name, lr) for name in args.patterns for lr in (args.lrs or [lr_for.get(name, args.lr)])]
     tried: list[dict] = []  # the current pattern's runs (one per learning rate)
-    for i, (name, lr) in enumerate(jobs):
-        left = len(jobs) - i
-        budget = max(5.0, (args.budget - spent) / left)
-        t_model = time.perf_counter()
-        one = dataclasses.replace(cfg, lr=lr, lr_sweep=None, time_budget_s=budget, max_time_s=1.5 * budget + 10)
-        print(f"[{i + 1}/{len(jobs)}] {name}: {PATTERNS[name]} · lr {lr:g} · {budget:.0f}s budget "
-              f"({time.perf_counter() - t_start:.0f}s elapsed)", flush=True)
-        try:
-            rec = mqar.train_one(PATTERNS[name], cfg.hidden[0], one, train, tests, device,
-                                 log=lambda s: print(s, flush=True))
-            rec["name"] = name
-            spent += rec["train_time_s"]
-            print(f"  {name}: " + " ".join(f"{k} {v:.2f}" for k, v in rec["accuracy"].items())
-                  + f" · {rec['steps']} steps in {rec['train_time_s']:.0f}s (+{rec['warmup_s']:.0f}s warm-up)",
-                  flush=True)
-        except Exception as e:  # noqa: BLE001 - record and go on
-            rec = {"name": name, "layers": PATTERNS[name], "hidden": cfg.hidden[0], "lr": lr, "accuracy": {},
-                   "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=10)}
-            print(f"  {name} FAILED: {rec['error']}", flush=True)
-            spent += time.perf_counter() - t_model
-            if device.type == "cuda":
-                try:
-                    torch.cuda.empty_cache()
-                except Exception:  # noqa: BLE001 - a device fault (illegal address) poisons this process's context
-                    rec["fatal"] = True
-        tried.append(rec)
-        if rec.get("fatal") or i + 1 == len(jobs) or jobs[i + 1][0] != name:  # the pattern's last rate
-            best = mqar.pick_best(tried)
-            if len(tried) > 1:
-                print(f"  {name}: best lr {best.get('lr', float('nan')):g} of {lrs}", flush=True)
-            result["runs"].append(best)
-            tried = []
-            mqar.save({**result, "table": mqar.table_rows(result)}, args.out, plot=False)  # partial results
-        if rec.get("fatal"):
-            print("  the CUDA context is lost after that fault: the remaining models cannot run in this process; "
-                  "results so far are saved", flush=True)
-            break
+    overheads: list[float] = []  # untimed seconds (kernel warm-up + scoring) of each model so far
+    overhead = 0.0
+    try:
+        for i, (name, lr) in enumerate(jobs):
+            left = len(jobs) - i
+            if deadline is not None and time.perf_counter() > deadline - 5:
+                result["stopped"] = f"--wall-limit {args.wall_limit:g}s reached before {name} (lr {lr:g})"
+                print(result["stopped"] + "; the results so far are kept", flush=True)
+                break
+            budget = max(5.0, (args.budget - spent) / left)
+            if deadline is not None:  # what the wall clock leaves, less each model's warm-up and scoring so far
+                budget = max(5.0, min(budget, (deadline - time.perf_counter()) / left - overhead))
+            t_model = time.perf_counter()
+            one = dataclasses.replace(cfg, lr=lr, lr_sweep=None, time_budget_s=budget, max_time_s=1.5 * budget + 10)
+            print(f"[{i + 1}/{len(jobs)}] {name}: {PATTERNS[name]} · lr {lr:g} · {budget:.0f}s budget "
+                  f"({time.perf_counter() - t_start:.0f}s elapsed)", flush=True)
+            try:
+                rec = mqar.train_one(PATTERNS[name], cfg.hidden[0], one, train, tests, device,
+                                     log=lambda s: print(s, flush=True), deadline=deadline)
+                rec["name"] = name
+                spent += rec["train_time_s"]
+                overheads.append(rec["warmup_s"] + rec["eval_time_s"])
+                overhead = sum(overheads) / len(overheads)
+                print(f"  {name}: " + " ".join(f"{k} {v:.2f}" for k, v in rec["accuracy"].items())
+                      + f" · {rec['steps']} steps in {rec['train_time_s']:.0f}s (+{rec['warmup_s']:.0f}s warm-up)",
+                      flush=True)
+            except Exception as e:  # noqa: BLE001 - record and go on
+                rec = {"name": name, "layers": PATTERNS[name], "hidden": cfg.hidden[0], "lr": lr, "accuracy": {},
+                       "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=10)}
+                print(f"  {name} FAILED: {rec['error']}", flush=True)
+                spent += time.perf_counter() - t_model
+                if device.type == "cuda":
+                    try:
+                        torch.cuda.empty_cache()
+                    except Exception:  # noqa: BLE001 - a device fault (illegal address) poisons this process's context
+                        rec["fatal"] = True
+            tried.append(rec)
+            if (rec.get("fatal") or rec.get("interrupted") or i + 1 == len(jobs)
+                    or jobs[i + 1][0] != name):  # the pattern's last rate
+                best = mqar.pick_best(tried)
+                if len(tried) > 1:
+                    print(f"  {name}: best lr {best.get('lr', float('nan')):g} of {args.lrs}", flush=True)
+                result["runs"].append(best)
+                tried = []
+                mqar.save({**result, "table": mqar.table_rows(result)}, args.out, plot=False)  # partial results
+            if rec.get("fatal"):
+                print("  the CUDA context is lost after that fault: the remaining models cannot run in this process; "
+                      "results so far are saved", flush=True)
+                break
+            if rec.get("interrupted"):  # scored where it stopped (train_one); the user asked to stop
+                result["interrupted"] = True
+                print("  interrupted: the remaining models are not trained; results so far are saved", flush=True)
+                break
+    except KeyboardInterrupt:  # outside a model's training (warm-up, scoring): keep the finished models
+        result["interrupted"] = True
+        print("interrupted: saving the models finished so far", flush=True)
     result["table"] = mqar.table_rows(result)
     try:
         result["separation"] = separation(result)

@@ -59,6 +59,24 @@ def test_mqar_smoke_with_a_learning_rate_sweep(tmp_path):
     assert (tmp_path / "mqar.png").is_file() and "separation" in res
 
 
+def test_mqar_per_pattern_rates_and_a_wall_limit(tmp_path):
+    """--lr-for sets one pattern's rate; --wall-limit stops before a model when the time is up and still writes
+    the results (train_one's deadline itself: tests/test_mqar.py)."""
+    _run(["benchmarks/mqar.py", "--smoke", "--out", str(tmp_path / "a"), "--patterns", "attn", "mamba2",
+          "--lr-for", "mamba2=1e-2"])
+    res = json.loads((tmp_path / "a" / "mqar.json").read_text())
+    assert [(r["name"], r["lr"]) for r in res["runs"]] == [("attn", 1e-3), ("mamba2", 1e-2)]
+    assert res["settings"]["lr_for"] == {"mamba2": 1e-2}
+    proc = subprocess.run([sys.executable, "benchmarks/mqar.py", "--smoke", "--out", str(tmp_path / "b"),
+                           "--patterns", "attn", "mamba2", "--wall-limit", "0"],  # no time left for any model
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    res = json.loads((tmp_path / "b" / "mqar.json").read_text())  # written all the same
+    assert proc.returncode == 1 and res["runs"] == [] and "before attn" in res["stopped"]
+    proc = subprocess.run([sys.executable, "benchmarks/mqar.py", "--smoke", "--out", str(tmp_path / "c"),
+                           "--lr-for", "nope=1"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "PATTERN=LR" in proc.stderr + proc.stdout
+
+
 def test_qwen3_vs_transformers_smoke(tmp_path):
     out = tmp_path / "q3.json"
     _run(["benchmarks/qwen3_vs_transformers.py", "--smoke", "--out", str(out), "--modes",

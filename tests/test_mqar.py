@@ -3,6 +3,7 @@ harness and `hylo eval mqar` at toy sizes on the CPU."""
 
 import dataclasses
 import json
+import time
 
 import pytest
 import torch
@@ -324,3 +325,34 @@ def test_cli_lrs_sweeps_and_reports_the_kept_rate(tmp_path, monkeypatch):
     assert [s["lr"] for s in run["lr_sweep"]] == [1e-3, 1e-2] and run["lr"] in (1e-3, 1e-2)
     bad = CliRunner().invoke(app, ["mqar", "--lrs", "fast", "--out", str(out)])
     assert bad.exit_code == 1 and "--lrs takes numbers" in bad.output
+
+
+def test_deadline_and_interrupt_stop_training_but_keep_the_scored_model(monkeypatch):
+    """A wall-clock deadline fits the budgeted schedule to it and stops a run still going (truncated); a
+    KeyboardInterrupt during training stops it where it is and the model is still scored (interrupted); run()
+    then trains no further model but keeps what ran."""
+    cfg = _tiny(patterns=["a f"], steps=10_000, log_interval=1000, kernel_warmup=False)
+    train, tests = mqar.build_data(cfg)
+    cpu = torch.device("cpu")
+    rec = mqar.train_one("a f", 32, cfg, train, tests, cpu, log=lambda s: None, deadline=time.perf_counter() + 0.3)
+    assert rec["truncated"] and not rec["interrupted"] and 1 <= rec["steps"] < 10_000
+    assert set(rec["accuracy"]) == set(tests)
+    budgeted = dataclasses.replace(cfg, time_budget_s=60.0, calib_steps=6)  # the deadline binds, not the budget
+    t0 = time.perf_counter()
+    rec = mqar.train_one("a f", 32, budgeted, train, tests, cpu, log=lambda s: None, deadline=t0 + 0.5)
+    assert rec["planned_steps"] < 10_000 and time.perf_counter() - t0 < 5
+
+    real, calls = mqar.mqar_loss, []
+
+    def interrupt_at_5(*a):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*a)
+    monkeypatch.setattr(mqar, "mqar_loss", interrupt_at_5)
+    logs = []
+    res = mqar.run(_tiny(patterns=["a f", "d f"], steps=50, log_interval=100, kernel_warmup=False), log=logs.append)
+    assert res.get("interrupted") and [r["name"] for r in res["runs"]] == ["a f"]  # "d f" never started
+    r = res["runs"][0]
+    assert r["interrupted"] and r["truncated"] and r["steps"] == 5 and set(r["accuracy"]) == set(tests)
+    assert any("interrupted at step 5" in line for line in logs)

@@ -535,9 +535,14 @@ def warm_up(model, loss_fn, train: MQARData, tests: dict[str, MQARData], cfg: Ha
 
 
 def train_one(pattern, hidden: int, cfg: HarnessConfig, train: MQARData, tests: dict[str, MQARData],
-              device: torch.device, log: Callable[[str], None] = print) -> dict:
-    """Train one model on the mix and score it on every test set. Returns a result record (no exceptions
-    caught here: :func:`run` records them)."""
+              device: torch.device, log: Callable[[str], None] = print, deadline: float | None = None) -> dict:
+    """Train one model on the mix and score it on every test set. Returns a result record (exceptions are not
+    caught here: :func:`run` records them).
+
+    ``deadline`` (a ``time.perf_counter()`` value) is a wall-clock end for the training: the budgeted schedule is
+    fitted to it, and a run still going then stops and is scored (``truncated``). A ``KeyboardInterrupt`` (Ctrl-C,
+    or ``timeout -s INT``) during training also stops it there and the model is still scored, so what it learned
+    is kept; the record says ``interrupted`` and the caller should stop. A second interrupt aborts the scoring."""
     from ..model import HybridLM
     from ..train.schedule import Schedule
 
@@ -580,64 +585,74 @@ def train_one(pattern, hidden: int, cfg: HarnessConfig, train: MQARData, tests: 
     n_acc = 0
     step = 0
     model.train()
-    for step in range(1, cfg.steps + 1):
-        if cfg.time_budget_s is not None and step in (calib_from, cfg.calib_steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+    interrupted = False
+    try:
+        for step in range(1, cfg.steps + 1):
+            if cfg.time_budget_s is not None and step in (calib_from, cfg.calib_steps):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                now = time.perf_counter()
+                if step == calib_from:
+                    t_calib = now
+                else:  # fit the rest of the run into the budget; the schedule object is shared with LambdaLR
+                    dt = (now - t_calib) / (cfg.calib_steps - calib_from)
+                    avail = cfg.time_budget_s - (now - t0)
+                    if deadline is not None:
+                        avail = min(avail, deadline - now)
+                    fits = step + int(avail / max(dt, 1e-6))
+                    total = max(step + 1, min(cfg.steps, fits))
+                    schedule.total_steps = total
+                    schedule.warmup_steps = min(schedule.warmup_steps, max(step, int(round(cfg.warmup * total))))
+                    log(f"  {name} h={hidden}: {dt * 1e3:.1f} ms/step -> {total} steps in the "
+                        f"{cfg.time_budget_s:.0f}s budget")
+            idx = torch.randint(0, N, (cfg.batch_size,), device=device, generator=gen)
+            ramp = cfg.curriculum * total
+            if short_rows is not None and step <= ramp:  # row i keeps its mix draw with probability step/ramp
+                pick = short_rows[torch.randint(0, len(short_rows), (cfg.batch_size,), device=device, generator=gen)]
+                keep = torch.rand(cfg.batch_size, device=device, generator=gen) < step / ramp
+                idx = torch.where(keep, idx, pick)
+            with _autocast(device, cfg.bf16):
+                loss = loss_fn(model, train.inputs[idx], train.query_pos[idx], train.answers[idx])
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            loss_acc += loss.detach()
+            n_acc += 1
+            last = step == total
             now = time.perf_counter()
-            if step == calib_from:
-                t_calib = now
-            else:  # fit the rest of the run into the budget; the schedule object is shared with LambdaLR
-                dt = (now - t_calib) / (cfg.calib_steps - calib_from)
-                fits = step + int((cfg.time_budget_s - (now - t0)) / max(dt, 1e-6))
-                total = max(step + 1, min(cfg.steps, fits))
-                schedule.total_steps = total
-                schedule.warmup_steps = min(schedule.warmup_steps, max(step, int(round(cfg.warmup * total))))
-                log(f"  {name} h={hidden}: {dt * 1e3:.1f} ms/step -> {total} steps in the "
-                    f"{cfg.time_budget_s:.0f}s budget")
-        idx = torch.randint(0, N, (cfg.batch_size,), device=device, generator=gen)
-        ramp = cfg.curriculum * total
-        if short_rows is not None and step <= ramp:  # row i keeps its mix draw with probability step/ramp
-            pick = short_rows[torch.randint(0, len(short_rows), (cfg.batch_size,), device=device, generator=gen)]
-            keep = torch.rand(cfg.batch_size, device=device, generator=gen) < step / ramp
-            idx = torch.where(keep, idx, pick)
-        with _autocast(device, cfg.bf16):
-            loss = loss_fn(model, train.inputs[idx], train.query_pos[idx], train.answers[idx])
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        loss_acc += loss.detach()
-        n_acc += 1
-        last = step == total
-        over = cfg.max_time_s is not None and time.perf_counter() - t0 > cfg.max_time_s
-        probe_now = bool(cfg.eval_interval) and step % cfg.eval_interval == 0
-        if step % cfg.log_interval == 0 or probe_now or last or over:
-            mean = float(loss_acc) / n_acc
-            if not math.isfinite(mean):
-                raise FloatingPointError(f"loss is {mean} at step {step} (lr {lr:g}): lower the learning rate")
-            rec = {"step": step, "loss": mean, "time_s": time.perf_counter() - t0}
-            if probe_now and not last:
-                k = _key(max(map(parse_setting, cfg.test), key=lambda s: (s[1], s[0])))  # hardest, one batch
-                probe = dataclasses.replace(tests[k], **{f: getattr(tests[k], f)[:cfg.eval_batch_size] for f in
-                                                         ("inputs", "targets", "query_pos", "answers")})
-                rec[f"acc_{k}"] = evaluate(model, probe, cfg.eval_batch_size, cfg.bf16)
-                if cfg.stop_accuracy is not None and rec[f"acc_{k}"] >= cfg.stop_accuracy:
-                    solved = step
-            history.append(rec)
-            extra = "".join(f" {k} {v:.3f}" for k, v in rec.items() if k.startswith("acc_"))
-            log(f"  {name} h={hidden} step {step}/{total} loss {mean:.4f}{extra} ({rec['time_s']:.1f}s)")
-            loss_acc.zero_()
-            n_acc = 0
-        if over and not last:
-            truncated = True
-            log(f"  {name} h={hidden}: time cap {cfg.max_time_s:.0f}s reached at step {step}; evaluating")
-        if solved and not last:
-            log(f"  {name} h={hidden}: probe accuracy >= {cfg.stop_accuracy} at step {step}; stopping early")
-        if last or over or solved:
-            break
+            over = ((cfg.max_time_s is not None and now - t0 > cfg.max_time_s)
+                    or (deadline is not None and now > deadline))
+            probe_now = bool(cfg.eval_interval) and step % cfg.eval_interval == 0
+            if step % cfg.log_interval == 0 or probe_now or last or over:
+                mean = float(loss_acc) / n_acc
+                if not math.isfinite(mean):
+                    raise FloatingPointError(f"loss is {mean} at step {step} (lr {lr:g}): lower the learning rate")
+                rec = {"step": step, "loss": mean, "time_s": time.perf_counter() - t0}
+                if probe_now and not last:
+                    k = _key(max(map(parse_setting, cfg.test), key=lambda s: (s[1], s[0])))  # hardest, one batch
+                    probe = dataclasses.replace(tests[k], **{f: getattr(tests[k], f)[:cfg.eval_batch_size] for f in
+                                                             ("inputs", "targets", "query_pos", "answers")})
+                    rec[f"acc_{k}"] = evaluate(model, probe, cfg.eval_batch_size, cfg.bf16)
+                    if cfg.stop_accuracy is not None and rec[f"acc_{k}"] >= cfg.stop_accuracy:
+                        solved = step
+                history.append(rec)
+                extra = "".join(f" {k} {v:.3f}" for k, v in rec.items() if k.startswith("acc_"))
+                log(f"  {name} h={hidden} step {step}/{total} loss {mean:.4f}{extra} ({rec['time_s']:.1f}s)")
+                loss_acc.zero_()
+                n_acc = 0
+            if over and not last:
+                truncated = True
+                log(f"  {name} h={hidden}: time cap reached at step {step}; evaluating")
+            if solved and not last:
+                log(f"  {name} h={hidden}: probe accuracy >= {cfg.stop_accuracy} at step {step}; stopping early")
+            if last or over or solved:
+                break
+    except KeyboardInterrupt:  # keep what was learned: score the model as it is, then let the caller stop
+        interrupted = truncated = True
+        log(f"  {name} h={hidden}: interrupted at step {step}; evaluating (interrupt again to abort)")
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_time = time.perf_counter() - t0
@@ -645,6 +660,7 @@ def train_one(pattern, hidden: int, cfg: HarnessConfig, train: MQARData, tests: 
     acc = {k: evaluate(model, d, cfg.eval_batch_size, cfg.bf16) for k, d in tests.items()}
     return {"name": name, "layers": mcfg.pattern_short, "hidden": hidden, "params": n_params,
             "state_bytes": state_bytes, "lr": lr, "steps": step, "planned_steps": total, "truncated": truncated,
+            "interrupted": interrupted,
             "solved_at": solved or None,
             "warmup_s": round(warmup_s, 2), "train_time_s": round(train_time, 2),
             "eval_time_s": round(time.perf_counter() - t1, 2),
@@ -685,12 +701,18 @@ def run(cfg: HarnessConfig, log: Callable[[str], None] = print,
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             tried.append(rec)
+            if rec.get("interrupted"):
+                break
         rec = pick_best(tried)
         if len(tried) > 1:
             log(f"  {name} h={hidden}: best lr {rec.get('lr', float('nan')):g} of {cfg.lrs_for(name)}")
         result["runs"].append(rec)
         if on_result is not None:
             on_result(result)
+        if any(r.get("interrupted") for r in tried):  # the user (or a time limit) asked to stop: keep what ran
+            result["interrupted"] = True
+            log("interrupted: the remaining models are not trained; the results so far are kept")
+            break
     result["table"] = table_rows(result)
     result["total_time_s"] = round(time.perf_counter() - t0, 1)
     return result
