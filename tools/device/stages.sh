@@ -1,7 +1,9 @@
 #!/bin/bash
 # Stages of a GPU session, run on the device machine from a copy of the tree (tools/device/prepare.sh copies this
 # to .carry/h100.sh). Usage there: LANE=0 MQ_ARGS='...' bash .carry/h100.sh env mqar ...
-# Carry [".whl", ".carry/h100.sh", ".carry/tcache", ".carry/gbpack", ".carry/evaldata", ...] as the stages need.
+# Carry [".whl", ".carry/h100.sh", ".carry/tcache", ".carry/gbpack", ".carry/evaldata", ...] as the stages need;
+# always carry .carry/tcache for stages that compile (qwen3, mqar, tt): without it a fresh machine spends minutes
+# compiling (2026-12-06: a qwen3 mode was cut off that way).
 # Results go to /tmp/res$LANE, tarred to $OUT/res$LANE.tgz; the Triton cache comes back as $OUT/tcache$LANE.part*
 # pieces of 15 MB (the device returns files of at most 16 MiB): `cat tcache0.part* > .carry/tcache/all.tgz`.
 set -u
@@ -23,7 +25,7 @@ for stage in "$@"; do
   echo "=== lane $LANE stage $stage $(date +%T)"
   case $stage in
     env) nvidia-smi --query-gpu=name,memory.used --format=csv; python3 -c "import torch,triton,fla;print(torch.__version__,triton.__version__,fla.__version__)";;
-    mqar) eval lim ${MQ_LIMIT:-540} python3 benchmarks/mqar.py --out $R/mqar $MQ_ARGS 2>&1 | tail -${MQ_TAIL:-60};;
+    mqar) ML=${MQ_LIMIT:-540}; eval lim $ML python3 benchmarks/mqar.py --out $R/mqar --wall-limit $((ML - 10)) $MQ_ARGS 2>&1 | grep -v "^ *[a-z0-9 ]* h=[0-9]* step" | tail -${MQ_TAIL:-60};;
     gutenberg-on) lim ${GB_LIMIT:-240} python3 benchmarks/gutenberg_run.py --data .carry/gbpack --heldout .carry/evaldata/gutenberg_val.txt.gz --wikitext .carry/evaldata/wiki.valid.tokens --modes on --runs-dir /tmp/gruns --out $R/gutenberg ${GB_ARGS:-} 2>&1 | tail -25;;
     retrieval) lim ${RT_LIMIT:-200} python3 -m hylo.cli eval retrieval /tmp/gruns/wn-on/run --lengths ${RT_LENGTHS:-1024,2048,4096} --haystack .carry/evaldata/gutenberg_val.txt.gz --out $R/retrieval 2>&1 | tail -30;;
     tt) lim ${TT_LIMIT:-400} python3 benchmarks/train_throughput.py --data .carry/gbpack --out $R/tt.json $TT_ARGS 2>&1 | tail -${TT_TAIL:-50};;
