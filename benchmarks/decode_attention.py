@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hylo.layers.attention import decode_attention as matmul_path  # noqa: E402
 from hylo.ops import decode_attention as DA  # noqa: E402
 from hylo.runinfo import versions  # noqa: E402
+from timing import capture  # noqa: E402  (benchmarks/timing.py)
 
 
 def inputs(B, H, Hkv, L, Dh, dtype, device, seed=0):
@@ -36,17 +37,7 @@ def baseline(q, k, v, pos):
 
 def graphed_ms(fn, iters=200):
     """Mean ms of one call replayed from a CUDA graph (the decode step's setting)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
+    graph = capture(fn)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(iters):

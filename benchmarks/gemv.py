@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hylo.ops import gemv as hylo_gemv  # noqa: E402
+from timing import capture  # noqa: E402  (benchmarks/timing.py)
 
 # Qwen3-0.6B decode step: qkv, o, gate_up, down (x28 layers) and the tied LM head
 SHAPES = {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072),
@@ -46,18 +47,10 @@ def triton_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def graph_us(fn, ws: list, calls: int) -> float:
     """Median microseconds per call of ``fn(w)`` replayed ``calls`` times inside one CUDA graph, cycling through
     the weights ``ws``."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for w in ws[:3]:
-            fn(w)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    def all_calls():
         for i in range(calls):
             fn(ws[i % len(ws)])
-    g.replay()
-    torch.cuda.synchronize()
+    g = capture(all_calls, warmup=1)
     times = []
     for _ in range(5):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hylo.config import HyloConfig  # noqa: E402
 from hylo.layers import layer_class  # noqa: E402
 from hylo.ops.backend import backend  # noqa: E402
-from timing import median_ms  # noqa: E402  (benchmarks/timing.py)
+from timing import capture, median_ms  # noqa: E402  (benchmarks/timing.py)
 from hylo.runinfo import versions  # noqa: E402
 
 OPS = ["attn", "swa", "mamba2", "deltanet", "gdn", "jet", "ffn"]
@@ -135,15 +135,7 @@ def bench_op(op: str, cfg: HyloConfig, B: int, T: int) -> dict:
             for k in st:
                 st[k].copy_(snapshot[k])
             try:
-                s = torch.cuda.Stream()
-                s.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(s):
-                    for _ in range(3):
-                        step()
-                torch.cuda.current_stream().wait_stream(s)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    step()
+                g = capture(step)
                 res["step_ms_graph"] = median_ms(g.replay, rep=100)
             except Exception as e:  # noqa: BLE001
                 res["step_ms_graph"] = None

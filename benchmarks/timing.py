@@ -1,4 +1,5 @@
-"""The one timing helper of the benchmark scripts: median milliseconds of a call, CUDA events on a GPU."""
+"""The timing helpers of the benchmark scripts: median milliseconds of a call (CUDA events on a GPU), a CUDA
+graph captured after a side-stream warm-up, and kernel tables from torch.profiler."""
 
 from __future__ import annotations
 
@@ -30,6 +31,23 @@ def median_ms(fn, rep: int = 10, warmup: int = 3) -> float:
             fn()
             times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
+
+
+def capture(fn, warmup: int = 3) -> torch.cuda.CUDAGraph:
+    """``fn()`` captured as a CUDA graph, after ``warmup`` calls on a side stream (as PyTorch's docs require: lazy
+    initialisation, autotuning and allocator warm-up must not happen during capture); replayed once."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    return g
 
 
 MATMUL_KERNELS = ("gemm", "gemv", "nvjet", "cublas", "cutlass", "splitk", "mm_")  # names of matrix-product kernels

@@ -18,21 +18,9 @@ L = 37  # not a multiple of the interpreter's block (16)
 
 
 @pytest.fixture
-def interp(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-@pytest.fixture
-def spy(monkeypatch):
-    """Counts calls of the op (``Attention.step`` looks it up at each call) and still runs it."""
-    calls = []
-    real = DA.decode_attention
-
-    def wrapped(q, k, v, pos):
-        calls.append(tuple(q.shape))
-        return real(q, k, v, pos)
-    monkeypatch.setattr(DA, "decode_attention", wrapped)
-    return calls
+def spy(spy_on):
+    """Shapes of the calls of the op (its callers look it up at each call); it still runs."""
+    return spy_on(DA, "decode_attention")
 
 
 def make(B, H, Hkv, Dh, dtype=torch.float32, cap=L, seed=0):
