@@ -26,3 +26,29 @@ def spy_on(monkeypatch):
         monkeypatch.setattr(module, name, wrapped)
         return calls
     return attach
+
+
+@pytest.fixture
+def dynamo_targets():
+    """``dynamo_targets(fn, *args)``: the ``call_function`` targets of the one graph dynamo captures from
+    ``fn(*args)`` (``fullgraph``, not compiled, not run: the capture stops there), under ``no_grad``. What
+    torch.compile would hand inductor on a GPU, checked on the CPU."""
+    class Captured(Exception):
+        pass
+
+    def run(fn, *args) -> list:
+        graphs = []
+
+        def backend(gm, example_inputs):
+            graphs.append(gm)
+            raise Captured
+
+        torch._dynamo.reset()
+        try:
+            with torch.no_grad(), pytest.raises(Exception) as e:
+                torch.compile(fn, backend=backend, dynamic=False, fullgraph=True)(*args)
+        finally:
+            torch._dynamo.reset()
+        assert len(graphs) == 1, e.value
+        return [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    return run
