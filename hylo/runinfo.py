@@ -24,8 +24,22 @@ def commit() -> str:
         return "unknown"
 
 
+# switches read from the environment at each use (not Choice objects), with their defaults
+_ENV_SWITCHES = {"HYLO_PAD_HEADS": "1", "HYLO_SSD_PAD_V": "1", "HYLO_GATED_BWD": "auto"}
+
+
+def switches() -> dict:
+    """The value of every ``HYLO_*`` kernel switch in this process (``Choice`` objects and environment-only ones):
+    the same code runs different kernels under different switches, so a timing means little without them."""
+    from .ops import backend, decode_attention, gemv, linear_ce  # noqa: F401  (each registers its Choice)
+
+    out = {env: c.value for env, c in sorted(backend.Choice.registry.items())}
+    out.update({k: os.environ.get(k, d) for k, d in _ENV_SWITCHES.items()})
+    return out
+
+
 def versions() -> dict:
-    """python, torch, triton, fla, transformers and hylo versions, and the commit."""
+    """python, torch, triton, fla, transformers and hylo versions, the commit and hylo's kernel switches."""
     import torch
 
     import hylo
@@ -37,6 +51,10 @@ def versions() -> dict:
         except Exception as e:  # noqa: BLE001
             out[mod] = f"unavailable ({type(e).__name__})"
     out["commit"] = commit()
+    try:
+        out["switches"] = switches()
+    except Exception as e:  # noqa: BLE001  (a record must not fail for its metadata)
+        out["switches"] = f"unavailable ({type(e).__name__}: {e})"
     return out
 
 

@@ -231,3 +231,15 @@ def test_benchmark_modes():
         ("hylo_cublas", False, off), ("hylo_compiled_dattn_cublas", True, {**dattn, **off})]
     with pytest.raises(SystemExit, match="suffix"):
         mod.parse_modes("eager+fast")
+
+
+def test_result_files_record_the_kernel_switches(monkeypatch):
+    """hylo.runinfo.versions() (in every result file) records each switch as it is at that moment."""
+    from hylo.runinfo import versions
+
+    monkeypatch.setenv("HYLO_PAD_HEADS", "0")
+    with G.gemv_mode("off"):
+        sw = versions()["switches"]
+    assert sw["HYLO_GEMV"] == "off" and sw["HYLO_PAD_HEADS"] == "0"
+    assert {"HYLO_BACKEND", "HYLO_SDPA", "HYLO_DECODE_ATTN", "HYLO_LINEAR_CE", "HYLO_SSD_PAD_V"} <= set(sw)
+    assert versions()["switches"]["HYLO_GEMV"] == G.get_gemv()

@@ -21,7 +21,10 @@ import torch
 
 class Choice:
     """A process-wide choice among fixed names: read from an environment variable at import, then settable
-    (:meth:`set`) or scoped (:meth:`use`). Every such switch of hylo's ops is one of these."""
+    (:meth:`set`) or scoped (:meth:`use`). Every such switch of hylo's ops is one of these; :data:`registry`
+    holds each (by environment variable), so result files can record them (:func:`hylo.runinfo.switches`)."""
+
+    registry: dict[str, "Choice"] = {}
 
     def __init__(self, what: str, env: str, choices: tuple[str, ...], default: str):
         self.what, self.env, self.choices = what, env, choices
@@ -30,6 +33,7 @@ class Choice:
         if name not in choices:
             raise ValueError(f"{env}={name!r} is invalid: use one of {choices}")
         self.value = name
+        Choice.registry[env] = self
 
     def set(self, name: str) -> None:
         if name not in self.choices:
