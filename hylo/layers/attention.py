@@ -27,24 +27,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..config import HyloConfig
 from ..ops import decode_attention as split_kv
 from ..ops.backend import get_sdpa, use_fast
+from ..ops.rope import apply_rope, rope_cos_sin
 from .base import Layer, State, fuse_projection_keys
 from .norm import RMSNorm
-
-
-# ----------------------------------------------------------------------------- RoPE
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin for ``positions`` (any shape), computed in float32 as Llama/Qwen do. Returns ``[..., head_dim]``."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    freqs = positions.float().unsqueeze(-1) * inv_freq
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x: [B, T, H, Dh]`` by cos/sin ``[B or 1, T, Dh]`` (rotate-half convention)."""
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 # ----------------------------------------------------------------------------- attention cores

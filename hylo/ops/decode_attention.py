@@ -129,7 +129,10 @@ if triton is not None:
         m_h = heads < G
         rows = pid * G + heads  # = b * H + kvh * G + i: the query heads' rows of q and the output
         d = tl.arange(0, D)
-        qt = tl.load(q + rows[:, None] * D + d[None, :], mask=m_h[:, None], other=0.0).to(tl.float32) * qk_scale
+        # cast after scaling: inductor's launcher may hand qk_scale in as a float64 scalar, which would make the
+        # loop-carried max float64 (an H100 compile failed on that)
+        qt = (tl.load(q + rows[:, None] * D + d[None, :], mask=m_h[:, None], other=0.0).to(tl.float32) * qk_scale
+              ).to(tl.float32)
         kv = pid.to(tl.int64) * L * D  # this KV head's cache
 
         m_i = tl.full([GP], float("-inf"), dtype=tl.float32)

@@ -14,6 +14,8 @@ if [ ! -d /tmp/site ]; then
 fi
 export PYTHONPATH=/tmp/site:$PWD
 export TRITON_CACHE_DIR=/tmp/tcache$LANE TRITON_CACHE_AUTOTUNING=1
+# inductor's FX-graph and autotune caches travel in the same tarball: a warm machine skips Python-side compiling too
+export TORCHINDUCTOR_CACHE_DIR=/tmp/tcache$LANE/inductor
 mkdir -p $TRITON_CACHE_DIR
 if [ ! -f $TRITON_CACHE_DIR/.restored ]; then
   for t in .carry/tcache/*.tgz; do [ -f "$t" ] && tar xzf "$t" -C $TRITON_CACHE_DIR 2>/dev/null; done
