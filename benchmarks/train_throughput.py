@@ -21,6 +21,7 @@ eager runs also time each operator's block alone.
     python benchmarks/train_throughput.py --data DATA_DIR --out r.json --models attn-125m --compile compiled \\
         --sdpa auto cudnn   # PyTorch's SDPA kernel for causal attention (hylo.ops.backend's HYLO_SDPA)
         --nan-check deferred sync   # the trainer's non-finite check without / with a host sync every step
+        --rope torch triton   # RoPE's q/k rotation: fused by inductor, or hylo's Triton kernel (HYLO_ROPE)
     python benchmarks/train_throughput.py --data DATA_DIR --out smoke.json --smoke   # CPU, tiny: checks the script
 """
 
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 
 from hylo.flops import model_flops, peak_bf16_tflops
 from hylo.model import HybridLM
-from hylo.ops import backend, linear_ce
+from hylo.ops import backend, linear_ce, rope
 from hylo.presets import NEMOTRON_FLASH_1B
 from hylo.train import train
 from hylo.runinfo import versions
@@ -247,7 +248,7 @@ def step_kernels(model: HybridLM, batch: int, seq_len: int, loss_impl: str) -> d
 
 
 # ----------------------------------------------------------------------------------------------- one run
-RUN_KEYS = ("model", "mode", "loss", "sdpa", "nan_check", "model_config")  # what a run record copies from its spec
+RUN_KEYS = ("model", "mode", "loss", "sdpa", "nan_check", "rope", "model_config")  # what a run record copies from its spec
 
 
 def one_run(spec: dict) -> dict:
@@ -256,6 +257,7 @@ def one_run(spec: dict) -> dict:
     run = {k: spec[k] for k in RUN_KEYS}
     try:
         backend.set_sdpa(spec["sdpa"])  # before the model is built and compiled (read at each attention call)
+        rope.set_rope(spec["rope"])  # likewise: the q/k rotation (hylo.ops.rope, HYLO_ROPE)
         from hylo.train.trainer import Trainer
 
         Trainer._defer_checks = spec["nan_check"] == "deferred"  # the trainer's per-step check (module docstring)
@@ -354,6 +356,9 @@ def main() -> None:
     ap.add_argument("--nan-check", nargs="+", default=["deferred"], choices=["deferred", "sync"],
                     help="the trainer's per-step non-finite check, one set of runs each: deferred (its default: no "
                          "GPU->host sync per step, with a fused AdamW) or sync (loss and grad norm read every step)")
+    ap.add_argument("--rope", nargs="+", default=["torch"], choices=["torch", "triton"],
+                    help="RoPE's q/k rotation (hylo.ops.rope, HYLO_ROPE), one set of runs each: torch (inductor fuses "
+                         "it) or triton (hylo's kernel, forward and backward). Without CUDA or with --smoke, only torch")
     ap.add_argument("--time-limit", type=float, default=None,
                     help="seconds for the whole script: a run still going then is stopped (recorded as such), "
                          "later steps are skipped, and what was measured is saved")
@@ -383,6 +388,8 @@ def main() -> None:
     if args.smoke or not cuda:  # flash, cudnn and efficient: CUDA kernels (the CPU runs the reference attention)
         skipped = [f"--sdpa {s}: needs CUDA and no --smoke" for s in args.sdpa if s not in ("auto", "math")]
         args.sdpa = [s for s in args.sdpa if s in ("auto", "math")]
+        skipped += [f"--rope {r}: needs CUDA and no --smoke" for r in args.rope if r != "torch"]
+        args.rope = ["torch"]
         for s in skipped:
             print(f"skipped: {s}", flush=True)
     measured_peak = matmul_tflops(128 if args.smoke else 8192, device=dev.type)
@@ -435,13 +442,13 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     # 3. the training runs, each in its own process
-    for mname, mode, loss, sdpa, nan_check in itertools.product(args.models, args.compile, args.loss, args.sdpa,
-                                                                args.nan_check):
-        tag = f"{mname}/{mode}/{loss}/sdpa={sdpa}/nan_check={nan_check}"
+    for mname, mode, loss, sdpa, nan_check, rope_path in itertools.product(args.models, args.compile, args.loss,
+                                                                           args.sdpa, args.nan_check, args.rope):
+        tag = f"{mname}/{mode}/{loss}/sdpa={sdpa}/nan_check={nan_check}/rope={rope_path}"
         if left() is not None and left() < 30:
             result["skipped"].append(f"run {tag}: time limit")
             continue
-        spec = dict(model=mname, mode=mode, loss=loss, sdpa=sdpa, nan_check=nan_check,
+        spec = dict(model=mname, mode=mode, loss=loss, sdpa=sdpa, nan_check=nan_check, rope=rope_path,
                     model_config=dict(MODELS[mname], vocab_size=args.vocab_size), smoke=args.smoke,
                     args=vars(args), peak_tflops_datasheet=sheet_peak, peak_tflops_measured_matmul=measured_peak)
         run = run_in_child(spec, left())
@@ -462,20 +469,21 @@ def main() -> None:
 
     # relative_to_attn: vs the attn-125m run of the same mode, loss and SDPA kernel; relative_to_sdpa_auto: vs the
     # same model, mode and loss with PyTorch's own kernel choice (when --sdpa has auto)
-    tps = {(r["model"], r["mode"], r["loss"], r["sdpa"], r["nan_check"]): r.get("tokens_per_s")
+    tps = {(r["model"], r["mode"], r["loss"], r["sdpa"], r["nan_check"], r["rope"]): r.get("tokens_per_s")
            for r in result["runs"]}
-    print(f"\n{'model':<22}{'mode':<28}{'loss':<7}{'sdpa':<10}{'check':<9}{'params':>12}{'tok/s':>12}{'MFU':>8}{'vs attn':>9}"
+    print(f"\n{'model':<22}{'mode':<28}{'loss':<7}{'sdpa':<10}{'check':<9}{'rope':<8}{'params':>12}{'tok/s':>12}{'MFU':>8}{'vs attn':>9}"
           f"{'vs auto':>9}{'peak GiB':>10}{'loss@end':>10}")
     for r in result["runs"]:
         if "error" in r:
-            print(f"{r['model']:<22}{r['mode']:<28}{r['loss']:<7}{r['sdpa']:<10}{r['nan_check']:<9} "
+            print(f"{r['model']:<22}{r['mode']:<28}{r['loss']:<7}{r['sdpa']:<10}{r['nan_check']:<9}{r['rope']:<8} "
                   f"ERROR {r['error'][:80]}")
             continue
-        base = tps.get(("attn-125m", r["mode"], r["loss"], r["sdpa"], r["nan_check"]))
-        auto = tps.get((r["model"], r["mode"], r["loss"], "auto", r["nan_check"]))
+        base = tps.get(("attn-125m", r["mode"], r["loss"], r["sdpa"], r["nan_check"], r["rope"]))
+        auto = tps.get((r["model"], r["mode"], r["loss"], "auto", r["nan_check"], r["rope"]))
         rel = r["relative_to_attn"] = r["tokens_per_s"] / base if base else float("nan")
         rel_auto = r["relative_to_sdpa_auto"] = r["tokens_per_s"] / auto if auto else float("nan")
-        print(f"{r['model']:<22}{r['mode']:<28}{r['loss']:<7}{r['sdpa']:<10}{r['nan_check']:<9}{r['params']:>12,}"
+        print(f"{r['model']:<22}{r['mode']:<28}{r['loss']:<7}{r['sdpa']:<10}{r['nan_check']:<9}{r['rope']:<8}"
+              f"{r['params']:>12,}"
               f"{r['tokens_per_s']:>12,.0f}{(r['mfu_datasheet'] or 0):>8.1%}{rel:>9.2f}{rel_auto:>9.2f}"
               f"{(r['peak_mem_gib'] or 0):>10.1f}{r['final_loss']:>10.3f}")
         for op, b in r.get("blocks", {}).items():

@@ -41,12 +41,13 @@ def data(tmp_path_factory):
 def test_train_throughput_multiplies_runs_by_check(data, tmp_path):
     out = tmp_path / "tt.json"
     _run(["benchmarks/train_throughput.py", "--smoke", "--data", str(data), "--out", str(out), "--models",
-          "attn-125m", "--sdpa", "auto", "cudnn", "--nan-check", "deferred", "sync"])
+          "attn-125m", "--sdpa", "auto", "cudnn", "--nan-check", "deferred", "sync", "--rope", "torch", "triton"])
     res = json.loads(out.read_text())
-    runs = [(r["model"], r["sdpa"], r["nan_check"]) for r in res["runs"]]
-    assert runs == [("attn-125m", "auto", "deferred"), ("attn-125m", "auto", "sync")], runs
+    runs = [(r["model"], r["sdpa"], r["nan_check"], r["rope"]) for r in res["runs"]]
+    assert runs == [("attn-125m", "auto", "deferred", "torch"), ("attn-125m", "auto", "sync", "torch")], runs
     assert all("error" not in r and r["tokens_per_s"] > 0 for r in res["runs"])
-    assert any("cudnn" in s for s in res["skipped"])  # no CUDA: recorded as skipped, not silently dropped
+    # no CUDA: recorded as skipped, not silently dropped
+    assert any("cudnn" in s for s in res["skipped"]) and any("--rope triton" in s for s in res["skipped"])
 
 
 def test_mqar_smoke_with_a_learning_rate_sweep(tmp_path):

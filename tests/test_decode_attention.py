@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import hylo.layers.attention as A
+from hylo.ops import backend
 from hylo import HyloConfig
 from hylo.layers.attention import Attention, SlidingWindowAttention
 from hylo.ops import decode_attention as DA
@@ -154,7 +155,8 @@ def test_fake_kernel(monkeypatch):
     interpreter on fake tensors): shape and dtype of the output, and the input checks still raise."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    monkeypatch.setattr(DA, "_interpreting", lambda: True)
+    monkeypatch.setattr(DA, "triton_interpreting", lambda: True)
+    monkeypatch.setattr(backend, "triton_interpreting", lambda: True)  # supported(cpu), via triton_supported
     monkeypatch.setattr(DA, "kernels", lambda: (triton.jit(DA._split_kernel), triton.jit(DA._combine_kernel)))
     monkeypatch.setattr(DA, "MIN_SPLIT", 4)  # the split-and-combine launch too
     for splits in (1, 9):
@@ -198,7 +200,8 @@ def test_step_with_kernel_equals_without(interp, spy, window):
 def test_compiled_step_traces_the_op(monkeypatch, dynamo_targets):
     """What torch.compile sees on a GPU, traced on the CPU (the interpreter cannot run inside a trace): pretend the
     kernel can run, capture dynamo's graph of a step without running it: the op, and no softmax or mask."""
-    monkeypatch.setattr(DA, "_interpreting", lambda: True)
+    monkeypatch.setattr(DA, "triton_interpreting", lambda: True)
+    monkeypatch.setattr(backend, "triton_interpreting", lambda: True)  # supported(cpu), via triton_supported
     monkeypatch.setattr(DA, "kernels", lambda: (triton.jit(DA._split_kernel), triton.jit(DA._combine_kernel)))
     lay = layer()
     st = lay.init_state(1, 8)

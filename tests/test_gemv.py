@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hylo.ops import backend
 from hylo import HybridLM
 from hylo.engine import DecodeRunner
 from hylo.ops import gemv as G
@@ -203,7 +204,8 @@ def test_runner_same_logits_with_gemv(interp, spy):
 def test_compiled_step_traces_one_graph_of_gemv(monkeypatch, dynamo_targets):
     """What torch.compile sees on a GPU, traced on the CPU: pretend the kernel can run (no interpreter), capture
     dynamo's graph of the runner's step without running it: one graph (fullgraph), every product a hylo::gemv."""
-    monkeypatch.setattr(G, "_interpreting", lambda: True)
+    monkeypatch.setattr(G, "triton_interpreting", lambda: True)
+    monkeypatch.setattr(backend, "triton_interpreting", lambda: True)  # supported(cpu), via triton_supported
     monkeypatch.setattr(G, "kernel", lambda: triton.jit(G._gemv_kernel))  # compiled kind, never launched
     model = tiny_all()
     with G.gemv_mode("on"):

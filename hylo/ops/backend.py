@@ -61,6 +61,22 @@ _SDPA = Choice("SDPA backend", "HYLO_SDPA", SDPA_BACKENDS, "auto")
 set_sdpa, get_sdpa, sdpa = _SDPA.set, _SDPA.get, _SDPA.use  # read at each call of layers.attention.causal_sdpa
 
 
+def triton_interpreting() -> bool:
+    """Whether ``TRITON_INTERPRET`` is on: hylo's own Triton kernels then run on CPU tensors (tests), with fixed
+    block configs (the interpreter cannot autotune)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def triton_supported(device: torch.device) -> bool:
+    """Whether hylo's own Triton kernels can run on ``device``: CUDA with Triton, or the CPU under
+    :func:`triton_interpreting`."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and triton_interpreting())
+
+
 @functools.lru_cache(maxsize=None)
 def fla_available() -> bool:
     """True when flash-linear-attention's ops import (needs Triton and a CUDA build of torch)."""

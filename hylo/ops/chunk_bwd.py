@@ -46,6 +46,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from hylo.ops.backend import triton_interpreting
+
 try:
     import triton
     import triton.language as tl
@@ -146,10 +148,6 @@ def dqkwg_torch(q, k, v, do, h, dh, g, scale, w=None, dv=None, chunk_size: int =
 
 
 # ----------------------------------------------------------------------------------------- dqkwg in Triton
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
 _interp_two_pass = False  # the variant the interpreter runs (it cannot autotune); tests cover both
 
 
@@ -270,7 +268,7 @@ def dqkwg_triton(q, k, v, do, h, dh, g, scale, w=None, dv=None, chunk_size: int 
     meta = dict(H=H, HV=HV, K=K, V=V, BT=chunk_size, BK=BK, NK=NK, USE_DW=use_dw)
     grid = (NK * NT, B * HV)
     with _device(q):
-        if _interpreting():  # the interpreter cannot autotune (no driver); one fixed config
+        if triton_interpreting():  # the interpreter cannot autotune (no driver); one fixed config
             _dqkwg_kernel[grid](*args, BV=min(max(triton.next_power_of_2(V), 16), 64),
                                 TWO_PASS=_interp_two_pass, **meta)
         else:

@@ -38,11 +38,10 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 
-from hylo.ops.backend import Choice, get_backend
+from hylo.ops.backend import Choice, get_backend, triton_interpreting, triton_supported
 
 try:
     import triton
@@ -59,13 +58,9 @@ _SWITCH = Choice("decode attention path", "HYLO_DECODE_ATTN", ("off", "on"), "of
 set_decode_attn, get_decode_attn, decode_attn_mode = _SWITCH.set, _SWITCH.get, _SWITCH.use
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
 def supported(device: torch.device) -> bool:
-    """Whether the kernels can run on ``device``: CUDA with Triton, or the CPU under ``TRITON_INTERPRET=1``."""
-    return triton is not None and (device.type == "cuda" or (device.type == "cpu" and _interpreting()))
+    """Whether the kernel can run on ``device`` (:func:`hylo.ops.backend.triton_supported`)."""
+    return triton is not None and triton_supported(device)
 
 
 def use_kernel(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -99,7 +94,7 @@ def _launch_config(gp: int, dh: int) -> tuple[int, int]:
     about 2K elements, with 4 warps up to 4K elements, else 8. Compiled for sm_90 (ptxas -v), this keeps the
     kernel at 72-128 registers without spills for g <= 4, Dh <= 128 (200 at g = 8, Dh = 128): several programs
     per SM, whose loads in flight hide the latency Triton does not pipeline here (no tl.dot: no async copies)."""
-    if _interpreting():
+    if triton_interpreting():
         return INTERP_BLOCK, 4
     block = max(16, min(64, 2048 // (gp * dh)))
     return block, 4 if gp * block * dh <= 4096 else 8
@@ -187,7 +182,7 @@ def kernels():
     ``triton.jit`` when it wraps)."""
     if triton is None:
         raise RuntimeError("hylo.ops.decode_attention needs Triton (HYLO_DECODE_ATTN=on on a machine without it)")
-    return _jit(_interpreting())
+    return _jit(triton_interpreting())
 
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -227,7 +222,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
     out = q.new_empty(B, H, 1, Dh)
     nsplit = num_splits(L, B * Hkv)
     block, warps = _launch_config(gp, Dh)
-    interp = _interpreting()
+    interp = triton_interpreting()
     split, combine = kernels()
     if nsplit == 1:  # the kernel writes the output; the partials' pointers are unused
         parts = (q.new_empty(0, dtype=torch.float32),) * 3

@@ -24,14 +24,13 @@ also runs on CPU tensors (tests), with one fixed block config since the interpre
 from __future__ import annotations
 
 import functools
-import os
 from types import MethodType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hylo.ops.backend import Choice
+from hylo.ops.backend import Choice, triton_interpreting, triton_supported
 
 try:
     import triton
@@ -45,14 +44,9 @@ _GEMV = Choice("GEMV path", "HYLO_GEMV", ("auto", "off", "on"), "auto")
 set_gemv, get_gemv, gemv_mode = _GEMV.set, _GEMV.get, _GEMV.use
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
 def supported(device: torch.device) -> bool:
-    """Whether :func:`linear` can take the kernel for tensors on ``device``: CUDA with Triton, or the CPU under
-    ``TRITON_INTERPRET=1`` (tests)."""
-    return triton is not None and (device.type == "cuda" or (device.type == "cpu" and _interpreting()))
+    """Whether the kernel can run on ``device`` (:func:`hylo.ops.backend.triton_supported`)."""
+    return triton is not None and triton_supported(device)
 
 
 def enabled(device: torch.device) -> bool:
@@ -112,7 +106,7 @@ def kernel():
     autotuned over block sizes normally (``kernel().best_config`` after a call), plain under the interpreter."""
     if triton is None:
         raise RuntimeError("hylo.ops.gemv needs Triton (HYLO_GEMV=on on a machine without it)")
-    return _jit(_interpreting())
+    return _jit(triton_interpreting())
 
 
 @torch.library.triton_op("hylo::gemv", mutates_args=())
@@ -131,7 +125,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     x = x.contiguous()
     (M, K), N = x.shape, weight.shape[0]
     y = x.new_empty(M, N)
-    cfg = _INTERP_CONFIG if _interpreting() else {}  # else the autotuner picks BN, BK
+    cfg = _INTERP_CONFIG if triton_interpreting() else {}  # else the autotuner picks BN, BK
     b = x if bias is None else bias.contiguous()  # x: an unused pointer without a bias
     torch.library.wrap_triton(kernel())[lambda meta: (M * triton.cdiv(N, meta["BN"]),)](
         x, weight, b, y, M, N, K, HAS_BIAS=bias is not None, **cfg)
@@ -148,7 +142,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype) and weight.is_contiguous()
            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                  or (bias is not None and bias.requires_grad)))
-           and (x.is_cuda or (x.device.type == "cpu" and _interpreting()))
+           and (x.is_cuda or (x.device.type == "cpu" and triton_interpreting()))
            and not torch.is_autocast_enabled(x.device.type))  # autocast would change F.linear's dtype
     if not use:
         return F.linear(x, weight, bias)
