@@ -193,6 +193,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=0.05, help="learning-rate warmup, fraction of the steps")
     ap.add_argument("--no-kernel-warmup", action="store_true",
                     help="do not run the untimed compile/autotune step before each model's clock starts")
+    ap.add_argument("--fp32", action="store_true",
+                    help="train and score in float32 (default: bf16 autocast on CUDA), e.g. to test whether bf16 "
+                         "slows a pattern's learning")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run to check the script")
     ap.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                     help="combine these result files (e.g. two --patterns calls) into --out; trains nothing")
@@ -217,7 +220,7 @@ def main() -> int:
                                  warmup=args.warmup, model={"swa_window": 32}, log_interval=250,
                                  eval_interval=250, stop_accuracy=0.99, eval_batch_size=args.batch_size,
                                  curriculum=args.curriculum, curriculum_len=128,
-                                 kernel_warmup=not args.no_kernel_warmup)
+                                 kernel_warmup=not args.no_kernel_warmup, bf16=not args.fp32)
     lr_for = {}
     for item in args.lr_for:
         name, eq, value = item.rpartition("=")
