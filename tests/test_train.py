@@ -353,12 +353,63 @@ def test_config_yaml_and_errors(data, tmp_path):
                      ({"schedule": {"kind": "linear"}}, "schedule.kind"),
                      ({"schedule": {"warmup": 1.5}}, "fraction"),
                      ({"batch_size": 0}, "batch_size"),
-                     ({"compile": "fast"}, "torch.compile mode")]:
+                     ({"compile": "fast"}, "torch.compile mode"),
+                     ({"fsdp_param_dtype": "fp16"}, "fsdp_param_dtype")]:
         with pytest.raises(TrainConfigError, match=msg):
             TrainConfig.from_dict(bad)
     with pytest.raises(TrainConfigError, match="vocab_size"):
         TrainConfig.from_dict({"model": {"preset": "tiny-all", "vocab_size": 100}}).model_config(512)
     assert TrainConfig.from_dict({"compile": "max-autotune-no-cudagraphs"}).compile == "max-autotune-no-cudagraphs"
+
+
+def test_fsdp2_bf16_gathers_keep_decay_rates_in_float32(tmp_path):
+    """FSDP2 with bf16 gathers (one gloo rank, in process): the attention and FFN blocks compute with bf16
+    parameters, Mamba2's mixer (A_log, dt_bias, D) with float32 ones; loss and gradients stay within bf16 rounding
+    of the unsharded model; gradients and shards are float32. ``auto`` picks bf16 only for bf16 on CUDA."""
+    import torch.distributed as dist
+
+    from hylo import HybridLM
+    from hylo.config import HyloConfig
+    from hylo.train import dist as D
+    from hylo.train.trainer import Trainer
+
+    torch.manual_seed(0)
+    cfg = HyloConfig(vocab_size=64, hidden_size=32, layers=["m2", "ffn", "attn", "ffn"], attn_num_heads=4,
+                     attn_num_kv_heads=2, mamba2_head_dim=8, mamba2_state_size=8)
+    ref, model = HybridLM(cfg), HybridLM(cfg)
+    model.load_state_dict(ref.state_dict())
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    seen = {}
+
+    def spy(name, get):  # the unsharded parameter's dtype during the forward, and the input's
+        return lambda mod, args: seen.setdefault(name, (get(mod).dtype, args[0].dtype)) and None
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        D.shard_fsdp2(model, torch.bfloat16)
+        model.layers[0].mixer.register_forward_pre_hook(spy("m2", lambda m: m.A_log))
+        model.layers[0].mixer.register_forward_pre_hook(spy("m2 in_proj", lambda m: m.in_proj.weight))
+        model.layers[2].mixer.register_forward_pre_hook(spy("attn", lambda m: m.qkv_proj.weight))
+        loss = model(x, targets=x).loss
+        loss.backward()
+    finally:
+        dist.destroy_process_group()
+    assert seen["m2"] == seen["m2 in_proj"] == (torch.float32, torch.float32)
+    assert seen["attn"] == (torch.bfloat16, torch.bfloat16)
+    ref_loss = ref(x, targets=x).loss
+    ref_loss.backward()
+    assert abs(loss.item() - ref_loss.item()) < 0.02 and loss.item() != ref_loss.item()  # bf16, not a no-op
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        assert p.dtype == g.dtype == torch.float32, name
+        assert (g - q.grad).abs().max() <= 0.05 * q.grad.abs().max() + 1e-4, name
+
+    on_cpu, on_cuda = D.DistInfo(device=torch.device("cpu")), D.DistInfo(device=torch.device("cuda", 0))
+    auto = TrainConfig.from_dict({})
+    assert Trainer.fsdp_param_dtype(auto, on_cuda) == torch.bfloat16
+    assert Trainer.fsdp_param_dtype(auto, on_cpu) == torch.float32
+    assert Trainer.fsdp_param_dtype(TrainConfig.from_dict({"bf16": False}), on_cuda) == torch.float32
+    assert Trainer.fsdp_param_dtype(TrainConfig.from_dict({"fsdp_param_dtype": "bfloat16"}), on_cpu) == torch.bfloat16
 
 
 def test_schedules():

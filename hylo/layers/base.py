@@ -25,6 +25,19 @@ from torch import nn
 State = dict[str, torch.Tensor]
 
 
+def keep_float32(*params: nn.Parameter) -> None:
+    """Mark parameters that must not be rounded to bf16 for the forward (decay rates and skips of the recurrent
+    operators: ``exp(A_log)``, ``dt_bias``, ``D``). FSDP2 with bf16 gathers (``hylo.train.dist.wrap``) keeps the
+    module holding them in float32."""
+    for p in params:
+        p._keep_float32 = True
+
+
+def holds_float32(module: nn.Module) -> bool:
+    """Whether ``module`` itself (not its children) holds a parameter marked by :func:`keep_float32`."""
+    return any(getattr(p, "_keep_float32", False) for p in module.parameters(recurse=False))
+
+
 class Layer(nn.Module):
     """Base class; subclasses implement the three methods below."""
 

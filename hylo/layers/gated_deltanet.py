@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hylo.config import HyloConfig
-from hylo.layers.base import Layer, State
+from hylo.layers.base import Layer, State, keep_float32
 from hylo.layers.deltanet import conv_forward, conv_step, read_state, short_conv
 from hylo.layers.norm import GatedRMSNorm
 from hylo.ops.delta_rule import delta_rule, delta_rule_step
@@ -62,6 +62,7 @@ class GatedDeltaNet(Layer):
         self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
         self.A_log._no_weight_decay = True
         self.dt_bias._no_weight_decay = True
+        keep_float32(self.A_log, self.dt_bias)
         self.q_conv1d = short_conv(self.key_dim, self.conv_size)
         self.k_conv1d = short_conv(self.key_dim, self.conv_size)
         self.v_conv1d = short_conv(self.value_dim, self.conv_size)

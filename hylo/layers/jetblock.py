@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hylo.config import HyloConfig
-from hylo.layers.base import Layer, State
+from hylo.layers.base import Layer, State, keep_float32
 from hylo.layers.deltanet import read_state
 from hylo.layers.gated_deltanet import decay, init_decay
 from hylo.layers.norm import GatedRMSNorm
@@ -68,6 +68,7 @@ class JetBlock(Layer):
         self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
         self.A_log._no_weight_decay = True
         self.dt_bias._no_weight_decay = True
+        keep_float32(self.A_log, self.dt_bias)
         self.dynamic_conv1d = DynamicShortConv(self.value_dim, self.conv_size, self.hidden_size,
                                                config.jet_kernel_reduction)
         self.g_proj = nn.Linear(self.hidden_size, self.value_dim, bias=False)

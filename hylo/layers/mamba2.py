@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hylo.config import HyloConfig
-from hylo.layers.base import Layer, State
+from hylo.layers.base import Layer, State, keep_float32
 from hylo.layers.norm import GatedRMSNorm
 from hylo.ops.conv import causal_conv1d, causal_conv1d_step
 from hylo.ops.ssd import ssd, ssd_step
@@ -47,6 +47,7 @@ class Mamba2(Layer):
         self.D = nn.Parameter(torch.empty(self.num_heads))
         self.A_log._no_weight_decay = True  # as mamba_ssm
         self.D._no_weight_decay = True
+        keep_float32(self.dt_bias, self.A_log, self.D)
         self.norm = GatedRMSNorm(self.d_inner, group_size=self.d_inner // self.n_groups, eps=config.norm_eps,
                                  gate_first=True)
         self.out_proj = nn.Linear(self.d_inner, self.hidden_size, bias=False)

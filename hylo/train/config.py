@@ -22,6 +22,7 @@ YAML layout (every key optional except ``data``; unknown keys are errors that na
     bf16: true                   # autocast to bfloat16 on CUDA (ignored on CPU)
     compile: false               # torch.compile the model: true, or a mode (max-autotune-no-cudagraphs, ...)
     fsdp: false                  # FSDP2 (fully_shard) instead of DDP under torchrun
+    fsdp_param_dtype: auto       # FSDP2's parameter gathers: auto (bfloat16 with bf16 on CUDA), float32, bfloat16
     logging: {log_interval: 10, tensorboard: false, wandb: false, wandb_project: hylo, run_name: null}
 """
 
@@ -87,6 +88,7 @@ class TrainConfig:
     bf16: bool = True
     compile: bool | str = False
     fsdp: bool = False
+    fsdp_param_dtype: str = "auto"  # auto | float32 | bfloat16 (see hylo.train.dist)
     device: str = "auto"  # auto | cpu | cuda
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -181,6 +183,8 @@ class TrainConfig:
         if not isinstance(self.compile, bool) and self.compile not in modes:
             raise TrainConfigError(f"'compile' must be true, false or a torch.compile mode ({', '.join(modes)}), "
                                    f"got {self.compile!r}")
+        if self.fsdp_param_dtype not in ("auto", "float32", "bfloat16"):
+            raise TrainConfigError(f"'fsdp_param_dtype' must be auto, float32 or bfloat16, got {self.fsdp_param_dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise TrainConfigError(f"'device' must be auto, cpu or cuda, got {self.device!r}")
         pos_int("logging.log_interval", self.logging.log_interval)

@@ -7,7 +7,11 @@ and left alone at the end. Each rank reads its own slice of every batch (see :cl
 the global batch is ``batch_size x world_size x grad_accum`` sequences. Rank 0 logs and writes files.
 
 FSDP2 uses ``torch.distributed.fsdp.fully_shard`` on every block, then the root; checkpoints gather full
-state dicts on rank 0 through ``torch.distributed.checkpoint.state_dict``. The CPU tests run both with 2 gloo
+state dicts on rank 0 through ``torch.distributed.checkpoint.state_dict``. With ``param_dtype=torch.bfloat16``
+(the trainer's ``fsdp_param_dtype``) parameters are gathered for the forward and backward in bf16 and gradients
+reduced in float32 (``MixedPrecisionPolicy``), half the all-gather traffic; the optimizer keeps float32 shards.
+A mixer holding parameters marked :func:`hylo.layers.base.keep_float32` (the recurrent operators' decay rates:
+rounding ``A_log`` to bf16 moves ``exp(A_log)`` by up to ~0.5%) is sharded on its own and gathered in float32. The CPU tests run both with 2 gloo
 ranks; ``benchmarks/multi_gpu.py`` runs both on GPUs with NCCL.
 """
 
@@ -74,20 +78,38 @@ def cleanup(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: torch.nn.Module, info: DistInfo, fsdp: bool = False) -> torch.nn.Module:
-    """DDP or FSDP2 around ``model`` when distributed; the model itself otherwise."""
+def wrap(model: torch.nn.Module, info: DistInfo, fsdp: bool = False,
+         param_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """DDP or FSDP2 around ``model`` when distributed (FSDP2 gathering parameters in ``param_dtype``); the model
+    itself otherwise."""
     if not info.distributed:
         return model
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for block in model.layers:
-            fully_shard(block)
-        fully_shard(model)
+        shard_fsdp2(model, param_dtype)
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+
+
+def shard_fsdp2(model: torch.nn.Module, param_dtype: torch.dtype = torch.float32) -> None:
+    """``fully_shard`` every block, then the root, in place (needs a process group). ``param_dtype`` other than
+    float32: those gathers, float32 gradient reduction, and a float32 group for each mixer that
+    :func:`~hylo.layers.base.holds_float32`."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from hylo.layers.base import holds_float32
+
+    kw = {}
+    if param_dtype != torch.float32:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+        for block in model.layers:
+            if holds_float32(block.mixer):
+                fully_shard(block.mixer, mp_policy=fp32)  # its inputs are cast to float32 too
+    for block in model.layers:
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -338,7 +338,7 @@ class Trainer:
         self.num_params = sum(p.numel() for p in model.parameters())
         if cfg.compile:
             model.compile(**({} if cfg.compile is True else {"mode": cfg.compile}))
-        self.model = D.wrap(model, info, cfg.fsdp)
+        self.model = D.wrap(model, info, cfg.fsdp, self.fsdp_param_dtype(cfg, info))
 
         wd = cfg.optimizer.weight_decay
         if model_cfg.weight_norm and wd:
@@ -381,6 +381,15 @@ class Trainer:
             model_cfg.to_json_file(str(self.out / "config.json"))
         self.metrics = _Metrics(cfg, self.out, info.is_main, self.step if resume_state else None, self.run_id)
         del resume_state
+
+    @staticmethod
+    def fsdp_param_dtype(cfg: TrainConfig, info: D.DistInfo) -> torch.dtype:
+        """FSDP2's gather dtype: ``fsdp_param_dtype``, where ``auto`` is bfloat16 when the run autocasts to bf16
+        (``bf16`` on CUDA: the matmuls read bf16 weights anyway) and float32 otherwise."""
+        name = cfg.fsdp_param_dtype
+        if name == "auto":
+            name = "bfloat16" if cfg.bf16 and info.device.type == "cuda" else "float32"
+        return getattr(torch, name)
 
     # ---------------------------------------------------------------------------------------- eval
     def _autocast(self):
