@@ -90,3 +90,7 @@ def test_qwen3_vs_transformers_smoke(tmp_path):
     assert res["best_mode"] in ("hylo", "hylo_cublas") and set(res["goals"]) == {"hylo_30x_faster",
                                                                                 "hylo_within_1.5x_floor"}
     assert res["transformers"]["ms_per_token_fastest"] > 0 and len(res["transformers"]["generate_s"]) == 2
+    # float32: the converted model equals transformers' (bf16 rounding alone separates their greedy tokens)
+    agree, positions = res["prompt_argmax_agree_fp32"]
+    assert res["prompt_logits_max_abs_diff_fp32"] < 1e-4 * res["prompt_logits_max_abs_fp32"] and agree == positions
+    assert res["floor_ms_per_token"] > 0 and "prompt_argmax_agree" in res

@@ -31,7 +31,7 @@ for stage in "$@"; do
     gutenberg-on) lim ${GB_LIMIT:-240} python3 benchmarks/gutenberg_run.py --data .carry/gbpack --heldout .carry/evaldata/gutenberg_val.txt.gz --wikitext .carry/evaldata/wiki.valid.tokens --modes on --runs-dir /tmp/gruns --out $R/gutenberg ${GB_ARGS:-} 2>&1 | tail -25;;
     retrieval) lim ${RT_LIMIT:-200} python3 -m hylo.cli eval retrieval /tmp/gruns/wn-on/run --lengths ${RT_LENGTHS:-1024,2048,4096} --haystack .carry/evaldata/gutenberg_val.txt.gz --out $R/retrieval 2>&1 | tail -30;;
     tt) lim ${TT_LIMIT:-400} python3 benchmarks/train_throughput.py --data .carry/gbpack --out $R/tt.json $TT_ARGS 2>&1 | tail -${TT_TAIL:-50};;
-    qwen3) lim ${Q_LIMIT:-300} python3 benchmarks/qwen3_vs_transformers.py --out $R/qwen3.json $Q_ARGS 2>&1 | tail -40;;
+    qwen3) lim ${Q_LIMIT:-420} python3 benchmarks/qwen3_vs_transformers.py --out $R/qwen3.json $Q_ARGS 2>&1 | tail -40;;
     gemv) lim ${G_LIMIT:-150} python3 benchmarks/gemv.py --out $R/gemv.json ${G_ARGS:-} 2>&1 | tail -30;;
     ssdgrads) lim ${SSD_LIMIT:-330} python3 benchmarks/ssd_bwd_check.py --cases grads --case-timeout 240 --out $R/ssd_grads.json 2>&1 | tail -30;;
     cmd) eval "$CMD";;
