@@ -15,7 +15,8 @@ memory-bandwidth floor. One call:
   takes hylo's Triton GEMV (``hylo.ops.gemv``, ``HYLO_GEMV=auto``) for its matrix products; a mode with the suffix
   ``+cublas`` (``default+cublas``) builds its runners with ``HYLO_GEMV=off`` (cuBLAS), ``+gemv`` with ``on``; the
   suffixes join the result key (``hylo_compiled_cublas``). ``+dattn`` (``HYLO_DECODE_ATTN=on``) computes attention
-  with hylo's split-KV Triton kernel (``hylo.ops.decode_attention``) instead of two matrix products and a softmax.
+  with hylo's split-KV Triton kernel (``hylo.ops.decode_attention``) instead of two matrix products and a softmax;
+  ``+fuse`` (``HYLO_GEMV_FUSE=on``) moves the norms, SwiGLU's product and the residual adds into the GEMVs.
   On the CPU (``--smoke``) ``+gemv`` and ``+dattn`` modes are skipped with a note, unless ``TRITON_INTERPRET=1``
   (then the kernels run in Triton's interpreter, eager steps only).
 - floor: bytes read per step (every weight once: the tied embedding is read whole by the LM head; plus the KV
@@ -48,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hylo.convert import from_transformers  # noqa: E402
 from hylo.engine.runner import DecodeRunner  # noqa: E402
+from hylo.engine import fused as hylo_fused  # noqa: E402
 from hylo.ops import decode_attention as hylo_dattn  # noqa: E402
 from hylo.ops import gemv as hylo_gemv  # noqa: E402
 from hylo.profile.report import environment  # noqa: E402
@@ -181,7 +183,7 @@ def try_profile(res: dict, make_runner, dev) -> dict | None:
 
 
 SUFFIXES = {"gemv": ("gemv", "on"), "cublas": ("gemv", "off"),  # mode suffix -> (switch, value)
-            "dattn": ("decode_attn", "on")}
+            "dattn": ("decode_attn", "on"), "fuse": ("fuse", "on")}
 
 
 def parse_modes(spec: str) -> list[tuple[str, bool | str, dict[str, str]]]:
@@ -189,7 +191,8 @@ def parse_modes(spec: str) -> list[tuple[str, bool | str, dict[str, str]]]:
     ``default`` (``compile=True``) or another ``torch.compile`` mode, each optionally suffixed: ``+cublas``
     (``HYLO_GEMV=off``: cuBLAS products instead of the engine's default Triton GEMV on CUDA), ``+gemv``
     (``HYLO_GEMV=on``, also where ``auto`` would not take it), ``+dattn`` (``HYLO_DECODE_ATTN=on``: the split-KV
-    Triton attention kernel); suffixes combine (``default+dattn+cublas``)."""
+    Triton attention kernel), ``+fuse`` (``HYLO_GEMV_FUSE=on``: norms, SwiGLU and residual adds inside the GEMVs,
+    ``hylo.engine.fused``; it needs the GEMV); suffixes combine (``default+dattn+cublas``)."""
     out = []
     for m in (m.strip() for m in spec.split(",")):
         if not m:
@@ -318,20 +321,22 @@ def main():
     for key, compile, switches in modes:
         gemv = switches.get("gemv", hylo_gemv.get_gemv())
         dattn = switches.get("decode_attn", hylo_dattn.get_decode_attn())
-        forced = [op for op, v in ((hylo_gemv, gemv), (hylo_dattn, dattn)) if v == "on"]
+        fuse = switches.get("fuse", hylo_fused.get_fuse())
+        forced = [op for op, v in ((hylo_gemv, gemv), (hylo_dattn, dattn), (hylo_gemv, fuse)) if v == "on"]
         if forced and (not all(op.supported(dev) for op in forced) or (dev.type != "cuda" and compile)):
             res.setdefault("skipped", {})[key] = (
-                "HYLO_GEMV=on and HYLO_DECODE_ATTN=on need CUDA and Triton, or TRITON_INTERPRET=1 on the CPU for "
-                "eager steps (the interpreter cannot be traced by torch.compile)")
+                "HYLO_GEMV=on, HYLO_DECODE_ATTN=on and HYLO_GEMV_FUSE=on need CUDA and Triton, or TRITON_INTERPRET=1 "
+                "on the CPU for eager steps (the interpreter cannot be traced by torch.compile)")
             continue
         try:
-            with hylo_gemv.gemv_mode(gemv), hylo_dattn.decode_attn_mode(dattn):
+            with hylo_gemv.gemv_mode(gemv), hylo_dattn.decode_attn_mode(dattn), hylo_fused.fuse_mode(fuse):
                 rec, tokens = measure_hylo(hy, prompt, n, graphs, compile, args.repeats, dev)
                 rec["kernels"] = try_profile(
                     res, lambda: DecodeRunner(hy, 1, T + n, cuda_graph=False, compile=compile), dev)
                 rec["gemv"] = hylo_gemv.enabled(dev)  # what the runner took
+                rec["fused"] = hylo_gemv.enabled(dev) and hylo_fused.enabled(hy, 1)
             rec["compile_mode"] = compile if isinstance(compile, str) else ("default" if compile else None)
-            rec["switches"] = {"HYLO_GEMV": gemv, "HYLO_DECODE_ATTN": dattn}
+            rec["switches"] = {"HYLO_GEMV": gemv, "HYLO_DECODE_ATTN": dattn, "HYLO_GEMV_FUSE": fuse}
             if hy_tokens is not None:
                 k = min(16, n)
                 rec["greedy_agree_with_first_mode"] = sum(x == y for x, y in zip(tokens[:k], hy_tokens[:k]))

@@ -51,6 +51,47 @@ def test_kernel_matches_linear(interp, dtype, M, bias):
         torch.testing.assert_close(y, G.gemv_ref(x, w, b), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fused", ["norm", "swiglu", "residual", "norm+residual", "swiglu+residual+bias"])
+def test_fused_prologue_and_epilogue_match_the_model(interp, dtype, fused):
+    """The decode fusions against gemv_ref (RMSNorm / SwiGLU / residual computed as the model does), and
+    gemv_ref itself against the model's own modules."""
+    from hylo.layers.norm import RMSNorm
+
+    M = 3
+    g = torch.Generator().manual_seed(7)
+    x, w, b = make(M, dtype, "bias" in fused, seed=5)
+    kw = {}
+    if "swiglu" in fused:
+        kw["swiglu"] = True
+        x = torch.randn(M, 2 * K, generator=g).to(dtype)
+    if "norm" in fused:
+        kw["norm_weight"], kw["eps"] = (1 + 0.3 * torch.randn(K, generator=g)).to(dtype), 1e-6
+    if "residual" in fused:
+        kw["residual"] = torch.randn(M, N, generator=g).to(dtype)
+    y, ref = G.gemv(x, w, b, **kw), G.gemv_ref(x, w, b, **kw)
+    # float32: the same arithmetic, checked tightly. bf16: Triton's interpreter truncates float32 -> bf16 (torch
+    # and compiled Triton round to nearest), so each of the prologue's roundings can be an ulp off: within 3% of
+    # the largest output (about 8 ulps)
+    scale = ref.abs().max().item()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=0.03 * scale)
+    torch.testing.assert_close(y, ref, **tol)
+    assert y.dtype == dtype
+    # gemv_ref is the model's computation
+    h = x
+    if "swiglu" in fused:
+        gate, up = x.chunk(2, dim=-1)
+        h = F.silu(gate) * up
+    if "norm" in fused:
+        norm = RMSNorm(K, 1e-6).to(dtype)
+        norm.weight.data.copy_(kw["norm_weight"])
+        h = norm(h)
+    out = F.linear(h.float(), w.float(), None if b is None else b.float()).to(dtype)
+    if "residual" in fused:
+        out = out + kw["residual"]
+    torch.testing.assert_close(ref, out, **tol)
+
+
 def test_op_rejects_bad_input():
     x, w, b = make(2, torch.float32, True)
     with pytest.raises(ValueError, match=r"\[M, K\]"):
@@ -63,6 +104,12 @@ def test_op_rejects_bad_input():
         G.gemv(x, torch.randn(K, N).t())
     with pytest.raises(ValueError, match="bias"):
         G.gemv(x, w, b[:-1])
+    with pytest.raises(ValueError, match=r"\[M, 2K\]"):
+        G.gemv(x, w, swiglu=True)
+    with pytest.raises(ValueError, match="norm_weight"):
+        G.gemv(x, w, norm_weight=torch.ones(K + 1))
+    with pytest.raises(ValueError, match="residual"):
+        G.gemv(x, w, residual=torch.zeros(2, N + 1))
 
 
 # ----------------------------------------------------------------------------------------- linear() routing
@@ -201,6 +248,38 @@ def test_runner_same_logits_with_gemv(interp, spy):
         assert spy == []
 
 
+def test_fused_step_same_logits_fewer_norms(interp, spy, spy_on):
+    """HYLO_GEMV_FUSE=on: the attention and FFN blocks' pre-norms, the final norm, SwiGLU's product and the
+    residual adds run inside the GEMVs; same logits as the unfused step (float32), one GEMV per product, and
+    exactly one RMSNorm call fewer per fused block (plus the final one). Not taken for 5 rows or with the switch
+    off."""
+    from hylo.engine import fused
+    from hylo.layers import norm as N
+
+    model = tiny_all()
+    ids = torch.tensor([[3, 4], [5, 6], [7, 1]])
+    norms = spy_on(N, "rms_norm")
+    with G.gemv_mode("on"):
+        plain = DecodeRunner(model, 2, 8)
+        norms.clear()
+        ref = [plain.step(t) for t in ids]
+        n_plain = len(norms)
+        with fused.fuse_mode("on"):
+            on = DecodeRunner(model, 2, 8)
+            assert on.fused and not plain.fused
+            norms.clear()
+            spy.clear()
+            got = [on.step(t) for t in ids]
+            assert not DecodeRunner(model, 5, 8).fused
+    n_fused = sum(fused.fusable(b) for b in model.layers)
+    assert n_fused == sum(type(b.mixer).__name__ in ("Attention", "SlidingWindowAttention", "SwiGLU")
+                          for b in model.layers) > 0
+    assert len(norms) == n_plain - len(ids) * (n_fused + 1)
+    assert len(spy) == len(ids) * (n_linear_calls(model) + 1) and {rows for rows, _ in spy} == {2}
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_compiled_step_traces_one_graph_of_gemv(monkeypatch, dynamo_targets):
     """What torch.compile sees on a GPU, traced on the CPU: pretend the kernel can run (no interpreter), capture
     dynamo's graph of the runner's step without running it: one graph (fullgraph), every product a hylo::gemv."""
@@ -214,6 +293,48 @@ def test_compiled_step_traces_one_graph_of_gemv(monkeypatch, dynamo_targets):
         targets = dynamo_targets(runner._fn, torch.tensor([3]))
     assert targets.count(torch.ops.hylo.gemv.default) == n_linear_calls(model) + 1
     assert F.linear not in targets and torch._C._nn.linear not in targets
+
+
+# ----------------------------------------------------------------------------------------- the benchmark
+def test_benchmark_modes():
+    sys.path.insert(0, str(REPO / "benchmarks"))  # the script imports its sibling timing.py
+    try:
+        spec = importlib.util.spec_from_file_location("qwen3_vs_transformers",
+                                                      REPO / "benchmarks" / "qwen3_vs_transformers.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    on, off, dattn = {"gemv": "on"}, {"gemv": "off"}, {"decode_attn": "on"}
+    assert mod.parse_modes("eager,default+gemv,max-autotune-no-cudagraphs+gemv,eager+cublas,default+dattn+cublas") == [
+        ("hylo", False, {}), ("hylo_compiled_gemv", True, on),
+        ("hylo_compiled_max_autotune_no_cudagraphs_gemv", "max-autotune-no-cudagraphs", on),
+        ("hylo_cublas", False, off), ("hylo_compiled_dattn_cublas", True, {**dattn, **off})]
+    with pytest.raises(SystemExit, match="suffix"):
+        mod.parse_modes("eager+fast")
+
+
+def test_compiled_fused_step_traces_one_graph(monkeypatch, dynamo_targets):
+    """The fused step as torch.compile sees it (traced, not run, as above): one graph, one hylo::gemv per product,
+    and the fused blocks' norms gone from it (fewer rsqrt)."""
+    from hylo.engine import fused
+    monkeypatch.setattr(G, "triton_interpreting", lambda: True)
+    monkeypatch.setattr(backend, "triton_interpreting", lambda: True)  # supported(cpu), via triton_supported
+    monkeypatch.setattr(G, "kernel", lambda: triton.jit(G._gemv_kernel))  # compiled kind, never launched
+    model = tiny_all()
+    with G.gemv_mode("on"):
+        runner = DecodeRunner(model, 1, 8)
+        with fused.fuse_mode("on"):
+            fused_runner = DecodeRunner(model, 1, 8)
+    assert fused_runner.fused
+    with runner._linears:  # the runner's patch turns the switch on while the step is traced
+        plain = dynamo_targets(runner._fn, torch.tensor([3]))
+    with fused_runner._linears:
+        targets = dynamo_targets(fused_runner._fn, torch.tensor([3]))
+    assert targets.count(torch.ops.hylo.gemv.default) == n_linear_calls(model) + 1
+    assert F.linear not in targets and torch._C._nn.linear not in targets
+    n_fused = sum(fused.fusable(b) for b in model.layers)
+    assert targets.count(torch.rsqrt) == plain.count(torch.rsqrt) - n_fused - 1
 
 
 # ----------------------------------------------------------------------------------------- the benchmark

@@ -38,6 +38,7 @@ import torch
 
 from ..cache import HybridCache
 from ..ops import gemv
+from . import fused
 
 
 def row_view(cache: HybridCache, start: int, stop: int) -> HybridCache:
@@ -179,8 +180,12 @@ class DecodeRunner:
         with torch.no_grad():
             head = model.head_weight()
         linear = gemv.linear if self.gemv else torch.nn.functional.linear
+        self.fused = (self.gemv and fused.enabled(model, self.batch_size) and head.is_contiguous()
+                      and head.dtype == model.embed_tokens.weight.dtype)
 
         def step(tokens: torch.Tensor) -> torch.Tensor:
+            if self.fused:  # HYLO_GEMV_FUSE=on: norms, SwiGLU and residual adds inside the GEMVs
+                return fused.step(model, tokens, states, pos, head)
             x = model.embed_tokens(tokens.view(-1, 1))
             for block, st in zip(model.layers, states):
                 x = block.step(x, st, pos)

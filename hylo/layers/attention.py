@@ -178,9 +178,13 @@ class Attention(Layer):
 
     def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
         """Project, qk-norm, rotate. ``positions: [T]`` or ``[B, T]``. Returns q, k, v as ``[B, H, T, Dh]``."""
-        B, T, _ = x.shape
+        return self._heads(self.qkv_proj(x), positions)
+
+    def _heads(self, qkv: torch.Tensor, positions: torch.Tensor):
+        """Split the projection ``qkv [B, T, (H + 2 Hkv) Dh]`` into heads, qk-norm, rotate."""
+        B, T, _ = qkv.shape
         H, Hkv, Dh = self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = self.qkv_proj(x).split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
+        q, k, v = qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
         q, k, v = q.view(B, T, H, Dh), k.view(B, T, Hkv, Dh), v.view(B, T, Hkv, Dh)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -189,9 +193,13 @@ class Attention(Layer):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def _out(self, o: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _merge(o: torch.Tensor) -> torch.Tensor:
         B, H, T, Dh = o.shape
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, H * Dh))
+        return o.transpose(1, 2).reshape(B, T, H * Dh)
+
+    def _out(self, o: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(self._merge(o))
 
     def forward(self, x: torch.Tensor, state: State | None = None, offset: int = 0) -> torch.Tensor:
         T = x.shape[1]
@@ -222,29 +230,35 @@ class Attention(Layer):
         return self._out(o)
 
     def step(self, x: torch.Tensor, state: State, pos: torch.Tensor) -> torch.Tensor:
-        B = x.shape[0]
-        q, k, v = self._qkv(x, pos[:, None])  # [B, H, 1, Dh]
+        return self.o_proj(self.step_heads(self.qkv_proj(x), state, pos))
+
+    def step_heads(self, qkv: torch.Tensor, state: State, pos: torch.Tensor) -> torch.Tensor:
+        """The decode step between the two projections: ``qkv [B, 1, (H + 2 Hkv) Dh]`` (``qkv_proj``'s output) ->
+        the heads' output ``[B, 1, H Dh]`` (``o_proj``'s input), updating the cache. A fused decode step
+        (``hylo.engine.fused``) computes the projections itself."""
+        B = qkv.shape[0]
+        q, k, v = self._heads(qkv, pos[:, None])  # [B, H, 1, Dh]
         cap = state["k"].shape[2]
         slot = pos % cap if self.window is not None else pos
-        rows = torch.arange(B, device=x.device)
+        rows = torch.arange(B, device=qkv.device)
         # an indexed assignment (index_put_), not scatter_: torch.compile updates the cache in place only for
         # index_put_; a scatter_ compiles to copy cache -> scatter -> copy back, two copies of the cache per step
         state["k"][rows, :, slot] = k[:, :, 0]
         state["v"][rows, :, slot] = v[:, :, 0]
         if split_kv.use_kernel(q, state["k"]):  # HYLO_DECODE_ATTN=on: one Triton kernel, reading slots s <= pos
             # (for a ring buffer too: below pos < cap only slots 0..pos are written, then every slot is valid)
-            return self._out(split_kv.decode_attention(q, state["k"], state["v"], pos))
-        s = torch.arange(cap, device=x.device)
+            return self._merge(split_kv.decode_attention(q, state["k"], state["v"], pos))
+        s = torch.arange(cap, device=qkv.device)
         if self.window is None:
             valid = s[None, :] <= pos[:, None]
         else:  # position held by each slot, for the current pos: pos - ((pos - s) mod R)
             valid = (pos[:, None] - torch.remainder(pos[:, None] - s[None, :], cap)) >= 0
         mask = valid[:, None, None, :]  # [B, 1, 1, cap]
-        if use_fast(x, needs_fla=False):
+        if use_fast(qkv, needs_fla=False):
             o = decode_attention(q, state["k"], state["v"], mask)
         else:
             o = attention_ref(q, state["k"], state["v"], mask)
-        return self._out(o)
+        return self._merge(o)
 
     def init_state(self, batch_size: int, max_len: int, device=None, dtype=None) -> State:
         cap = max_len if self.window is None else min(self.window, max_len)

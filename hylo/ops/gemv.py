@@ -7,6 +7,8 @@ over ``K``) beat cuBLAS in a first H100 test (``benchmarks/gemv.py``). This modu
 - :func:`gemv_ref`: float32-accumulated PyTorch reference.
 - :func:`gemv`: the Triton kernel as the custom op ``hylo::gemv`` (``torch.library.triton_op``), so
   ``torch.compile`` traces it and inductor sees the kernel itself; float32 accumulation, output in ``x.dtype``.
+  Optionally fused: RMSNorm or SwiGLU's ``silu(gate) * up`` on the input, a residual added to the output (the
+  fused decode step, ``hylo.engine.fused``).
 - :func:`linear`: ``F.linear`` semantics; takes :func:`gemv` only when ``HYLO_GEMV=on`` and the call is a decode
   product (at most :data:`MAX_ROWS` rows, CUDA, matching dtypes, no autograd), ``F.linear`` otherwise. The
   decision reads only the switch and static tensor properties, so a compiled step specialises on it.
@@ -56,37 +58,74 @@ def enabled(device: torch.device) -> bool:
     return supported(device) and (mode == "on" or (mode == "auto" and device.type == "cuda"))
 
 
-def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [M, K] @ weight[N, K]^T + bias[N]`` accumulated in float32, returned in ``x.dtype``."""
+def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+             norm_weight: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
+             swiglu: bool = False) -> torch.Tensor:
+    """``x [M, K] @ weight[N, K]^T + bias[N]`` accumulated in float32, returned in ``x.dtype``; with the fused
+    prologue/epilogue of :func:`gemv` spelled out as the model computes them: ``swiglu`` takes ``x [M, 2K]`` as
+    ``[gate | up]`` and multiplies ``silu(gate) * up``; ``norm_weight`` applies RMSNorm (``hylo.layers.norm``) first;
+    ``residual [M, N]`` is added to the (rounded) output."""
+    if swiglu:
+        gate, up = x.chunk(2, dim=-1)
+        x = F.silu(gate) * up
+    if norm_weight is not None:
+        from hylo.layers.norm import rms_norm
+
+        x = rms_norm(x, norm_weight, eps).to(x.dtype)
     y = x.float() @ weight.float().t()
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype)
+    y = y.to(x.dtype)
+    return y if residual is None else y + residual
 
 
 # ----------------------------------------------------------------------------------------- Triton
 if triton is not None:
 
-    def _gemv_kernel(x, w, b, y, M, N, K: tl.constexpr, HAS_BIAS: tl.constexpr, BN: tl.constexpr,
-                     BK: tl.constexpr):
+    def _gemv_kernel(x, w, b, y, nw, r, M, N, eps, K: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
+                     SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         # One program: BN outputs of one row of x. The grid is flat with the row index fastest, so the M programs
         # reading one tile of W run side by side and all but the first find it in L2 (W crosses HBM once).
         # W is [N, K] row-major: each output's K weights are contiguous.
+        # Fused for the decode step (each saves a kernel launch per use): NORM, RMSNorm of the row first (its
+        # sum of squares in a first pass over the row: K elements, from L2); SWIGLU, x is [gate | up] (row length
+        # 2K) and the product takes silu(gate) * up; RESIDUAL, r[row] is added to the output. Roundings follow
+        # the unfused model (hylo.ops.gemv.gemv_ref).
         pid = tl.program_id(0)
         i_m, i_n = pid % M, pid // M
         rows = i_n * BN + tl.arange(0, BN)
         m_n = rows < N
+        dt = x.dtype.element_ty
+        XK: tl.constexpr = 2 * K if SWIGLU else K  # x's row length
+        if NORM:
+            ss = tl.full([BK], 0.0, dtype=tl.float32)
+            for k0 in range(0, K, BK):
+                cols = k0 + tl.arange(0, BK)
+                xk = tl.load(x + i_m * XK + cols, mask=cols < K, other=0.0).to(tl.float32)
+                ss += xk * xk
+            var = (tl.reduce(ss, 0, tl.standard._sum_combine) / K + eps).to(tl.float32)  # eps may come in float64
+            rstd = 1.0 / tl.sqrt(var)
         acc = tl.full([BN, BK], 0.0, dtype=tl.float32)  # core op (tl.zeros is a jit helper)
         for k0 in range(0, K, BK):
             cols = k0 + tl.arange(0, BK)
             m_k = cols < K
-            b_x = tl.load(x + i_m * K + cols, mask=m_k, other=0.0).to(tl.float32)
+            b_x = tl.load(x + i_m * XK + cols, mask=m_k, other=0.0).to(tl.float32)
+            # roundings to x's dtype as the model makes them; arithmetic in float32 (a product of two bf16/fp16
+            # values is exact there, so rounding it once equals the low-precision multiply)
+            if SWIGLU:
+                up = tl.load(x + i_m * XK + K + cols, mask=m_k, other=0.0).to(tl.float32)
+                b_x = ((b_x / (1.0 + tl.exp(-b_x))).to(dt).to(tl.float32) * up).to(dt).to(tl.float32)
+            if NORM:
+                nwk = tl.load(nw + cols, mask=m_k, other=0.0).to(dt).to(tl.float32)
+                b_x = ((b_x * rstd).to(dt).to(tl.float32) * nwk).to(dt).to(tl.float32)
             b_w = tl.load(w + rows[:, None].to(tl.int64) * K + cols[None, :], mask=m_n[:, None] & m_k[None, :],
                           other=0.0)
             acc += b_w.to(tl.float32) * b_x[None, :]
         out = tl.reduce(acc, 1, tl.standard._sum_combine)  # tl.sum's own reduction (tl.sum is a jit helper)
         if HAS_BIAS:
             out += tl.load(b + rows, mask=m_n, other=0.0).to(tl.float32)
+        if RESIDUAL:
+            out = out.to(dt).to(tl.float32) + tl.load(r + i_m * N + rows, mask=m_n, other=0.0).to(tl.float32)
         tl.store(y + i_m * N + rows, out.to(y.dtype.element_ty), mask=m_n)
 
     _CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=nw, num_stages=ns)
@@ -98,7 +137,8 @@ if triton is not None:
 @functools.lru_cache(maxsize=None)
 def _jit(interpret: bool):
     k = triton.jit(_gemv_kernel)
-    return k if interpret else triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "HAS_BIAS"])(k)
+    return k if interpret else triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "HAS_BIAS", "NORM", "SWIGLU",
+                                                                       "RESIDUAL"])(k)
 
 
 def kernel():
@@ -110,11 +150,17 @@ def kernel():
 
 
 @torch.library.triton_op("hylo::gemv", mutates_args=())
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         norm_weight: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
+         swiglu: bool = False) -> torch.Tensor:
     """Triton ``x [M, K] @ weight[N, K]^T (+ bias[N])`` -> ``[M, N]`` in ``x.dtype``, float32 accumulation.
-    ``x``, ``weight`` and ``bias`` share one dtype; ``weight`` must be contiguous (it is read row by row)."""
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"gemv takes x [M, K] and weight [N, K]; got {tuple(x.shape)} and {tuple(weight.shape)}")
+    ``x``, ``weight`` and ``bias`` share one dtype; ``weight`` must be contiguous (it is read row by row).
+    Fused for the decode step (:func:`gemv_ref` spells them out): ``swiglu`` (``x [M, 2K]`` = ``[gate | up]``),
+    ``norm_weight [K]`` with ``eps`` (RMSNorm of x first), ``residual [M, N]`` (added to the output)."""
+    K = weight.shape[1] if weight.dim() == 2 else -1
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != (2 * K if swiglu else K):
+        raise ValueError(f"gemv takes x [M, {'2K' if swiglu else 'K'}] and weight [N, K]; got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         raise ValueError(f"gemv needs one dtype; got x {x.dtype}, weight {weight.dtype}, "
                          f"bias {None if bias is None else bias.dtype}")
@@ -122,13 +168,20 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError("gemv needs a contiguous weight (a copy would cost more than the product)")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"gemv: bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
+    if norm_weight is not None and norm_weight.shape != (K,):
+        raise ValueError(f"gemv: norm_weight must be [{K}], got {tuple(norm_weight.shape)}")
+    M, N = x.shape[0], weight.shape[0]
+    if residual is not None and (residual.shape != (M, N) or residual.dtype != x.dtype):
+        raise ValueError(f"gemv: residual must be [{M}, {N}] {x.dtype}, got {tuple(residual.shape)} {residual.dtype}")
     x = x.contiguous()
-    (M, K), N = x.shape, weight.shape[0]
     y = x.new_empty(M, N)
     cfg = _INTERP_CONFIG if triton_interpreting() else {}  # else the autotuner picks BN, BK
-    b = x if bias is None else bias.contiguous()  # x: an unused pointer without a bias
+    b = x if bias is None else bias.contiguous()  # x: an unused pointer where an input is absent
+    nw = x if norm_weight is None else norm_weight.contiguous()
+    r = x if residual is None else residual.contiguous()
     torch.library.wrap_triton(kernel())[lambda meta: (M * triton.cdiv(N, meta["BN"]),)](
-        x, weight, b, y, M, N, K, HAS_BIAS=bias is not None, **cfg)
+        x, weight, b, y, nw, r, M, N, float(eps), K, HAS_BIAS=bias is not None, NORM=norm_weight is not None,
+        SWIGLU=swiglu, RESIDUAL=residual is not None, **cfg)
     return y
 
 
