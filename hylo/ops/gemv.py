@@ -82,21 +82,21 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
 # ----------------------------------------------------------------------------------------- Triton
 if triton is not None:
 
-    def _gemv_kernel(x, w, b, y, nw, r, M, N, eps, K: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-                     SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    def _gemv_kernel(x, w, b, y, nw, r, M, N, eps, K: tl.constexpr, XK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, BN: tl.constexpr,
+                     BK: tl.constexpr):
         # One program: BN outputs of one row of x. The grid is flat with the row index fastest, so the M programs
         # reading one tile of W run side by side and all but the first find it in L2 (W crosses HBM once).
         # W is [N, K] row-major: each output's K weights are contiguous.
         # Fused for the decode step (each saves a kernel launch per use): NORM, RMSNorm of the row first (its
         # sum of squares in a first pass over the row: K elements, from L2); SWIGLU, x is [gate | up] (row length
-        # 2K) and the product takes silu(gate) * up; RESIDUAL, r[row] is added to the output. Roundings follow
+        # XK = 2K) and the product takes silu(gate) * up; RESIDUAL, r[row] is added to the output. Roundings follow
         # the unfused model (hylo.ops.gemv.gemv_ref).
         pid = tl.program_id(0)
         i_m, i_n = pid % M, pid // M
         rows = i_n * BN + tl.arange(0, BN)
         m_n = rows < N
         dt = x.dtype.element_ty
-        XK: tl.constexpr = 2 * K if SWIGLU else K  # x's row length
         if NORM:
             ss = tl.full([BK], 0.0, dtype=tl.float32)
             for k0 in range(0, K, BK):
@@ -180,7 +180,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     nw = x if norm_weight is None else norm_weight.contiguous()
     r = x if residual is None else residual.contiguous()
     torch.library.wrap_triton(kernel())[lambda meta: (M * triton.cdiv(N, meta["BN"]),)](
-        x, weight, b, y, nw, r, M, N, float(eps), K, HAS_BIAS=bias is not None, NORM=norm_weight is not None,
+        x, weight, b, y, nw, r, M, N, float(eps), K, 2 * K if swiglu else K, HAS_BIAS=bias is not None,
+        NORM=norm_weight is not None,
         SWIGLU=swiglu, RESIDUAL=residual is not None, **cfg)
     return y
 
