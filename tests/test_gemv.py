@@ -280,12 +280,18 @@ def test_fused_step_same_logits_fewer_norms(interp, spy, spy_on):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_compiled_step_traces_one_graph_of_gemv(monkeypatch, dynamo_targets):
-    """What torch.compile sees on a GPU, traced on the CPU: pretend the kernel can run (no interpreter), capture
-    dynamo's graph of the runner's step without running it: one graph (fullgraph), every product a hylo::gemv."""
+@pytest.fixture
+def traceable_kernel(monkeypatch):
+    """Pretend the kernel can run on the CPU without the interpreter (which cannot be traced): what torch.compile
+    traces on a GPU, captured but never launched."""
     monkeypatch.setattr(G, "triton_interpreting", lambda: True)
     monkeypatch.setattr(backend, "triton_interpreting", lambda: True)  # supported(cpu), via triton_supported
     monkeypatch.setattr(G, "kernel", lambda: triton.jit(G._gemv_kernel))  # compiled kind, never launched
+
+
+def test_compiled_step_traces_one_graph_of_gemv(traceable_kernel, dynamo_targets):
+    """What torch.compile sees on a GPU, traced on the CPU: pretend the kernel can run (no interpreter), capture
+    dynamo's graph of the runner's step without running it: one graph (fullgraph), every product a hylo::gemv."""
     model = tiny_all()
     with G.gemv_mode("on"):
         runner = DecodeRunner(model, 1, 8)
@@ -295,32 +301,11 @@ def test_compiled_step_traces_one_graph_of_gemv(monkeypatch, dynamo_targets):
     assert F.linear not in targets and torch._C._nn.linear not in targets
 
 
-# ----------------------------------------------------------------------------------------- the benchmark
-def test_benchmark_modes():
-    sys.path.insert(0, str(REPO / "benchmarks"))  # the script imports its sibling timing.py
-    try:
-        spec = importlib.util.spec_from_file_location("qwen3_vs_transformers",
-                                                      REPO / "benchmarks" / "qwen3_vs_transformers.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    on, off, dattn = {"gemv": "on"}, {"gemv": "off"}, {"decode_attn": "on"}
-    assert mod.parse_modes("eager,default+gemv,max-autotune-no-cudagraphs+gemv,eager+cublas,default+dattn+cublas") == [
-        ("hylo", False, {}), ("hylo_compiled_gemv", True, on),
-        ("hylo_compiled_max_autotune_no_cudagraphs_gemv", "max-autotune-no-cudagraphs", on),
-        ("hylo_cublas", False, off), ("hylo_compiled_dattn_cublas", True, {**dattn, **off})]
-    with pytest.raises(SystemExit, match="suffix"):
-        mod.parse_modes("eager+fast")
-
-
-def test_compiled_fused_step_traces_one_graph(monkeypatch, dynamo_targets):
+def test_compiled_fused_step_traces_one_graph(traceable_kernel, dynamo_targets):
     """The fused step as torch.compile sees it (traced, not run, as above): one graph, one hylo::gemv per product,
     and the fused blocks' norms gone from it (fewer rsqrt)."""
     from hylo.engine import fused
-    monkeypatch.setattr(G, "triton_interpreting", lambda: True)
-    monkeypatch.setattr(backend, "triton_interpreting", lambda: True)  # supported(cpu), via triton_supported
-    monkeypatch.setattr(G, "kernel", lambda: triton.jit(G._gemv_kernel))  # compiled kind, never launched
+
     model = tiny_all()
     with G.gemv_mode("on"):
         runner = DecodeRunner(model, 1, 8)
@@ -348,10 +333,12 @@ def test_benchmark_modes():
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
     on, off, dattn = {"gemv": "on"}, {"gemv": "off"}, {"decode_attn": "on"}
-    assert mod.parse_modes("eager,default+gemv,max-autotune-no-cudagraphs+gemv,eager+cublas,default+dattn+cublas") == [
+    assert mod.parse_modes("eager,default+gemv,max-autotune-no-cudagraphs+gemv,eager+cublas,default+dattn+cublas,"
+                           "default+fuse") == [
         ("hylo", False, {}), ("hylo_compiled_gemv", True, on),
         ("hylo_compiled_max_autotune_no_cudagraphs_gemv", "max-autotune-no-cudagraphs", on),
-        ("hylo_cublas", False, off), ("hylo_compiled_dattn_cublas", True, {**dattn, **off})]
+        ("hylo_cublas", False, off), ("hylo_compiled_dattn_cublas", True, {**dattn, **off}),
+        ("hylo_compiled_fuse", True, {"fuse": "on"})]
     with pytest.raises(SystemExit, match="suffix"):
         mod.parse_modes("eager+fast")
 
