@@ -240,7 +240,7 @@ def step_kernels(model: HybridLM, batch: int, seq_len: int, loss_impl: str) -> d
             loss = model(input_ids=x, targets=x).loss
         loss.backward()
     try:
-        out = kernel_table(fwd_bwd, top=15)
+        out = kernel_table(fwd_bwd, top=30)
     except Exception as e:  # noqa: BLE001  (a profiler failure must not cost the run's numbers)
         out = {"error": f"{type(e).__name__}: {e}"}
     model.zero_grad(set_to_none=True)
