@@ -60,11 +60,13 @@ def block_step(block, h: torch.Tensor, state, pos: torch.Tensor) -> torch.Tensor
     return G.gemv(o, m.o_proj.weight, m.o_proj.bias, residual=h)
 
 
-def step(model, tokens: torch.Tensor, states, pos: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
-    """One decode step (the runner's ``decode_step`` without host bookkeeping), fused where :func:`fusable`;
-    returns the logits ``[B, vocab]`` and advances ``pos``."""
+def step(model, tokens: torch.Tensor, states, pos: torch.Tensor, head: torch.Tensor,
+         plan: list[bool]) -> torch.Tensor:
+    """One decode step (the runner's ``decode_step`` without host bookkeeping), fused where ``plan`` says
+    (:func:`fusable` of each block, computed once by the runner); returns the logits ``[B, vocab]`` and advances
+    ``pos``."""
     h = model.embed_tokens(tokens.view(-1))
-    for block, st in zip(model.layers, states):
-        h = block_step(block, h, st, pos) if fusable(block) else block.step(h[:, None], st, pos)[:, 0]
+    for block, st, fuse in zip(model.layers, states, plan):
+        h = block_step(block, h, st, pos) if fuse else block.step(h[:, None], st, pos)[:, 0]
     pos.add_(1)
     return G.gemv(h, head, None, model.norm.weight, model.norm.eps)

@@ -182,10 +182,11 @@ class DecodeRunner:
         linear = gemv.linear if self.gemv else torch.nn.functional.linear
         self.fused = (self.gemv and fused.enabled(model, self.batch_size) and head.is_contiguous()
                       and head.dtype == model.embed_tokens.weight.dtype)
+        plan = [fused.fusable(b) for b in model.layers]
 
         def step(tokens: torch.Tensor) -> torch.Tensor:
             if self.fused:  # HYLO_GEMV_FUSE=on: norms, SwiGLU and residual adds inside the GEMVs
-                return fused.step(model, tokens, states, pos, head)
+                return fused.step(model, tokens, states, pos, head, plan)
             x = model.embed_tokens(tokens.view(-1, 1))
             for block, st in zip(model.layers, states):
                 x = block.step(x, st, pos)
