@@ -231,7 +231,9 @@ def block_times(model: HybridLM, batch: int, seq_len: int, loss_impl: str, reps:
 
 def step_kernels(model: HybridLM, batch: int, seq_len: int, loss_impl: str) -> dict:
     """The kernels of one forward + backward of the run's own model (compiled if the run was) at its training
-    shape, by family (matmul, attention, inductor's fused kernels, fla's, ...): where a step's time goes."""
+    shape, by family (matmul, attention, inductor's fused kernels, fla's, ...): where a step's time goes. Also the
+    forward + backward's own time (CUDA events: kernel time plus the GPU's idle gaps) and the kernels of the rest
+    of a trainer step, gradient clipping and the fused AdamW update (the run's tokens/s include both)."""
     dev = next(model.parameters()).device
     x = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=dev)
 
@@ -241,6 +243,15 @@ def step_kernels(model: HybridLM, batch: int, seq_len: int, loss_impl: str) -> d
         loss.backward()
     try:
         out = kernel_table(fwd_bwd, top=30)
+        out["fwd_bwd_wall_ms"] = median_ms(fwd_bwd, 3, warmup=1)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5, fused=dev.type == "cuda")
+
+        def update():  # as the trainer's step after backward: clip, then the (fused) AdamW update
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+        out["clip_and_adamw"] = {k: v for k, v in kernel_table(update, top=8).items()}
+        out["clip_and_adamw"]["wall_ms"] = median_ms(update, 3, warmup=1)
     except Exception as e:  # noqa: BLE001  (a profiler failure must not cost the run's numbers)
         out = {"error": f"{type(e).__name__}: {e}"}
     model.zero_grad(set_to_none=True)
