@@ -185,6 +185,10 @@ def main() -> int:
     ap.add_argument("--reserve", type=float, default=20.0,
                     help="seconds kept free at the end of --wall-limit for scoring and saving")
     ap.add_argument("--vocab-size", type=int, default=1024)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[512, 1024], metavar="L",
+                    help="test sequence lengths; each is tested at 8, 16, ... pairs up to L/4 (at most 512 pairs), "
+                         "and the training mix adds short settings (e.g. --lengths 512 1024 2048 for harder tests; "
+                         "512 pairs need --vocab-size >= 1026)")
     ap.add_argument("--max-steps", type=int, default=20_000, help="upper bound; the budget usually binds first")
     ap.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=list(PATTERNS))
     ap.add_argument("--curriculum", type=float, default=0.3,
@@ -213,7 +217,9 @@ def main() -> int:
                                  curriculum=args.curriculum, curriculum_len=32,
                                  kernel_warmup=not args.no_kernel_warmup)
     else:
-        test = mqar.grid([512, 1024], [8, 16, 32, 64, 128, 256])
+        if any(L < 32 for L in args.lengths):
+            raise SystemExit(f"--lengths: each must be >= 32 (8 pairs need 32 tokens), got {args.lengths}")
+        test = mqar.grid(sorted(set(args.lengths)), [8, 16, 32, 64, 128, 256, 512])
         cfg = mqar.HarnessConfig(patterns=[], hidden=[args.hidden], train=mqar.default_train_mix(test), test=test,
                                  vocab_size=args.vocab_size, train_examples=4_000, test_examples=1_024,
                                  steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,

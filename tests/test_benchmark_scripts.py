@@ -78,6 +78,9 @@ def test_mqar_per_pattern_rates_and_a_wall_limit(tmp_path):
     proc = subprocess.run([sys.executable, "benchmarks/mqar.py", "--smoke", "--out", str(tmp_path / "c"),
                            "--lr-for", "nope=1"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "PATTERN=LR" in proc.stderr + proc.stdout
+    proc = subprocess.run([sys.executable, "benchmarks/mqar.py", "--out", str(tmp_path / "d"), "--lengths", "16"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--lengths" in proc.stderr + proc.stdout
 
 
 def test_qwen3_vs_transformers_smoke(tmp_path):
