@@ -13,8 +13,8 @@ interrupt (Ctrl-C, ``timeout -s INT``) during a model's training stops it there 
 ``--lr-for 'mamba2 + attn=1e-2'`` gives one pattern its own rate (e.g. the best of an earlier ``--lrs`` sweep).
 
 Every pattern is a model of two sequence mixers and no MLP at width 128, as Zoology's MQAR models are, trained on
-the same mix of MQAR settings (sequence lengths 512 and 1024 with 8 to 256 key-value pairs, plus short easy
-settings; vocabulary 1024) with the same recipe for the same wall-clock budget, then scored on each setting.
+the same mix of MQAR settings (by default sequence lengths 512 and 1024 with 8 to 256 key-value pairs, plus short
+easy settings; vocabulary 1024; ``--lengths`` and ``--vocab-size`` change them) with the same recipe for the same wall-clock budget, then scored on each setting.
 Expected, as in the literature: attention solves every setting; pure recurrent models (Mamba2, DeltaNet, Gated
 DeltaNet) and small-window SWA lose accuracy as the pairs grow past what their fixed-size state holds; a hybrid
 with one attention layer recovers most of it.
