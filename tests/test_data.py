@@ -305,6 +305,21 @@ def test_random_loader_is_deterministic_and_windows_come_from_the_stream(dataset
     assert len(starts) == 20 and len({s % seq for s in starts}) == 1  # distinct windows, one offset per epoch
 
 
+def test_pinned_batches_are_one_pinned_tensor_per_step(dataset, monkeypatch):
+    """pin_memory=True pins each batch once (x and y are views of it, so both copy asynchronously); the batches
+    are the same as unpinned ones. CPU stand-in for Tensor.pin_memory, which needs CUDA."""
+    from hylo.data import loader as L
+
+    pinned = []
+    monkeypatch.setattr(L, "_pin", lambda t: pinned.append(t.clone()) or pinned[-1])
+    a = list(itertools.islice(TokenLoader(dataset.path, "train", 32, 4, seed=0, pin_memory=True), 3))
+    b = _take(TokenLoader(dataset.path, "train", 32, 4, seed=0), 3)
+    assert len(pinned) == 3
+    for (x, y), (xb, yb), p in zip(a, b, pinned):
+        assert torch.equal(x, xb) and torch.equal(y, yb)
+        assert x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr() == p.untyped_storage().data_ptr()
+
+
 def test_resume_from_state_dict_gives_the_same_next_batches(dataset):
     make = lambda: TokenLoader(dataset.path, "train", 128, 16, seed=7)
     full = make()

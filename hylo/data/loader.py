@@ -6,6 +6,9 @@ seeded offset in ``[0, seq_len)`` so later epochs see other cut points, and neve
 walks the windows in order once (for evaluation). Each step takes ``batch_size * world_size`` windows and
 rank ``r`` gets the ``r``-th slice, so ranks are disjoint. The position is just (epoch, step): everything else is
 recomputed from the seed, so a resumed loader yields exactly the batches an uninterrupted one would.
+``pin_memory=True`` (the trainer's choice on CUDA) returns batches in page-locked memory, so the trainer's
+``.to(device, non_blocking=True)`` is a real asynchronous copy: from pageable memory the host waits for it, and
+so for the GPU's queued work, before it can launch the next step's kernels.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ import torch
 from .prepare import DTYPES, DataError
 
 
+_pin = torch.Tensor.pin_memory  # a module attribute, so a CPU-only test can stand in for it
+
+
 def read_manifest(path_or_manifest: str | os.PathLike) -> tuple[Path, dict]:
     """(dataset folder, manifest) from a folder holding ``manifest.json`` or the manifest file itself."""
     path = Path(path_or_manifest).expanduser()
@@ -35,7 +41,8 @@ class TokenLoader:
     """Deterministic, resumable, rank-sharded batches of ``(inputs, targets)`` LongTensors ``[batch, seq_len]``."""
 
     def __init__(self, path_or_manifest: str | os.PathLike, split: str = "train", seq_len: int = 1024,
-                 batch_size: int = 8, seed: int = 0, mode: str = "random", rank: int = 0, world_size: int = 1):
+                 batch_size: int = 8, seed: int = 0, mode: str = "random", rank: int = 0, world_size: int = 1,
+                 pin_memory: bool = False):
         if mode not in ("random", "sequential"):
             raise DataError(f"mode must be 'random' or 'sequential', got {mode!r}")
         if not 0 <= rank < world_size:
@@ -46,7 +53,7 @@ class TokenLoader:
         if split not in self.manifest["splits"]:
             raise DataError(f"{root}: no split '{split}' (have {', '.join(self.manifest['splits'])})")
         self.split, self.seq_len, self.batch_size, self.seed, self.mode = split, seq_len, batch_size, seed, mode
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.pin_memory = rank, world_size, pin_memory
         dtype = DTYPES[self.manifest["dtype"]]
         self._shards = []
         for shard in self.manifest["splits"][split]["shards"]:
@@ -96,6 +103,8 @@ class TokenLoader:
                 rows = [self._read(offset + int(w) * self.seq_len, self.seq_len + 1)
                         for w in order[lo: lo + self.batch_size]]
                 batch = torch.from_numpy(np.stack(rows).astype(np.int64))
+                if self.pin_memory:
+                    batch = _pin(batch)
                 self.step += 1  # advance before yielding: state_dict() then points at the next batch
                 yield batch[:, :-1], batch[:, 1:]
             self.epoch, self.step = self.epoch + 1, 0

@@ -359,7 +359,7 @@ class Trainer:
             cfg.schedule.kind, self.total_steps, cfg.warmup_steps(self.total_steps), cfg.schedule.min_lr_ratio,
             cfg.schedule.decay_fraction))
         self.train_loader = TokenLoader(cfg.data, "train", cfg.seq_len, cfg.batch_size, cfg.seed, "random",
-                                        info.rank, info.world_size)
+                                        info.rank, info.world_size, pin_memory=info.device.type == "cuda")
         self.val_loader = None
         if "val" in manifest["splits"] and manifest["splits"]["val"].get("tokens", 1) > 0:
             try:
