@@ -3,7 +3,7 @@
 Why the tables are a custom op: under ``torch.compile`` inductor inlines their computation (``theta ** (2i/Dh)``,
 ``cos``, ``sin``) into the kernels that rotate q and k, so that math runs once per element of q and k (every head,
 and again in the backward) instead of once per (position, frequency). In an H100 training step of a 125M attention
-model at sequence 2048 those kernels took 17 of the step's 80 ms of kernel time
+model at sequence 2048 those kernels took 17 of the step's 79 ms of kernel time
 (``benchmarks/results/train-throughput-sdpa-h100.json``; after: ``train-throughput-rope-h100.json``). Behind
 ``hylo::rope_table`` the tables are computed once per call and the rotation only reads them. A decode step (one
 position per row) keeps the inline form: there the tables are tiny, and an opaque op would add its own kernels to
