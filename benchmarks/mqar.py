@@ -14,10 +14,10 @@ interrupt (Ctrl-C, ``timeout -s INT``) during a model's training stops it there 
 
 Every pattern is a model of two sequence mixers and no MLP at width 128, as Zoology's MQAR models are, trained on
 the same mix of MQAR settings (by default sequence lengths 512 and 1024 with 8 to 256 key-value pairs, plus short
-easy settings; vocabulary 1024; ``--lengths`` and ``--vocab-size`` change them) with the same recipe for the same wall-clock budget, then scored on each setting.
-Expected, as in the literature: attention solves every setting; pure recurrent models (Mamba2, DeltaNet, Gated
-DeltaNet) and small-window SWA lose accuracy as the pairs grow past what their fixed-size state holds; a hybrid
-with one attention layer recovers most of it.
+easy settings; vocabulary 1024; ``--lengths`` and ``--vocab-size`` change them) with the same recipe for the same
+wall-clock budget, then scored on each setting. Expected, as in the literature: attention solves every setting;
+pure recurrent models (Mamba2, DeltaNet, Gated DeltaNet) and small-window SWA lose accuracy as the pairs grow past
+what their fixed-size state holds; a hybrid with one attention layer recovers most of it.
 
 ``--budget`` counts training seconds only: each model first runs an untimed kernel warm-up (Triton compilation
 and fla autotuning, up to 1-2 minutes for a new kernel shape; ``warmup_s`` in the record), then its clock starts.

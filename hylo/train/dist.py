@@ -6,13 +6,13 @@ the environment (torchrun sets it, with RANK, LOCAL_RANK, MASTER_ADDR/PORT) the 
 and left alone at the end. Each rank reads its own slice of every batch (see :class:`hylo.data.TokenLoader`), so
 the global batch is ``batch_size x world_size x grad_accum`` sequences. Rank 0 logs and writes files.
 
-FSDP2 uses ``torch.distributed.fsdp.fully_shard`` on every block, then the root; checkpoints gather full
-state dicts on rank 0 through ``torch.distributed.checkpoint.state_dict``. With ``param_dtype=torch.bfloat16``
-(the trainer's ``fsdp_param_dtype``) parameters are gathered for the forward and backward in bf16 and gradients
-reduced in float32 (``MixedPrecisionPolicy``), half the all-gather traffic; the optimizer keeps float32 shards.
-A mixer holding parameters marked :func:`hylo.layers.base.keep_float32` (the recurrent operators' decay rates:
-rounding ``A_log`` to bf16 moves ``exp(A_log)`` by up to ~0.5%) is sharded on its own and gathered in float32. The CPU tests run both with 2 gloo
-ranks; ``benchmarks/multi_gpu.py`` runs both on GPUs with NCCL.
+FSDP2 uses ``torch.distributed.fsdp.fully_shard`` on every block, then the root; checkpoints gather full state
+dicts on rank 0 through ``torch.distributed.checkpoint.state_dict``. With ``param_dtype=torch.bfloat16`` (the
+trainer's ``fsdp_param_dtype``) parameters are gathered for the forward and backward in bf16 and gradients reduced
+in float32 (``MixedPrecisionPolicy``), half the all-gather traffic; the optimizer keeps float32 shards. A mixer
+holding parameters marked :func:`hylo.layers.base.keep_float32` (the recurrent operators' decay rates: rounding
+``A_log`` to bf16 moves ``exp(A_log)`` by up to ~0.5%) is sharded on its own and gathered in float32. The CPU tests
+run both with 2 gloo ranks; ``benchmarks/multi_gpu.py`` runs both on GPUs with NCCL.
 """
 
 from __future__ import annotations
