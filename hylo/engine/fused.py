@@ -1,7 +1,7 @@
 """A decode step with RMSNorm, SwiGLU and the residual adds fused into the GEMV (``HYLO_GEMV_FUSE=on``).
 
 Why: at batch 1 the compiled, graphed step of a Qwen3-0.6B-shaped model runs 368 kernels per token on an H100,
-and the 255 that are not matrix products take ~0.5 ms of its ~1.2 ms of kernel time, mostly as launch and
+and the 199 that are not matrix products take 0.35 ms of its 1.17 ms of kernel time, mostly as launch and
 ramp-up of tiny kernels (``benchmarks/results/qwen3-vs-transformers-h100-run5-partial.json``). Here each block's
 pre-norm moves into the prologue of its first product, SwiGLU's ``silu(gate) * up`` into the prologue of the
 down projection, and the residual add into the epilogue of the last product (``hylo.ops.gemv``), which removes
