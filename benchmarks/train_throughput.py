@@ -21,7 +21,7 @@ eager runs also time each operator's block alone.
     python benchmarks/train_throughput.py --data DATA_DIR --out r.json --models attn-125m --compile compiled \\
         --sdpa auto cudnn   # PyTorch's SDPA kernel for causal attention (hylo.ops.backend's HYLO_SDPA)
         --nan-check deferred sync   # the trainer's non-finite check without / with a host sync every step
-        --rope torch triton   # RoPE's q/k rotation: fused by inductor, or hylo's Triton kernel (HYLO_ROPE)
+        --rope torch triton   # RoPE's q/k rotation: fused by inductor, or hylo's Triton kernel (HYLO_ROPE; auto = triton on CUDA)
     python benchmarks/train_throughput.py --data DATA_DIR --out smoke.json --smoke   # CPU, tiny: checks the script
 """
 
@@ -367,9 +367,10 @@ def main() -> None:
     ap.add_argument("--nan-check", nargs="+", default=["deferred"], choices=["deferred", "sync"],
                     help="the trainer's per-step non-finite check, one set of runs each: deferred (its default: no "
                          "GPU->host sync per step, with a fused AdamW) or sync (loss and grad norm read every step)")
-    ap.add_argument("--rope", nargs="+", default=["torch"], choices=["torch", "triton"],
-                    help="RoPE's q/k rotation (hylo.ops.rope, HYLO_ROPE), one set of runs each: torch (inductor fuses "
-                         "it) or triton (hylo's kernel, forward and backward). Without CUDA or with --smoke, only torch")
+    ap.add_argument("--rope", nargs="+", default=["auto"], choices=["auto", "torch", "triton"],
+                    help="RoPE's q/k rotation (hylo.ops.rope, HYLO_ROPE), one set of runs each: auto (the default: "
+                         "triton on CUDA), torch (inductor fuses it) or triton (hylo's kernel, forward and "
+                         "backward). Without CUDA or with --smoke, triton is skipped")
     ap.add_argument("--time-limit", type=float, default=None,
                     help="seconds for the whole script: a run still going then is stopped (recorded as such), "
                          "later steps are skipped, and what was measured is saved")
@@ -399,8 +400,8 @@ def main() -> None:
     if args.smoke or not cuda:  # flash, cudnn and efficient: CUDA kernels (the CPU runs the reference attention)
         skipped = [f"--sdpa {s}: needs CUDA and no --smoke" for s in args.sdpa if s not in ("auto", "math")]
         args.sdpa = [s for s in args.sdpa if s in ("auto", "math")]
-        skipped += [f"--rope {r}: needs CUDA and no --smoke" for r in args.rope if r != "torch"]
-        args.rope = ["torch"]
+        skipped += [f"--rope {r}: needs CUDA and no --smoke" for r in args.rope if r == "triton"]
+        args.rope = [r for r in args.rope if r != "triton"] or ["torch"]
         for s in skipped:
             print(f"skipped: {s}", flush=True)
     measured_peak = matmul_tflops(128 if args.smoke else 8192, device=dev.type)

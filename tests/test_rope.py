@@ -83,8 +83,9 @@ def test_kernel_rejects_bad_input(interp):
 def test_switch_routes_parallel_forwards_only(interp, spy_on):
     calls = spy_on(rope, "rope_rotate")
     x, cos, sin = _case(1, 6, 2, 8, 1, torch.float32)
+    assert rope.get_rope() == "auto"
     rope.apply_rope(x, cos, sin)
-    assert calls == []  # default: torch
+    assert calls == []  # auto: the kernel for CUDA tensors only, so not for this one even under the interpreter
     with rope.rope_mode("triton"):
         y = rope.apply_rope(x, cos, sin)
         rope.apply_rope(x[:, :1], cos[:, :1], sin[:, :1])  # one position: a decode step stays in torch
