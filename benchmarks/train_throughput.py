@@ -238,6 +238,9 @@ def step_kernels(model: HybridLM, batch: int, seq_len: int, loss_impl: str) -> d
     x = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=dev)
 
     def fwd_bwd():
+        # a compile mode that replays CUDA graphs (reduce-overhead) must see each call as a new step, or the
+        # gradients accumulated over calls read outputs its last replay overwrote (as the trainer does per batch)
+        torch.compiler.cudagraph_mark_step_begin()
         with linear_ce.use_impl(loss_impl), _autocast(dev):
             loss = model(input_ids=x, targets=x).loss
         loss.backward()

@@ -469,3 +469,19 @@ def test_tensorboard_and_wandb_get_the_jsonl_scalars(data, tmp_path, monkeypatch
     assert [s for s, _ in logged] == [r["step"] for r in recs]
     assert logged[0][1]["train/loss"] == recs[0]["loss"] and calls[-1] == ("finish",)
     assert res.steps == 4
+
+
+@pytest.mark.parametrize("mode,marks", [("reduce-overhead", 6), ("max-autotune", 6), (True, 0)])
+def test_cuda_graph_compile_modes_mark_each_micro_batch_a_new_step(data, monkeypatch, mode, marks):
+    """Compile modes that replay CUDA graphs reuse their output buffers: every micro-batch must start a new
+    cudagraph step, or gradient accumulation reads overwritten outputs (an H100 profile of reduce-overhead failed
+    that way). The compile itself is stubbed: the CPU has no CUDA graphs; what is checked is the trainer's calls."""
+    from hylo.model import HybridLM
+
+    compiled, calls = [], []
+    monkeypatch.setattr(HybridLM, "compile", lambda self, **kw: compiled.append(kw))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append(1))
+    res = train(_cfg(data, max_steps=3, grad_accum=2, compile=mode))
+    assert res.steps == 3
+    assert compiled == [{} if mode is True else {"mode": mode}]
+    assert len(calls) == marks  # 3 steps x 2 micro-batches

@@ -338,6 +338,7 @@ class Trainer:
         self.num_params = sum(p.numel() for p in model.parameters())
         if cfg.compile:
             model.compile(**({} if cfg.compile is True else {"mode": cfg.compile}))
+        self._cudagraphs = cfg.compile in ("reduce-overhead", "max-autotune")
         self.model = D.wrap(model, info, cfg.fsdp, self.fsdp_param_dtype(cfg, info))
 
         wd = cfg.optimizer.weight_decay
@@ -431,6 +432,11 @@ class Trainer:
         ddp = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
         loss_sum = torch.zeros((), device=info.device)
         for micro in range(cfg.grad_accum):
+            if self._cudagraphs:
+                # compile modes that replay CUDA graphs (reduce-overhead, max-autotune) reuse their output buffers
+                # on the next replay: a new micro-batch must be marked as a new step, or accumulating its gradients
+                # into the last one's reads overwritten memory (PyTorch raises)
+                torch.compiler.cudagraph_mark_step_begin()
             x, y = next(it)
             x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
             sync = contextlib.nullcontext() if not ddp or micro == cfg.grad_accum - 1 else self.model.no_sync()
