@@ -50,7 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hylo.convert import from_transformers  # noqa: E402
 from hylo.engine.runner import DecodeRunner  # noqa: E402
 from hylo.engine import fused as hylo_fused  # noqa: E402
+from hylo.engine import kernel_step as hylo_kstep  # noqa: E402
 from hylo.ops import decode_attention as hylo_dattn  # noqa: E402
+from hylo.ops import pdl as hylo_pdl  # noqa: E402
 from hylo.ops import gemv as hylo_gemv  # noqa: E402
 from hylo.profile.report import environment  # noqa: E402
 from timing import kernel_table  # noqa: E402  (benchmarks/timing.py)
@@ -166,6 +168,7 @@ def measure_hylo(hy, prompt, n: int, graphs: bool, compile: bool, repeats: int, 
     tokens = hylo_greedy(hy, runner, prompt, n)[0].tolist()
     rec = {"ms_per_token": hylo_ms_per_token(runner, T, n, repeats, dev), "cache_len": T + n,
            "graphed": runner.graphed, "compiled": compile, "kv_cache_bytes": runner.cache.nbytes(),
+           "kernel_step": runner.kernel_step, "pdl": runner.pdl,  # what the runner took
            "generate_s_incl_prefill": statistics.median(wall(lambda: hylo_greedy(hy, runner, prompt, n), dev, repeats))}
     del runner
     r2 = DecodeRunner(hy, 1, 2048, cuda_graph=graphs, compile=compile)
@@ -183,7 +186,8 @@ def try_profile(res: dict, make_runner, dev) -> dict | None:
 
 
 SUFFIXES = {"gemv": ("gemv", "on"), "cublas": ("gemv", "off"),  # mode suffix -> (switch, value)
-            "dattn": ("decode_attn", "on"), "fuse": ("fuse", "on")}
+            "dattn": ("decode_attn", "on"), "fuse": ("fuse", "on"), "kstep": ("kernel_step", "on"),
+            "nopdl": ("pdl", "off")}
 
 
 def parse_modes(spec: str) -> list[tuple[str, bool | str, dict[str, str]]]:
@@ -192,7 +196,9 @@ def parse_modes(spec: str) -> list[tuple[str, bool | str, dict[str, str]]]:
     (``HYLO_GEMV=off``: cuBLAS products instead of the engine's default Triton GEMV on CUDA), ``+gemv``
     (``HYLO_GEMV=on``, also where ``auto`` would not take it), ``+dattn`` (``HYLO_DECODE_ATTN=on``: the split-KV
     Triton attention kernel), ``+fuse`` (``HYLO_GEMV_FUSE=on``: norms, SwiGLU and residual adds inside the GEMVs,
-    ``hylo.engine.fused``; it needs the GEMV); suffixes combine (``default+dattn+cublas``)."""
+    ``hylo.engine.fused``; it needs the GEMV), ``+kstep`` (``HYLO_KERNEL_STEP=on``: the step as hylo's Triton
+    kernels chained with programmatic dependent launch, ``hylo.engine.kernel_step``; never compiled, so take it
+    with ``eager``: ``eager+kstep``), ``+nopdl`` (``HYLO_PDL=off``); suffixes combine (``default+dattn+cublas``)."""
     out = []
     for m in (m.strip() for m in spec.split(",")):
         if not m:
@@ -322,21 +328,26 @@ def main():
         gemv = switches.get("gemv", hylo_gemv.get_gemv())
         dattn = switches.get("decode_attn", hylo_dattn.get_decode_attn())
         fuse = switches.get("fuse", hylo_fused.get_fuse())
-        forced = [op for op, v in ((hylo_gemv, gemv), (hylo_dattn, dattn), (hylo_gemv, fuse)) if v == "on"]
+        kstep = switches.get("kernel_step", hylo_kstep.get_kernel_step())
+        pdl = switches.get("pdl", hylo_pdl.get_pdl())
+        forced = [op for op, v in ((hylo_gemv, gemv), (hylo_dattn, dattn), (hylo_gemv, fuse), (hylo_gemv, kstep))
+                  if v == "on"]
         if forced and (not all(op.supported(dev) for op in forced) or (dev.type != "cuda" and compile)):
             res.setdefault("skipped", {})[key] = (
                 "HYLO_GEMV=on, HYLO_DECODE_ATTN=on and HYLO_GEMV_FUSE=on need CUDA and Triton, or TRITON_INTERPRET=1 "
                 "on the CPU for eager steps (the interpreter cannot be traced by torch.compile)")
             continue
         try:
-            with hylo_gemv.gemv_mode(gemv), hylo_dattn.decode_attn_mode(dattn), hylo_fused.fuse_mode(fuse):
+            with hylo_gemv.gemv_mode(gemv), hylo_dattn.decode_attn_mode(dattn), hylo_fused.fuse_mode(fuse), \
+                    hylo_kstep.kernel_step_mode(kstep), hylo_pdl.pdl_mode(pdl):
                 rec, tokens = measure_hylo(hy, prompt, n, graphs, compile, args.repeats, dev)
                 rec["kernels"] = try_profile(
                     res, lambda: DecodeRunner(hy, 1, T + n, cuda_graph=False, compile=compile), dev)
                 rec["gemv"] = hylo_gemv.enabled(dev)  # what the runner took
                 rec["fused"] = hylo_gemv.enabled(dev) and hylo_fused.enabled(hy, 1)
             rec["compile_mode"] = compile if isinstance(compile, str) else ("default" if compile else None)
-            rec["switches"] = {"HYLO_GEMV": gemv, "HYLO_DECODE_ATTN": dattn, "HYLO_GEMV_FUSE": fuse}
+            rec["switches"] = {"HYLO_GEMV": gemv, "HYLO_DECODE_ATTN": dattn, "HYLO_GEMV_FUSE": fuse,
+                               "HYLO_KERNEL_STEP": kstep, "HYLO_PDL": pdl}
             if hy_tokens is not None:
                 k = min(16, n)
                 rec["greedy_agree_with_first_mode"] = sum(x == y for x, y in zip(tokens[:k], hy_tokens[:k]))

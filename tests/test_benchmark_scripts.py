@@ -86,12 +86,13 @@ def test_mqar_per_pattern_rates_and_a_wall_limit(tmp_path):
 def test_qwen3_vs_transformers_smoke(tmp_path):
     out = tmp_path / "q3.json"
     _run(["benchmarks/qwen3_vs_transformers.py", "--smoke", "--out", str(out), "--modes",
-          "eager,eager+cublas,default+gemv,eager+dattn,eager+fuse", "--tf-repeats", "2"])
+          "eager,eager+cublas,default+gemv,eager+dattn,eager+fuse,eager+kstep", "--tf-repeats", "2"])
     res = json.loads(out.read_text())
     assert not res["errors"] and res["hylo"]["ms_per_token"] > 0 and res["transformers"]["ms_per_token"] > 0
-    assert res["hylo_cublas"]["switches"] == {"HYLO_GEMV": "off", "HYLO_DECODE_ATTN": "off", "HYLO_GEMV_FUSE": "off"}
-    assert not res["hylo_cublas"]["gemv"]
-    assert {"hylo_compiled_gemv", "hylo_dattn", "hylo_fuse"} <= set(res["skipped"])  # +gemv needs CUDA or the Triton interpreter
+    assert res["hylo_cublas"]["switches"] == {"HYLO_GEMV": "off", "HYLO_DECODE_ATTN": "off", "HYLO_GEMV_FUSE": "off",
+                                              "HYLO_KERNEL_STEP": "off", "HYLO_PDL": "auto"}
+    assert not res["hylo_cublas"]["gemv"] and not res["hylo"]["kernel_step"] and not res["hylo"]["pdl"]
+    assert {"hylo_compiled_gemv", "hylo_dattn", "hylo_fuse", "hylo_kstep"} <= set(res["skipped"])  # +gemv needs CUDA or the Triton interpreter
     assert res["best_mode"] in ("hylo", "hylo_cublas") and set(res["goals"]) == {"hylo_30x_faster",
                                                                                 "hylo_within_1.5x_floor"}
     assert res["transformers"]["ms_per_token_fastest"] > 0 and len(res["transformers"]["generate_s"]) == 2

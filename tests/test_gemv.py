@@ -334,11 +334,11 @@ def test_benchmark_modes():
         sys.path.remove(str(REPO / "benchmarks"))
     on, off, dattn = {"gemv": "on"}, {"gemv": "off"}, {"decode_attn": "on"}
     assert mod.parse_modes("eager,default+gemv,max-autotune-no-cudagraphs+gemv,eager+cublas,default+dattn+cublas,"
-                           "default+fuse") == [
+                           "default+fuse,eager+kstep+nopdl") == [
         ("hylo", False, {}), ("hylo_compiled_gemv", True, on),
         ("hylo_compiled_max_autotune_no_cudagraphs_gemv", "max-autotune-no-cudagraphs", on),
         ("hylo_cublas", False, off), ("hylo_compiled_dattn_cublas", True, {**dattn, **off}),
-        ("hylo_compiled_fuse", True, {"fuse": "on"})]
+        ("hylo_compiled_fuse", True, {"fuse": "on"}), ("hylo_kstep_nopdl", False, {"kernel_step": "on", "pdl": "off"})]
     with pytest.raises(SystemExit, match="suffix"):
         mod.parse_modes("eager+fast")
 

@@ -17,6 +17,10 @@ by one. Note that attention's decode step attends over the whole preallocated ``
 depends on ``max_len``, not on the current position -- unless ``HYLO_DECODE_ATTN=on``
 (:mod:`hylo.ops.decode_attention`), whose kernel reads each row's cache only up to its position.
 
+``HYLO_KERNEL_STEP=on`` (:mod:`hylo.engine.kernel_step`, off by default) runs an attention + FFN model's step
+as a fixed sequence of hylo's Triton kernels chained with programmatic dependent launch; ``compile`` is then
+ignored.
+
 ``compile=True`` runs the step through ``torch.compile`` (inductor) before the graph is captured, as gpt-fast
 does: a graph of eager kernels still pays one small kernel per norm, RoPE, gate and residual add; inductor fuses
 them, which is what brings decoding at batch 1 near the memory-bandwidth floor. The states are updated in place
@@ -38,7 +42,7 @@ import torch
 
 from ..cache import HybridCache
 from ..ops import gemv
-from . import fused
+from . import fused, kernel_step
 
 
 def row_view(cache: HybridCache, start: int, stop: int) -> HybridCache:
@@ -183,6 +187,12 @@ class DecodeRunner:
         self.fused = (self.gemv and fused.enabled(model, self.batch_size) and head.is_contiguous()
                       and head.dtype == model.embed_tokens.weight.dtype)
         plan = [fused.fusable(b) for b in model.layers]
+        # HYLO_KERNEL_STEP=on: the whole step as hylo's own Triton kernels (PDL-chained), never compiled
+        self.kernel_step = kernel_step.enabled(model, self.batch_size, head, self.gemv)
+        self.pdl = self.kernel_step and kernel_step.pdl_enabled(self.device)
+        if self.kernel_step:
+            freqs = kernel_step.frequencies(model)
+            return lambda tokens: kernel_step.step(model, tokens, states, pos, head, freqs, self.pdl)
 
         def step(tokens: torch.Tensor) -> torch.Tensor:
             if self.fused:  # HYLO_GEMV_FUSE=on: norms, SwiGLU and residual adds inside the GEMVs

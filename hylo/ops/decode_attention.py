@@ -107,9 +107,12 @@ if triton is not None:
 
     def _split_kernel(q, k, v, pos, o, m_part, l_part, acc_part, qk_scale, L, HKV: tl.constexpr, G: tl.constexpr,
                       GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, NSPLIT: tl.constexpr,
-                      INTERP: tl.constexpr):
+                      INTERP: tl.constexpr, PDL: tl.constexpr):
         # One program: the G query heads of KV head (b, kvh) over its split of the valid slots. qk_scale folds
         # log2(e) in, so the softmax runs in base 2 (exp2); the partial maxima are in that base too.
+        # PDL (hylo.ops.pdl): q and the cache's new slot come from the kernel before: wait first.
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         pid, sp = tl.program_id(0), tl.program_id(1)  # pid = b * HKV + kvh
         b = pid // HKV
         n = tl.minimum(tl.load(pos + b).to(tl.int32) + 1, L)  # valid slots 0..n-1
@@ -148,6 +151,8 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.reduce(p[:, :, None] * vb[None, :, :], 1, tl.standard._sum_combine)
             m_i = m_new
 
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         if NSPLIT == 1:
             out = acc / l_i[:, None]
             tl.store(o + rows[:, None] * D + d[None, :], out.to(o.dtype.element_ty), mask=m_h[:, None])
@@ -157,8 +162,12 @@ if triton is not None:
             tl.store(l_part + part, l_i, mask=m_h)
             tl.store(acc_part + part[:, None] * D + d[None, :], acc, mask=m_h[:, None])
 
-    def _combine_kernel(m_part, l_part, acc_part, o, NSPLIT: tl.constexpr, NSP: tl.constexpr, D: tl.constexpr):
+    def _combine_kernel(m_part, l_part, acc_part, o, NSPLIT: tl.constexpr, NSP: tl.constexpr, D: tl.constexpr,
+                        PDL: tl.constexpr):
         # One program: one query head of one row; merges its NSPLIT partial softmaxes.
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()  # its reads are few: the next kernel may start its prologue
         row = tl.program_id(0)
         sp = tl.arange(0, NSP)
         m_sp = sp < NSPLIT
@@ -210,10 +219,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor)
                          f"{pos.device})")
 
 
-@torch.library.triton_op("hylo::decode_attention", mutates_args=())
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Triton decode attention: ``q [B, H, 1, Dh]`` over ``k, v [B, Hkv, L, Dh]`` slots ``s <= pos[b]`` ->
-    ``[B, H, 1, Dh]`` in ``q.dtype`` (see the module doc)."""
+def _launch(q, k, v, pos, pdl: bool, wrap) -> torch.Tensor:
+    """Check, allocate and launch; ``wrap``: ``torch.library.wrap_triton`` inside the op or the identity for a
+    direct launch; ``pdl``: programmatic dependent launch (:mod:`hylo.ops.pdl`; ignored under the interpreter)."""
     _check(q, k, v, pos)
     (B, H, _, Dh), (Hkv, L) = q.shape, k.shape[1:3]
     g = H // Hkv
@@ -223,17 +231,35 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
     nsplit = num_splits(L, B * Hkv)
     block, warps = _launch_config(gp, Dh)
     interp = triton_interpreting()
+    pdl = pdl and not interp
     split, combine = kernels()
     if nsplit == 1:  # the kernel writes the output; the partials' pointers are unused
         parts = (q.new_empty(0, dtype=torch.float32),) * 3
     else:  # per (row, query head, split): running max (base 2), sum of exponentials, unnormalised output
         parts = (q.new_empty(B * H, nsplit, dtype=torch.float32), q.new_empty(B * H, nsplit, dtype=torch.float32),
                  q.new_empty(B * H, nsplit, Dh, dtype=torch.float32))
-    torch.library.wrap_triton(split)[(B * Hkv, nsplit)](
+    extra = {"launch_pdl": True} if pdl else {}
+    wrap(split)[(B * Hkv, nsplit)](
         q, k, v, pos, out, *parts, math.log2(math.e) / math.sqrt(Dh), L, HKV=Hkv, G=g, GP=gp, D=Dh, BLOCK=block,
-        NSPLIT=nsplit, INTERP=interp, **({} if interp else {"num_warps": warps}))
+        NSPLIT=nsplit, INTERP=interp, PDL=pdl, **({} if interp else {"num_warps": warps, **extra}))
     if nsplit > 1:
         nsp = triton.next_power_of_2(nsplit)
-        launch = {} if interp else {"num_warps": 4 if nsp * Dh <= 4096 else 8}
-        torch.library.wrap_triton(combine)[(B * H,)](*parts, out, NSPLIT=nsplit, NSP=nsp, D=Dh, **launch)
+        launch = {} if interp else {"num_warps": 4 if nsp * Dh <= 4096 else 8, **extra}
+        wrap(combine)[(B * H,)](*parts, out, NSPLIT=nsplit, NSP=nsp, D=Dh, PDL=pdl, **launch)
     return out
+
+
+@torch.library.triton_op("hylo::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Triton decode attention: ``q [B, H, 1, Dh]`` over ``k, v [B, Hkv, L, Dh]`` slots ``s <= pos[b]`` ->
+    ``[B, H, 1, Dh]`` in ``q.dtype`` (see the module doc)."""
+    return _launch(q, k, v, pos, False, torch.library.wrap_triton)
+
+
+def decode_attention_direct(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+                            pdl: bool = False) -> torch.Tensor:
+    """:func:`decode_attention` launched directly, outside torch's op machinery (``hylo.engine.kernel_step``),
+    with programmatic dependent launch if ``pdl``."""
+    if triton is None:
+        raise RuntimeError("hylo.ops.decode_attention needs Triton")
+    return _launch(q, k, v, pos, pdl, lambda kern: kern)

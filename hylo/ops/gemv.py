@@ -83,8 +83,8 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
 if triton is not None:
 
     def _gemv_kernel(x, w, b, y, nw, r, M, N, eps, K: tl.constexpr, XK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, BN: tl.constexpr,
-                     BK: tl.constexpr):
+                     NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+                     LINE: tl.constexpr, NL: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         # One program: BN outputs of one row of x. The grid is flat with the row index fastest, so the M programs
         # reading one tile of W run side by side and all but the first find it in L2 (W crosses HBM once).
         # W is [N, K] row-major: each output's K weights are contiguous.
@@ -92,11 +92,22 @@ if triton is not None:
         # sum of squares in a first pass over the row: K elements, from L2); SWIGLU, x is [gate | up] (row length
         # XK = 2K) and the product takes silu(gate) * up; RESIDUAL, r[row] is added to the output. Roundings follow
         # the unfused model (hylo.ops.gemv.gemv_ref).
+        # PDL (programmatic dependent launch, hylo.ops.pdl): the weights do not depend on the kernel before, so
+        # the program first asks L2 for its BN rows of W (one prefetch per 128-byte line: LINE elements, NL lines
+        # per row rounded up to a power of two, the excess clamped to the row's last line), then waits for that
+        # kernel's writes (griddepcontrol.wait) before it reads x or r or writes y; after its loop it lets the
+        # next kernel launch. Without a PDL launch the wait returns at once.
         pid = tl.program_id(0)
         i_m, i_n = pid % M, pid // M
         rows = i_n * BN + tl.arange(0, BN)
         m_n = rows < N
         dt = x.dtype.element_ty
+        if PDL:
+            line = tl.minimum(tl.arange(0, NL) * LINE, K - 1)
+            prow = tl.minimum(rows, N - 1).to(tl.int64) * K
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l",
+                                      [w + prow[:, None] + line[None, :]], dtype=tl.int32, is_pure=False, pack=1)
+            tl.extra.cuda.gdc_wait()
         if NORM:
             ss = tl.full([BK], 0.0, dtype=tl.float32)
             for k0 in range(0, K, BK):
@@ -121,6 +132,8 @@ if triton is not None:
             b_w = tl.load(w + rows[:, None].to(tl.int64) * K + cols[None, :], mask=m_n[:, None] & m_k[None, :],
                           other=0.0)
             acc += b_w.to(tl.float32) * b_x[None, :]
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         out = tl.reduce(acc, 1, tl.standard._sum_combine)  # tl.sum's own reduction (tl.sum is a jit helper)
         if HAS_BIAS:
             out += tl.load(b + rows, mask=m_n, other=0.0).to(tl.float32)
@@ -138,7 +151,7 @@ if triton is not None:
 def _jit(interpret: bool):
     k = triton.jit(_gemv_kernel)
     return k if interpret else triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "HAS_BIAS", "NORM", "SWIGLU",
-                                                                       "RESIDUAL"])(k)
+                                                                       "RESIDUAL", "PDL"])(k)
 
 
 def kernel():
@@ -149,14 +162,7 @@ def kernel():
     return _jit(triton_interpreting())
 
 
-@torch.library.triton_op("hylo::gemv", mutates_args=())
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         norm_weight: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
-         swiglu: bool = False) -> torch.Tensor:
-    """Triton ``x [M, K] @ weight[N, K]^T (+ bias[N])`` -> ``[M, N]`` in ``x.dtype``, float32 accumulation.
-    ``x``, ``weight`` and ``bias`` share one dtype; ``weight`` must be contiguous (it is read row by row).
-    Fused for the decode step (:func:`gemv_ref` spells them out): ``swiglu`` (``x [M, 2K]`` = ``[gate | up]``),
-    ``norm_weight [K]`` with ``eps`` (RMSNorm of x first), ``residual [M, N]`` (added to the output)."""
+def _check(x, weight, bias, norm_weight, residual, swiglu) -> None:
     K = weight.shape[1] if weight.dim() == 2 else -1
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != (2 * K if swiglu else K):
         raise ValueError(f"gemv takes x [M, {'2K' if swiglu else 'K'}] and weight [N, K]; got {tuple(x.shape)} and "
@@ -173,17 +179,49 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     M, N = x.shape[0], weight.shape[0]
     if residual is not None and (residual.shape != (M, N) or residual.dtype != x.dtype):
         raise ValueError(f"gemv: residual must be [{M}, {N}] {x.dtype}, got {tuple(residual.shape)} {residual.dtype}")
+
+
+def _launch(x, weight, bias, norm_weight, eps, residual, swiglu, pdl: bool, wrap) -> torch.Tensor:
+    """Check, allocate and launch; ``wrap`` is ``torch.library.wrap_triton`` inside the op (traceable) or the
+    identity for a direct launch; ``pdl`` launches with programmatic dependent launch (:mod:`hylo.ops.pdl`)."""
+    _check(x, weight, bias, norm_weight, residual, swiglu)
+    M, (N, K) = x.shape[0], weight.shape
     x = x.contiguous()
     y = x.new_empty(M, N)
-    cfg = _INTERP_CONFIG if triton_interpreting() else {}  # else the autotuner picks BN, BK
+    interp = triton_interpreting()
+    cfg = dict(_INTERP_CONFIG) if interp else {}  # else the autotuner picks BN, BK
+    if pdl and not interp:
+        cfg["launch_pdl"] = True
+    line = 128 // x.element_size()
     b = x if bias is None else bias.contiguous()  # x: an unused pointer where an input is absent
     nw = x if norm_weight is None else norm_weight.contiguous()
     r = x if residual is None else residual.contiguous()
-    torch.library.wrap_triton(kernel())[lambda meta: (M * triton.cdiv(N, meta["BN"]),)](
+    wrap(kernel())[lambda meta: (M * triton.cdiv(N, meta["BN"]),)](
         x, weight, b, y, nw, r, M, N, float(eps), K, 2 * K if swiglu else K, HAS_BIAS=bias is not None,
-        NORM=norm_weight is not None,
-        SWIGLU=swiglu, RESIDUAL=residual is not None, **cfg)
+        NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None, PDL=pdl and not interp,
+        LINE=line, NL=triton.next_power_of_2(triton.cdiv(K, line)), **cfg)
     return y
+
+
+@torch.library.triton_op("hylo::gemv", mutates_args=())
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         norm_weight: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
+         swiglu: bool = False) -> torch.Tensor:
+    """Triton ``x [M, K] @ weight[N, K]^T (+ bias[N])`` -> ``[M, N]`` in ``x.dtype``, float32 accumulation.
+    ``x``, ``weight`` and ``bias`` share one dtype; ``weight`` must be contiguous (it is read row by row).
+    Fused for the decode step (:func:`gemv_ref` spells them out): ``swiglu`` (``x [M, 2K]`` = ``[gate | up]``),
+    ``norm_weight [K]`` with ``eps`` (RMSNorm of x first), ``residual [M, N]`` (added to the output)."""
+    return _launch(x, weight, bias, norm_weight, eps, residual, swiglu, False, torch.library.wrap_triton)
+
+
+def gemv_direct(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                norm_weight: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
+                swiglu: bool = False, pdl: bool = False) -> torch.Tensor:
+    """:func:`gemv` launched directly, outside torch's op machinery (``hylo.engine.kernel_step``): with ``pdl``
+    the launch may overlap the kernel before it (Hopper and later; ignored under the interpreter)."""
+    if triton is None:
+        raise RuntimeError("hylo.ops.gemv needs Triton")
+    return _launch(x, weight, bias, norm_weight, eps, residual, swiglu, pdl, lambda k: k)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

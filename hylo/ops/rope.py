@@ -39,10 +39,15 @@ _ROPE = Choice("RoPE rotation", "HYLO_ROPE", ("auto", "torch", "triton"), "auto"
 set_rope, get_rope, rope_mode = _ROPE.set, _ROPE.get, _ROPE.use
 
 
+def inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """RoPE's frequencies ``theta ** (-2i / head_dim)``, ``[head_dim // 2]`` float32 (the decode kernels take them
+    precomputed, so their angles ``position * inv_freq`` round exactly as the model's)."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+
+
 def _tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin ``[..., head_dim]`` in float32 for ``positions`` (any shape)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    freqs = positions.float().unsqueeze(-1) * inv_freq
+    freqs = positions.float().unsqueeze(-1) * inv_freq(head_dim, theta, positions.device)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
 

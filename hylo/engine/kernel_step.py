@@ -1,0 +1,104 @@
+"""The decode step of an attention + FFN model as a fixed sequence of hylo's own Triton kernels, chained with
+programmatic dependent launch (``HYLO_KERNEL_STEP=on``).
+
+Why: the compiled, graphed step of a Qwen3-0.6B-shaped model takes 1.34-1.37 ms per token on an H100 against a
+memory-bandwidth floor of 0.40 ms (``benchmarks/results/qwen3-vs-transformers-h100-run6-partial.json``). Its
+products alone are 0.76-0.86 ms for 1.19 GB: each of the ~113 matrices of 4-13 MB pays a kernel's launch,
+ramp-up and drain. Inductor's kernels cannot be launched with PDL, so this step has none of them. Per layer:
+
+- attention block: GEMV with the pre-norm fused (q/k/v projection) -> :func:`hylo.ops.decode_qkv.decode_qkv`
+  (qk-norm, RoPE, k/v into the cache) -> split-KV attention (:mod:`hylo.ops.decode_attention`, reading slots up
+  to each row's position) -> GEMV with the residual fused (output projection);
+- FFN block: GEMV with the pre-norm (gate and up) -> GEMV with SwiGLU and the residual (down);
+
+then the final norm fused into the LM head's GEMV: 4-5 kernels per attention layer, 2 per FFN, with the embedding
+lookup and the position increment as the only PyTorch kernels. With :mod:`hylo.ops.pdl` on, each kernel is
+launched with PDL: a GEMV asks L2 for its weights while the kernel before it finishes.
+
+Applies to models whose every block is ``attn``/``swa`` or ``ffn`` (SwiGLU) with contiguous weights of one
+dtype, at most ``gemv.MAX_ROWS`` rows; :func:`applicable` says why not otherwise. The runner takes it when the
+switch is on and the GEMV is enabled; it is never compiled (there is nothing left for inductor). Off by default
+until it has been timed on a GPU (``benchmarks/qwen3_vs_transformers.py --modes default,kstep``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hylo.layers.attention import Attention
+from hylo.layers.ffn import SwiGLU
+from hylo.ops import decode_attention as dattn
+from hylo.ops import gemv as G
+from hylo.ops import pdl as P
+from hylo.ops.backend import Choice
+from hylo.ops.decode_qkv import decode_qkv
+from hylo.ops.rope import inv_freq
+
+_SWITCH = Choice("kernel decode step", "HYLO_KERNEL_STEP", ("off", "on"), "off")
+set_kernel_step, get_kernel_step, kernel_step_mode = _SWITCH.set, _SWITCH.get, _SWITCH.use
+
+
+def applicable(model, batch_size: int, head: torch.Tensor) -> str | None:
+    """``None`` if :func:`step` computes ``model``'s decode step at ``batch_size``; else why not (for messages)."""
+    if batch_size > G.MAX_ROWS:
+        return f"batch {batch_size} > {G.MAX_ROWS} rows (the GEMV's limit)"
+    dtype = model.embed_tokens.weight.dtype
+    for i, block in enumerate(model.layers):
+        m = block.mixer
+        if isinstance(m, Attention):
+            linears = (m.qkv_proj, m.o_proj)
+            hd = m.head_dim
+            if hd < 16 or hd > 256 or hd & (hd - 1):
+                return f"layer {i}: head size {hd} (the attention kernel takes powers of two in 16..256)"
+        elif isinstance(m, SwiGLU):
+            linears = (m.gate_up_proj, m.down_proj)
+        else:
+            return f"layer {i} is {block.op!r} (only attn, swa and ffn blocks)"
+        if not all(lin.weight.is_contiguous() for lin in linears):
+            return f"layer {i}: non-contiguous weights"
+        if any(p.dtype != dtype for p in block.parameters()):
+            return f"layer {i}: parameters of another dtype than the embedding's ({dtype})"
+    if model.norm.weight.dtype != dtype or head.dtype != dtype or not head.is_contiguous():
+        return "the final norm or the LM head differs in dtype or is not contiguous"
+    return None
+
+
+def enabled(model, batch_size: int, head: torch.Tensor, gemv_on: bool) -> bool:
+    """Whether a runner takes :func:`step`: the switch is on, the runner's GEMV is on and :func:`applicable`."""
+    return _SWITCH.value == "on" and gemv_on and applicable(model, batch_size, head) is None
+
+
+def frequencies(model) -> dict[int, torch.Tensor]:
+    """RoPE's frequencies per attention layer index (float32, on the model's device), computed once per runner."""
+    dev = model.embed_tokens.weight.device
+    return {i: inv_freq(b.mixer.head_dim, b.mixer.rope_theta, dev) for i, b in enumerate(model.layers)
+            if isinstance(b.mixer, Attention)}
+
+
+def step(model, tokens: torch.Tensor, states, pos: torch.Tensor, head: torch.Tensor,
+         freqs: dict[int, torch.Tensor], pdl: bool) -> torch.Tensor:
+    """One decode step: ``tokens [B]`` -> logits ``[B, vocab]``; writes the caches and advances ``pos``."""
+    h = F.embedding(tokens.view(-1), model.embed_tokens.weight)  # [B, D]
+    B = h.shape[0]
+    for i, (block, st) in enumerate(zip(model.layers, states)):
+        n, m = block.norm, block.mixer
+        if isinstance(m, SwiGLU):
+            gu = G.gemv_direct(h, m.gate_up_proj.weight, m.gate_up_proj.bias, n.weight, n.eps, pdl=pdl)
+            h = G.gemv_direct(gu, m.down_proj.weight, m.down_proj.bias, residual=h, swiglu=True, pdl=pdl)
+            continue
+        qkv = G.gemv_direct(h, m.qkv_proj.weight, m.qkv_proj.bias, n.weight, n.eps, pdl=pdl)
+        qn, kn = (m.q_norm.weight, m.k_norm.weight) if m.qk_norm else (None, None)
+        eps = m.q_norm.eps if m.qk_norm else 0.0
+        q = decode_qkv(qkv, m.num_heads, m.num_kv_heads, qn, kn, eps, freqs[i], st["k"], st["v"], pos,
+                       ring=m.window is not None, pdl=pdl)
+        o = dattn.decode_attention_direct(q, st["k"], st["v"], pos, pdl=pdl)
+        h = G.gemv_direct(o.view(B, -1), m.o_proj.weight, m.o_proj.bias, residual=h, pdl=pdl)
+    logits = G.gemv_direct(h, head, None, model.norm.weight, model.norm.eps, pdl=pdl)
+    pos.add_(1)
+    return logits
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether this step launches with PDL on ``device`` (:func:`hylo.ops.pdl.enabled`)."""
+    return P.enabled(device)

@@ -1,0 +1,170 @@
+"""The kernel decode step (HYLO_KERNEL_STEP=on): the q/k/v kernel against the model's own code, the whole step
+against the runner's usual step (Triton's interpreter), and the PDL variants compiled for sm_90 on the CPU."""
+
+import pytest
+import torch
+
+from hylo import HybridLM
+from hylo.config import HyloConfig
+from hylo.engine import DecodeRunner, kernel_step
+from hylo.layers.attention import Attention
+from hylo.ops import decode_attention as dattn
+from hylo.ops import gemv as G
+from hylo.ops.decode_qkv import decode_qkv, decode_qkv_ref
+from hylo.ops.rope import inv_freq
+
+triton = pytest.importorskip("triton")
+
+
+def _qkv_case(dtype, qk_norm, ring, B=2, H=4, Hkv=2, Dh=16, cap=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, (H + 2 * Hkv) * Dh, generator=g).to(dtype)
+    norms = (1 + 0.3 * torch.randn(2, Dh, generator=g)).to(dtype) if qk_norm else (None, None)
+    kc = torch.randn(B, Hkv, cap, Dh, generator=g).to(dtype)
+    vc = torch.randn(B, Hkv, cap, Dh, generator=g).to(dtype)
+    pos = torch.tensor([3, 13] if ring else [3, 6])[:B]  # ring: 13 wraps to slot 5 of 8
+    return qkv, norms[0], norms[1], inv_freq(Dh, 10000.0), kc, vc, pos
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("qk_norm", [True, False])
+@pytest.mark.parametrize("ring", [False, True])
+def test_qkv_kernel_matches_reference(interp, dtype, qk_norm, ring):
+    qkv, qn, kn, f, kc, vc, pos = _qkv_case(dtype, qk_norm, ring)
+    kc2, vc2 = kc.clone(), vc.clone()
+    q_ref = decode_qkv_ref(qkv, 4, 2, qn, kn, 1e-6, f, kc, vc, pos, ring)
+    q = decode_qkv(qkv, 4, 2, qn, kn, 1e-6, f, kc2, vc2, pos, ring)
+    # float32: exact up to cos/sin/sqrt implementations; bf16: the interpreter truncates float32 -> bf16 where
+    # torch rounds to nearest (a bf16 ulp is 2^-8 relative), so a wider tolerance
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(q.float(), q_ref.float(), **tol)
+    torch.testing.assert_close(kc2.float(), kc.float(), **tol)
+    torch.testing.assert_close(vc2, vc)  # v is copied, not rounded
+    slots = pos % 8 if ring else pos
+    untouched = torch.ones(2, 8, dtype=torch.bool)
+    untouched[torch.arange(2), slots] = False
+    _, _, _, _, kc0, vc0, _ = _qkv_case(dtype, qk_norm, ring)
+    assert torch.equal(kc2.transpose(1, 2)[untouched], kc0.transpose(1, 2)[untouched])  # other slots unchanged
+    assert not torch.equal(kc2, kc0)
+
+
+def test_qkv_reference_is_the_layers_own_step():
+    """decode_qkv_ref reproduces Attention._heads and step_heads' cache write (bf16, qk-norm, GQA)."""
+    torch.manual_seed(0)
+    cfg = HyloConfig(vocab_size=64, hidden_size=32, layers=["attn"], attn_num_heads=4, attn_num_kv_heads=2,
+                     attn_head_dim=8, attn_qk_norm=True)
+    lay = Attention(cfg, 0).to(torch.bfloat16)
+    with torch.no_grad():
+        lay.q_norm.weight.normal_(1, 0.3)
+        lay.k_norm.weight.normal_(1, 0.3)
+        qkv = lay.qkv_proj(torch.randn(2, 1, 32, dtype=torch.bfloat16))
+        pos = torch.tensor([2, 5])
+        q, k, v = lay._heads(qkv, pos[:, None])
+        st = lay.init_state(2, 8, dtype=torch.bfloat16)
+        q2 = decode_qkv_ref(qkv[:, 0], 4, 2, lay.q_norm.weight, lay.k_norm.weight, lay.q_norm.eps,
+                            inv_freq(8, lay.rope_theta), st["k"], st["v"], pos, ring=False)
+    assert torch.equal(q2, q)
+    assert torch.equal(st["k"][torch.arange(2), :, pos], k[:, :, 0])
+    assert torch.equal(st["v"][torch.arange(2), :, pos], v[:, :, 0])
+
+
+def _attn_ffn_model(layers="a f swa f", meta=2, seed=0):
+    torch.manual_seed(seed)
+    cfg = HyloConfig(vocab_size=96, hidden_size=32, layers=layers, attn_num_heads=4, attn_num_kv_heads=2,
+                     attn_head_dim=16, attn_qk_norm=True, swa_window=4, ffn_intermediate_size=48,
+                     num_meta_tokens=meta)
+    model = HybridLM(cfg).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_kernel_step_same_logits_as_the_runner_step(interp):
+    """A model of attention, sliding-window attention (window 4, so the ring buffer wraps) and FFN blocks, with
+    meta tokens: 7 steps of the kernel step give the logits of the usual step (GEMV and split-KV attention on, so
+    both compute the same algorithm), float32, rows at different positions."""
+    model = _attn_ffn_model()
+    ids = torch.tensor([[3, 4], [5, 6], [7, 1], [2, 2], [9, 8], [1, 0], [4, 4]])
+    with G.gemv_mode("on"), dattn.decode_attn_mode("on"):
+        ref_runner = DecodeRunner(model, 2, 16)
+        ref_runner.set_positions([0, 3])
+        ref = [ref_runner.step(t) for t in ids]
+        with kernel_step.kernel_step_mode("on"):
+            runner = DecodeRunner(model, 2, 16)
+            assert runner.kernel_step and not ref_runner.kernel_step and not runner.pdl  # no PDL on the CPU
+            runner.set_positions([0, 3])
+            got = [runner.step(t) for t in ids]
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert runner.positions() == [7, 10]
+    for st, st_ref in zip(runner.cache.states, ref_runner.cache.states):
+        for name in st:
+            torch.testing.assert_close(st[name], st_ref[name], rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_step_greedy_tokens_bf16(interp):
+    """bf16: greedy decoding from the kernel step follows the usual step's tokens (fed its own argmax each step)."""
+    model = _attn_ffn_model(meta=0, seed=1).to(torch.bfloat16)
+    with G.gemv_mode("on"), dattn.decode_attn_mode("on"):
+        outs = []
+        for mode in ("off", "on"):
+            with kernel_step.kernel_step_mode(mode):
+                r = DecodeRunner(model, 1, 16)
+                t, toks, logits = torch.tensor([5]), [], []
+                for _ in range(6):
+                    lg = r.step(t)
+                    logits.append(lg.float())
+                    t = lg.argmax(-1)
+                    toks.append(int(t))
+                outs.append((toks, logits))
+    assert outs[0][0] == outs[1][0]
+    for a, b in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
+
+
+def test_applicable_says_why_not():
+    model = _attn_ffn_model(layers="a f m2 f")
+    head = model.head_weight()
+    assert "layer 2 is 'mamba2'" in kernel_step.applicable(model, 1, head)
+    model = _attn_ffn_model()
+    assert kernel_step.applicable(model, 1, model.head_weight()) is None
+    assert "batch 5" in kernel_step.applicable(model, 5, model.head_weight())
+    with kernel_step.kernel_step_mode("on"):
+        assert not DecodeRunner(model, 5, 8).kernel_step  # falls back to the usual step
+        assert not DecodeRunner(model, 1, 8).kernel_step  # no GEMV on the CPU without the interpreter
+
+
+def _ptx(fn, signature: dict, constexprs: dict) -> str:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"launch_pdl": True}).asm["ptx"]
+
+
+def test_pdl_variants_compile_for_sm90():
+    """The PDL branches are never run on the CPU: compile them for an H100 (Triton's own compiler and ptxas, no
+    GPU needed) and check the instructions are there -- and absent without PDL."""
+    pytest.importorskip("triton.backends.nvidia")
+    gemv_sig = {"x": "*bf16", "w": "*bf16", "b": "*bf16", "y": "*bf16", "nw": "*bf16", "r": "*bf16", "M": "i32",
+                "N": "i32", "eps": "fp32"}
+    for pdl in (True, False):
+        ptx = _ptx(triton.jit(G._gemv_kernel), gemv_sig,
+                   dict(K=1024, XK=1024, HAS_BIAS=False, NORM=True, SWIGLU=False, RESIDUAL=True, PDL=pdl, LINE=64,
+                        NL=16, BN=8, BK=256))
+        assert ("griddepcontrol.wait" in ptx) == pdl and ("griddepcontrol.launch_dependents" in ptx) == pdl
+        assert ("prefetch.global.L2" in ptx) == pdl
+    from hylo.ops import decode_qkv as Q
+
+    ptx = _ptx(triton.jit(Q._qkv_kernel),
+               {"qkv": "*bf16", "qw": "*bf16", "kw": "*bf16", "inv_freq": "*fp32", "pos": "*i64", "q_out": "*bf16",
+                "kc": "*bf16", "vc": "*bf16", "eps": "fp32", "CAP": "i32"},
+               dict(H=16, HKV=8, HALF=64, QK_NORM=True, RING=False, PDL=True))
+    assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
+    split = triton.jit(dattn._split_kernel)
+    ptx = _ptx(split, {"q": "*bf16", "k": "*bf16", "v": "*bf16", "pos": "*i64", "o": "*bf16", "m_part": "*fp32",
+                       "l_part": "*fp32", "acc_part": "*fp32", "qk_scale": "fp32", "L": "i32"},
+               dict(HKV=8, G=2, GP=2, D=128, BLOCK=16, NSPLIT=4, INTERP=False, PDL=True))
+    assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
