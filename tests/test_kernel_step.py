@@ -10,6 +10,7 @@ from hylo.engine import DecodeRunner, kernel_step
 from hylo.layers.attention import Attention
 from hylo.ops import decode_attention as dattn
 from hylo.ops import gemv as G
+from hylo.ops import pdl
 from hylo.ops.decode_qkv import decode_qkv, decode_qkv_ref
 from hylo.ops.rope import inv_freq
 
@@ -81,13 +82,30 @@ def _attn_ffn_model(layers="a f swa f", meta=2, seed=0):
     return model
 
 
-def test_kernel_step_same_logits_as_the_runner_step(interp):
+@pytest.mark.parametrize("fuse", ["plain", "norm+residual", "swiglu"])
+def test_persistent_grid_gemv_matches_reference(interp, fuse):
+    """A persistent grid (3 programs under the interpreter) strides over 2 rows x 10 tiles of 32 outputs (the last
+    one partial) and gives the reference's result."""
+    g = torch.Generator().manual_seed(0)
+    K, N = 48, 300
+    x = torch.randn(2, 2 * K if fuse == "swiglu" else K, generator=g)
+    w, bias = torch.randn(N, K, generator=g), torch.randn(N, generator=g)
+    kw = {"norm_weight": 1 + 0.1 * torch.randn(K, generator=g), "eps": 1e-6,
+          "residual": torch.randn(2, N, generator=g)} if fuse == "norm+residual" else \
+        {"swiglu": True} if fuse == "swiglu" else {}
+    assert G.max_programs(x.device) == 3 < 2 * -(-N // G._INTERP_CONFIG["BN"])
+    got = G.gemv_direct(x, w, bias, persistent=True, **kw)
+    torch.testing.assert_close(got, G.gemv_ref(x, w, bias, **kw), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pdl_mode", ["auto", "flat"])
+def test_kernel_step_same_logits_as_the_runner_step(interp, pdl_mode):
     """A model of attention, sliding-window attention (window 4, so the ring buffer wraps) and FFN blocks, with
     meta tokens: 7 steps of the kernel step give the logits of the usual step (GEMV and split-KV attention on, so
     both compute the same algorithm), float32, rows at different positions."""
     model = _attn_ffn_model()
     ids = torch.tensor([[3, 4], [5, 6], [7, 1], [2, 2], [9, 8], [1, 0], [4, 4]])
-    with G.gemv_mode("on"), dattn.decode_attn_mode("on"):
+    with G.gemv_mode("on"), dattn.decode_attn_mode("on"), pdl.pdl_mode(pdl_mode):
         ref_runner = DecodeRunner(model, 2, 16)
         ref_runner.set_positions([0, 3])
         ref = [ref_runner.step(t) for t in ids]
@@ -149,10 +167,10 @@ def test_pdl_variants_compile_for_sm90():
     GPU needed) and check the instructions are there -- and absent without PDL."""
     pytest.importorskip("triton.backends.nvidia")
     gemv_sig = {"x": "*bf16", "w": "*bf16", "b": "*bf16", "y": "*bf16", "nw": "*bf16", "r": "*bf16", "M": "i32",
-                "N": "i32", "eps": "fp32"}
+                "N": "i32", "eps": "fp32", "pf_rows": "i32"}
     for pdl in (True, False):
         ptx = _ptx(triton.jit(G._gemv_kernel), gemv_sig,
-                   dict(K=1024, XK=1024, HAS_BIAS=False, NORM=True, SWIGLU=False, RESIDUAL=True, PDL=pdl, LINE=64,
+                   dict(K=1024, XK=1024, HAS_BIAS=False, NORM=True, SWIGLU=False, RESIDUAL=True, PDL=pdl, INTERP=False, LINE=64,
                         NL=16, BN=8, BK=256))
         assert ("griddepcontrol.wait" in ptx) == pdl and ("griddepcontrol.launch_dependents" in ptx) == pdl
         assert ("prefetch.global.L2" in ptx) == pdl

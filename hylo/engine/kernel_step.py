@@ -13,15 +13,21 @@ ramp-up and drain. Inductor's kernels cannot be launched with PDL, so this step 
 
 then the final norm fused into the LM head's GEMV: 4-5 kernels per attention layer, 2 per FFN, with the embedding
 lookup and the position increment as the only PyTorch kernels. With :mod:`hylo.ops.pdl` on, each kernel is
-launched with PDL: a GEMV asks L2 for its weights while the kernel before it finishes.
+launched with PDL: a GEMV asks L2 for its weights while the kernel before it finishes, and with ``HYLO_PDL=auto``
+its grid is persistent (two programs per SM), so that request covers nearly the whole matrix.
 
 Applies to models whose every block is ``attn``/``swa`` or ``ffn`` (SwiGLU) with contiguous weights of one
 dtype, at most ``gemv.MAX_ROWS`` rows; :func:`applicable` says why not otherwise. The runner takes it when the
 switch is on and the GEMV is enabled; it is never compiled (there is nothing left for inductor). Off by default
-until it has been timed on a GPU (``benchmarks/qwen3_vs_transformers.py --modes default,kstep``).
+until it has been timed on a GPU::
+
+    python benchmarks/qwen3_vs_transformers.py --out X.json --modes MODES
+    # MODES = default,eager+kstep,eager+kstep+flatpdl,eager+kstep+nopdl
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -77,24 +83,27 @@ def frequencies(model) -> dict[int, torch.Tensor]:
 
 
 def step(model, tokens: torch.Tensor, states, pos: torch.Tensor, head: torch.Tensor,
-         freqs: dict[int, torch.Tensor], pdl: bool) -> torch.Tensor:
-    """One decode step: ``tokens [B]`` -> logits ``[B, vocab]``; writes the caches and advances ``pos``."""
+         freqs: dict[int, torch.Tensor], pdl: bool, persistent: bool = False) -> torch.Tensor:
+    """One decode step: ``tokens [B]`` -> logits ``[B, vocab]``; writes the caches and advances ``pos``. ``pdl``:
+    launch every kernel with PDL; ``persistent``: the GEMVs on persistent grids (``HYLO_PDL=auto``; under the
+    interpreter it shrinks their grids even without PDL, so CPU tests cover that indexing)."""
+    gemv = functools.partial(G.gemv_direct, pdl=pdl, persistent=persistent)
     h = F.embedding(tokens.view(-1), model.embed_tokens.weight)  # [B, D]
     B = h.shape[0]
     for i, (block, st) in enumerate(zip(model.layers, states)):
         n, m = block.norm, block.mixer
         if isinstance(m, SwiGLU):
-            gu = G.gemv_direct(h, m.gate_up_proj.weight, m.gate_up_proj.bias, n.weight, n.eps, pdl=pdl)
-            h = G.gemv_direct(gu, m.down_proj.weight, m.down_proj.bias, residual=h, swiglu=True, pdl=pdl)
+            gu = gemv(h, m.gate_up_proj.weight, m.gate_up_proj.bias, n.weight, n.eps)
+            h = gemv(gu, m.down_proj.weight, m.down_proj.bias, residual=h, swiglu=True)
             continue
-        qkv = G.gemv_direct(h, m.qkv_proj.weight, m.qkv_proj.bias, n.weight, n.eps, pdl=pdl)
+        qkv = gemv(h, m.qkv_proj.weight, m.qkv_proj.bias, n.weight, n.eps)
         qn, kn = (m.q_norm.weight, m.k_norm.weight) if m.qk_norm else (None, None)
         eps = m.q_norm.eps if m.qk_norm else 0.0
         q = decode_qkv(qkv, m.num_heads, m.num_kv_heads, qn, kn, eps, freqs[i], st["k"], st["v"], pos,
                        ring=m.window is not None, pdl=pdl)
         o = dattn.decode_attention_direct(q, st["k"], st["v"], pos, pdl=pdl)
-        h = G.gemv_direct(o.view(B, -1), m.o_proj.weight, m.o_proj.bias, residual=h, pdl=pdl)
-    logits = G.gemv_direct(h, head, None, model.norm.weight, model.norm.eps, pdl=pdl)
+        h = gemv(o.view(B, -1), m.o_proj.weight, m.o_proj.bias, residual=h)
+    logits = gemv(h, head, None, model.norm.weight, model.norm.eps)
     pos.add_(1)
     return logits
 
@@ -102,3 +111,8 @@ def step(model, tokens: torch.Tensor, states, pos: torch.Tensor, head: torch.Ten
 def pdl_enabled(device: torch.device) -> bool:
     """Whether this step launches with PDL on ``device`` (:func:`hylo.ops.pdl.enabled`)."""
     return P.enabled(device)
+
+
+def persistent_grids() -> bool:
+    """Whether this step's GEMVs take persistent grids (:func:`hylo.ops.pdl.persistent`)."""
+    return P.persistent()

@@ -192,7 +192,8 @@ class DecodeRunner:
         self.pdl = self.kernel_step and kernel_step.pdl_enabled(self.device)
         if self.kernel_step:
             freqs = kernel_step.frequencies(model)
-            return lambda tokens: kernel_step.step(model, tokens, states, pos, head, freqs, self.pdl)
+            persistent = kernel_step.persistent_grids()
+            return lambda tokens: kernel_step.step(model, tokens, states, pos, head, freqs, self.pdl, persistent)
 
         def step(tokens: torch.Tensor) -> torch.Tensor:
             if self.fused:  # HYLO_GEMV_FUSE=on: norms, SwiGLU and residual adds inside the GEMVs

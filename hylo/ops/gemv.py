@@ -82,64 +82,74 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
 # ----------------------------------------------------------------------------------------- Triton
 if triton is not None:
 
-    def _gemv_kernel(x, w, b, y, nw, r, M, N, eps, K: tl.constexpr, XK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
-                     LINE: tl.constexpr, NL: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        # One program: BN outputs of one row of x. The grid is flat with the row index fastest, so the M programs
-        # reading one tile of W run side by side and all but the first find it in L2 (W crosses HBM once).
-        # W is [N, K] row-major: each output's K weights are contiguous.
+    def _gemv_kernel(x, w, b, y, nw, r, M, N, eps, pf_rows, K: tl.constexpr, XK: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
+                     PDL: tl.constexpr, INTERP: tl.constexpr, LINE: tl.constexpr, NL: tl.constexpr,
+                     BN: tl.constexpr, BK: tl.constexpr):
+        # A tile: BN outputs of one row of x. Tiles are numbered with the row index fastest, so the M tiles
+        # reading one block of W run side by side and all but the first find it in L2 (W crosses HBM once).
+        # W is [N, K] row-major: each output's K weights are contiguous. Programs stride over the tiles: one tile
+        # each when the grid has one program per tile (the default), several when it is smaller (PDL's
+        # persistent grid, hylo.ops.pdl).
         # Fused for the decode step (each saves a kernel launch per use): NORM, RMSNorm of the row first (its
         # sum of squares in a first pass over the row: K elements, from L2); SWIGLU, x is [gate | up] (row length
         # XK = 2K) and the product takes silu(gate) * up; RESIDUAL, r[row] is added to the output. Roundings follow
         # the unfused model (hylo.ops.gemv.gemv_ref).
-        # PDL (programmatic dependent launch, hylo.ops.pdl): the weights do not depend on the kernel before, so
-        # the program first asks L2 for its BN rows of W (one prefetch per 128-byte line: LINE elements, NL lines
-        # per row rounded up to a power of two, the excess clamped to the row's last line), then waits for that
-        # kernel's writes (griddepcontrol.wait) before it reads x or r or writes y; after its loop it lets the
-        # next kernel launch. Without a PDL launch the wait returns at once.
-        pid = tl.program_id(0)
-        i_m, i_n = pid % M, pid // M
-        rows = i_n * BN + tl.arange(0, BN)
-        m_n = rows < N
+        # PDL (programmatic dependent launch): the weights do not depend on the kernel before, so the program
+        # first asks L2 for the rows of W of its first tiles (up to pf_rows rows for the whole grid; one prefetch
+        # per 128-byte line: LINE elements, NL lines per row rounded up to a power of two, the excess clamped to
+        # the row's last line), then waits for that kernel's writes (griddepcontrol.wait) before it reads x or r
+        # or writes y, and at once lets the next kernel launch (which waits in turn for this one to complete).
+        # Without a PDL launch the wait returns at once.
+        pid, nprog = tl.program_id(0), tl.num_programs(0)
+        total = M * ((N + BN - 1) // BN)
+        t_lo, t_hi, t_st = pid, total, nprog
+        if INTERP:  # never compiled: the interpreter keeps scalars as 1-element arrays, which numpy >= 2.4 refuses
+            t_lo, t_hi, t_st = t_lo.handle.data.item(), t_hi.handle.data.item(), t_st.handle.data.item()  # in range()
         dt = x.dtype.element_ty
         if PDL:
+            pf_tiles = tl.maximum(pf_rows // (BN * nprog), 1)
             line = tl.minimum(tl.arange(0, NL) * LINE, K - 1)
-            prow = tl.minimum(rows, N - 1).to(tl.int64) * K
-            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l",
-                                      [w + prow[:, None] + line[None, :]], dtype=tl.int32, is_pure=False, pack=1)
+            for t in range(t_lo, tl.minimum(t_hi, t_lo + pf_tiles * t_st), t_st):
+                prow = tl.minimum((t // M) * BN + tl.arange(0, BN), N - 1).to(tl.int64) * K
+                tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l",
+                                          [w + prow[:, None] + line[None, :]], dtype=tl.int32, is_pure=False, pack=1)
             tl.extra.cuda.gdc_wait()
-        if NORM:
-            ss = tl.full([BK], 0.0, dtype=tl.float32)
+            tl.extra.cuda.gdc_launch_dependents()
+        for t in range(t_lo, t_hi, t_st):
+            i_m, i_n = t % M, t // M
+            rows = i_n * BN + tl.arange(0, BN)
+            m_n = rows < N
+            if NORM:
+                ss = tl.full([BK], 0.0, dtype=tl.float32)
+                for k0 in range(0, K, BK):
+                    cols = k0 + tl.arange(0, BK)
+                    xk = tl.load(x + i_m * XK + cols, mask=cols < K, other=0.0).to(tl.float32)
+                    ss += xk * xk
+                var = (tl.reduce(ss, 0, tl.standard._sum_combine) / K + eps).to(tl.float32)  # eps: maybe float64
+                rstd = 1.0 / tl.sqrt(var)
+            acc = tl.full([BN, BK], 0.0, dtype=tl.float32)  # core op (tl.zeros is a jit helper)
             for k0 in range(0, K, BK):
                 cols = k0 + tl.arange(0, BK)
-                xk = tl.load(x + i_m * XK + cols, mask=cols < K, other=0.0).to(tl.float32)
-                ss += xk * xk
-            var = (tl.reduce(ss, 0, tl.standard._sum_combine) / K + eps).to(tl.float32)  # eps may come in float64
-            rstd = 1.0 / tl.sqrt(var)
-        acc = tl.full([BN, BK], 0.0, dtype=tl.float32)  # core op (tl.zeros is a jit helper)
-        for k0 in range(0, K, BK):
-            cols = k0 + tl.arange(0, BK)
-            m_k = cols < K
-            b_x = tl.load(x + i_m * XK + cols, mask=m_k, other=0.0).to(tl.float32)
-            # roundings to x's dtype as the model makes them; arithmetic in float32 (a product of two bf16/fp16
-            # values is exact there, so rounding it once equals the low-precision multiply)
-            if SWIGLU:
-                up = tl.load(x + i_m * XK + K + cols, mask=m_k, other=0.0).to(tl.float32)
-                b_x = ((b_x / (1.0 + tl.exp(-b_x))).to(dt).to(tl.float32) * up).to(dt).to(tl.float32)
-            if NORM:
-                nwk = tl.load(nw + cols, mask=m_k, other=0.0).to(dt).to(tl.float32)
-                b_x = ((b_x * rstd).to(dt).to(tl.float32) * nwk).to(dt).to(tl.float32)
-            b_w = tl.load(w + rows[:, None].to(tl.int64) * K + cols[None, :], mask=m_n[:, None] & m_k[None, :],
-                          other=0.0)
-            acc += b_w.to(tl.float32) * b_x[None, :]
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-        out = tl.reduce(acc, 1, tl.standard._sum_combine)  # tl.sum's own reduction (tl.sum is a jit helper)
-        if HAS_BIAS:
-            out += tl.load(b + rows, mask=m_n, other=0.0).to(tl.float32)
-        if RESIDUAL:
-            out = out.to(dt).to(tl.float32) + tl.load(r + i_m * N + rows, mask=m_n, other=0.0).to(tl.float32)
-        tl.store(y + i_m * N + rows, out.to(y.dtype.element_ty), mask=m_n)
+                m_k = cols < K
+                b_x = tl.load(x + i_m * XK + cols, mask=m_k, other=0.0).to(tl.float32)
+                # roundings to x's dtype as the model makes them; arithmetic in float32 (a product of two bf16/fp16
+                # values is exact there, so rounding it once equals the low-precision multiply)
+                if SWIGLU:
+                    up = tl.load(x + i_m * XK + K + cols, mask=m_k, other=0.0).to(tl.float32)
+                    b_x = ((b_x / (1.0 + tl.exp(-b_x))).to(dt).to(tl.float32) * up).to(dt).to(tl.float32)
+                if NORM:
+                    nwk = tl.load(nw + cols, mask=m_k, other=0.0).to(dt).to(tl.float32)
+                    b_x = ((b_x * rstd).to(dt).to(tl.float32) * nwk).to(dt).to(tl.float32)
+                b_w = tl.load(w + rows[:, None].to(tl.int64) * K + cols[None, :],
+                              mask=m_n[:, None] & m_k[None, :], other=0.0)
+                acc += b_w.to(tl.float32) * b_x[None, :]
+            out = tl.reduce(acc, 1, tl.standard._sum_combine)  # tl.sum's own reduction (tl.sum is a jit helper)
+            if HAS_BIAS:
+                out += tl.load(b + rows, mask=m_n, other=0.0).to(tl.float32)
+            if RESIDUAL:
+                out = out.to(dt).to(tl.float32) + tl.load(r + i_m * N + rows, mask=m_n, other=0.0).to(tl.float32)
+            tl.store(y + i_m * N + rows, out.to(y.dtype.element_ty), mask=m_n)
 
     _CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=nw, num_stages=ns)
                 for bn in (4, 8, 16) for bk in (256, 512, 1024) for nw in (4, 8) for ns in (2, 4)
@@ -181,9 +191,12 @@ def _check(x, weight, bias, norm_weight, residual, swiglu) -> None:
         raise ValueError(f"gemv: residual must be [{M}, {N}] {x.dtype}, got {tuple(residual.shape)} {residual.dtype}")
 
 
-def _launch(x, weight, bias, norm_weight, eps, residual, swiglu, pdl: bool, wrap) -> torch.Tensor:
+def _launch(x, weight, bias, norm_weight, eps, residual, swiglu, pdl: bool, wrap,
+            persistent: bool = False) -> torch.Tensor:
     """Check, allocate and launch; ``wrap`` is ``torch.library.wrap_triton`` inside the op (traceable) or the
-    identity for a direct launch; ``pdl`` launches with programmatic dependent launch (:mod:`hylo.ops.pdl`)."""
+    identity for a direct launch; ``pdl`` launches with programmatic dependent launch (:mod:`hylo.ops.pdl`) and
+    ``persistent`` then caps the grid at :func:`max_programs` (each program striding over several tiles, all of
+    whose weights it prefetches before the wait); under the interpreter ``persistent`` alone shrinks the grid."""
     _check(x, weight, bias, norm_weight, residual, swiglu)
     M, (N, K) = x.shape[0], weight.shape
     x = x.contiguous()
@@ -196,11 +209,29 @@ def _launch(x, weight, bias, norm_weight, eps, residual, swiglu, pdl: bool, wrap
     b = x if bias is None else bias.contiguous()  # x: an unused pointer where an input is absent
     nw = x if norm_weight is None else norm_weight.contiguous()
     r = x if residual is None else residual.contiguous()
-    wrap(kernel())[lambda meta: (M * triton.cdiv(N, meta["BN"]),)](
-        x, weight, b, y, nw, r, M, N, float(eps), K, 2 * K if swiglu else K, HAS_BIAS=bias is not None,
-        NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None, PDL=pdl and not interp,
-        LINE=line, NL=triton.next_power_of_2(triton.cdiv(K, line)), **cfg)
+    cap = max_programs(x.device) if persistent and (pdl or interp) else None
+
+    def grid(meta):
+        tiles = M * triton.cdiv(N, meta["BN"])
+        return (tiles if cap is None else min(tiles, cap),)
+    wrap(kernel())[grid](
+        x, weight, b, y, nw, r, M, N, float(eps), PREFETCH_BYTES // (K * x.element_size()), K,
+        2 * K if swiglu else K, HAS_BIAS=bias is not None, NORM=norm_weight is not None, SWIGLU=swiglu,
+        RESIDUAL=residual is not None, PDL=pdl and not interp, INTERP=interp, LINE=line,
+        NL=triton.next_power_of_2(triton.cdiv(K, line)), **cfg)
     return y
+
+
+PREFETCH_BYTES = 24 << 20  # a PDL launch asks L2 (50 MB on an H100) for at most this much of W before its wait
+INTERP_PROGRAMS = 3  # the persistent grid under the interpreter (tests): few programs, several tiles each
+
+
+def max_programs(device: torch.device) -> int:
+    """Programs of a persistent GEMV grid: two per SM, so every program is resident from the start (a PDL kernel
+    launched early must not wait for SM slots its predecessor holds), with room for the next kernel's."""
+    if device.type != "cuda":
+        return INTERP_PROGRAMS
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @torch.library.triton_op("hylo::gemv", mutates_args=())
@@ -216,12 +247,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
 def gemv_direct(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 norm_weight: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
-                swiglu: bool = False, pdl: bool = False) -> torch.Tensor:
+                swiglu: bool = False, pdl: bool = False, persistent: bool = False) -> torch.Tensor:
     """:func:`gemv` launched directly, outside torch's op machinery (``hylo.engine.kernel_step``): with ``pdl``
-    the launch may overlap the kernel before it (Hopper and later; ignored under the interpreter)."""
+    the launch may overlap the kernel before it (Hopper and later; ignored under the interpreter), and with
+    ``persistent`` too its grid is capped at :func:`max_programs` so that all of it prefetches early."""
     if triton is None:
         raise RuntimeError("hylo.ops.gemv needs Triton")
-    return _launch(x, weight, bias, norm_weight, eps, residual, swiglu, pdl, lambda k: k)
+    return _launch(x, weight, bias, norm_weight, eps, residual, swiglu, pdl, lambda k: k, persistent)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -8,8 +8,14 @@ its weights -- then waits for its writes (``griddepcontrol.wait``). Captured in 
 The rule every PDL kernel of hylo follows: nothing the previous kernel writes is read, and nothing is written,
 before the wait; the signal comes after the wait.
 
-``HYLO_PDL`` (:func:`set_pdl`, :func:`pdl_mode`): ``auto`` (default: on where :func:`supported`) or ``off``.
-Used by ``hylo.engine.kernel_step``; a kernel launched without PDL ignores its wait and signal.
+``HYLO_PDL`` (:func:`set_pdl`, :func:`pdl_mode`), used by ``hylo.engine.kernel_step``:
+- ``auto`` (default): PDL where :func:`supported`, with persistent GEMV grids (:func:`hylo.ops.gemv.max_programs`
+  programs, each striding over several tiles): every program is resident from the start and prefetches the
+  weights of all its tiles before it waits, so nearly the whole next matrix streams into L2 while the kernel before
+  it runs (up to ``gemv.PREFETCH_BYTES``);
+- ``flat``: PDL with one program per tile (only the programs resident early prefetch early);
+- ``off``: plain launches.
+A kernel launched without PDL ignores its wait and signal.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import torch
 
 from hylo.ops.backend import Choice, triton_interpreting
 
-_PDL = Choice("programmatic dependent launch", "HYLO_PDL", ("auto", "off"), "auto")
+_PDL = Choice("programmatic dependent launch", "HYLO_PDL", ("auto", "flat", "off"), "auto")
 set_pdl, get_pdl, pdl_mode = _PDL.set, _PDL.get, _PDL.use
 
 
@@ -34,5 +40,10 @@ def supported(device: torch.device) -> bool:
 
 
 def enabled(device: torch.device) -> bool:
-    """Whether kernels on ``device`` are launched with PDL: ``HYLO_PDL=auto`` and :func:`supported`."""
-    return _PDL.value == "auto" and supported(device)
+    """Whether kernels on ``device`` are launched with PDL: ``HYLO_PDL`` is not ``off`` and :func:`supported`."""
+    return _PDL.value != "off" and supported(device)
+
+
+def persistent() -> bool:
+    """Whether PDL-launched GEMVs take persistent grids (``HYLO_PDL=auto``)."""
+    return _PDL.value == "auto"
