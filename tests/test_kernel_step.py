@@ -167,7 +167,7 @@ def test_pdl_variants_compile_for_sm90():
     GPU needed) and check the instructions are there -- and absent without PDL."""
     pytest.importorskip("triton.backends.nvidia")
     gemv_sig = {"x": "*bf16", "w": "*bf16", "b": "*bf16", "y": "*bf16", "nw": "*bf16", "r": "*bf16", "M": "i32",
-                "N": "i32", "eps": "fp32", "pf_rows": "i32"}
+                "N": "i32", "eps": "fp32", "pf_rows": "i32", "grid_cap": "i32"}
     for pdl in (True, False):
         ptx = _ptx(triton.jit(G._gemv_kernel), gemv_sig,
                    dict(K=1024, XK=1024, HAS_BIAS=False, NORM=True, SWIGLU=False, RESIDUAL=True, PDL=pdl, INTERP=False, LINE=64,

@@ -82,7 +82,7 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
 # ----------------------------------------------------------------------------------------- Triton
 if triton is not None:
 
-    def _gemv_kernel(x, w, b, y, nw, r, M, N, eps, pf_rows, K: tl.constexpr, XK: tl.constexpr,
+    def _gemv_kernel(x, w, b, y, nw, r, M, N, eps, pf_rows, grid_cap, K: tl.constexpr, XK: tl.constexpr,
                      HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
                      PDL: tl.constexpr, INTERP: tl.constexpr, LINE: tl.constexpr, NL: tl.constexpr,
                      BN: tl.constexpr, BK: tl.constexpr):
@@ -100,7 +100,8 @@ if triton is not None:
         # per 128-byte line: LINE elements, NL lines per row rounded up to a power of two, the excess clamped to
         # the row's last line), then waits for that kernel's writes (griddepcontrol.wait) before it reads x or r
         # or writes y, and at once lets the next kernel launch (which waits in turn for this one to complete).
-        # Without a PDL launch the wait returns at once.
+        # Without a PDL launch the wait returns at once. grid_cap (the persistent grid's size, 0 for one program
+        # per tile) is only part of the autotuner's key: the best blocks differ between the two grids.
         pid, nprog = tl.program_id(0), tl.num_programs(0)
         total = M * ((N + BN - 1) // BN)
         t_lo, t_hi, t_st = pid, total, nprog
@@ -161,7 +162,7 @@ if triton is not None:
 def _jit(interpret: bool):
     k = triton.jit(_gemv_kernel)
     return k if interpret else triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "HAS_BIAS", "NORM", "SWIGLU",
-                                                                       "RESIDUAL", "PDL"])(k)
+                                                                       "RESIDUAL", "PDL", "grid_cap"])(k)
 
 
 def kernel():
@@ -215,7 +216,7 @@ def _launch(x, weight, bias, norm_weight, eps, residual, swiglu, pdl: bool, wrap
         tiles = M * triton.cdiv(N, meta["BN"])
         return (tiles if cap is None else min(tiles, cap),)
     wrap(kernel())[grid](
-        x, weight, b, y, nw, r, M, N, float(eps), PREFETCH_BYTES // (K * x.element_size()), K,
+        x, weight, b, y, nw, r, M, N, float(eps), PREFETCH_BYTES // (K * x.element_size()), cap or 0, K,
         2 * K if swiglu else K, HAS_BIAS=bias is not None, NORM=norm_weight is not None, SWIGLU=swiglu,
         RESIDUAL=residual is not None, PDL=pdl and not interp, INTERP=interp, LINE=line,
         NL=triton.next_power_of_2(triton.cdiv(K, line)), **cfg)
