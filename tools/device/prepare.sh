@@ -16,5 +16,10 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     "$DATA/corpus/gutenberg_train_01.txt.gz" --vocab-size 16384 --out .carry/tok16k
 [ -d .carry/gbpack ] || hylo data prepare "$DATA/corpus/gutenberg_train_00.txt.gz" \
     "$DATA/corpus/gutenberg_train_01.txt.gz" -t .carry/tok16k -o .carry/gbpack
+# a ~2M-token slice for the throughput stage (tt): small enough to carry beside the 50+ MB Triton/inductor cache
+if [ ! -d .carry/gbsmall ]; then
+    zcat "$DATA/corpus/gutenberg_train_00.txt.gz" | head -c 9000000 > /tmp/gbsmall.txt
+    hylo data prepare /tmp/gbsmall.txt -t .carry/tok16k -o .carry/gbsmall
+fi
 cp tools/device/stages.sh .carry/h100.sh
 du -sh .carry .whl

@@ -4,6 +4,11 @@
 # Carry [".whl", ".carry/h100.sh", ".carry/tcache", ".carry/gbpack", ".carry/evaldata", ...] as the stages need;
 # always carry .carry/tcache for stages that compile (qwen3, mqar, tt): without it a fresh machine spends minutes
 # compiling (2026-12-06: a qwen3 mode was cut off that way).
+# The carried size counts the tracked tree too (64 MiB in all): run from a copy of the tree the device already has,
+#   mkdir -p /tmp/w && cp -r hylo benchmarks tools tests pyproject.toml /tmp/w/ && ln -sfn $PWD/.carry /tmp/w/.carry
+#   && ln -sfn $PWD/.whl /tmp/w/.whl && cd /tmp/w && HYLO_COMMIT=<sha> LANE=0 ... bash .carry/h100.sh STAGES
+# (a fixed path keeps inductor's cache keys stable between calls), carrying .whl, .carry/h100.sh, .carry/tcache and
+# the data a stage needs (.carry/gbsmall, linked as .carry/gbpack, for tt: 4 MB; .carry/gbpack itself is 24 MB).
 # Results go to /tmp/res$LANE, tarred to $OUT/res$LANE.tgz; the Triton cache comes back as $OUT/tcache$LANE.part*
 # pieces of 15 MB (the device returns files of at most 16 MiB): `cat tcache0.part* > .carry/tcache/all.tgz`.
 set -u
