@@ -1,4 +1,4 @@
-"""MQAR on one GPU: does hylo separate the operators the way Zoology does? Two calls of under 9 minutes each on
+r"""MQAR on one GPU: does hylo separate the operators the way Zoology does? Two calls of under 9 minutes each on
 an H100, then a merge:
 
     HYLO_COMMIT=$(git rev-parse HEAD) python benchmarks/mqar.py --out benchmarks/results/mqar-h100-a \
