@@ -1,4 +1,4 @@
-"""CPU trials: which peak learning rate (1e-3, 3e-3, 1e-2) lets the width-64 hybrids 'd a' and 'gdn a' learn MQAR
+r"""CPU trials: which peak learning rate (1e-3, 3e-3, 1e-2) lets the width-64 hybrids 'd a' and 'gdn a' learn MQAR
 fastest, next to 'a a'? One trial per call, appended to a JSON file (one thread; run trials one at a time):
 
     python benchmarks/mqar_hybrid_cpu_trials.py --name da_lr3e-3 --pattern "d a" --lr 3e-3 \

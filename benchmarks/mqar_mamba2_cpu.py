@@ -1,4 +1,4 @@
-"""CPU trials for issue 5: does pure Mamba2 ('m2 m2') learn MQAR with the reference path, next to 'd d' and
+r"""CPU trials for issue 5: does pure Mamba2 ('m2 m2') learn MQAR with the reference path, next to 'd d' and
 'gdn gdn' at equal steps, and which change (if any) makes it learn? One trial per call, appended to a JSON file:
 
     python benchmarks/mqar_mamba2_cpu.py --name m2_base --pattern "m2 m2" \
