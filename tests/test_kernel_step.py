@@ -186,3 +186,25 @@ def test_pdl_variants_compile_for_sm90():
                        "l_part": "*fp32", "acc_part": "*fp32", "qk_scale": "fp32", "L": "i32"},
                dict(HKV=8, G=2, GP=2, D=128, BLOCK=16, NSPLIT=4, INTERP=False, PDL=True))
     assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
+
+
+def test_engine_with_the_kernel_step_matches_full_forwards(interp):
+    """Through the engine: chunked, ragged prefill writes the caches with the model's forward, then the kernel step
+    decodes (GEMV on, interpreter); greedy tokens equal the argmax of full forwards (float32)."""
+    from hylo.engine import Engine, SamplingParams
+
+    model = _attn_ffn_model(seed=2)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (5, 9)]
+    with G.gemv_mode("on"), kernel_step.kernel_step_mode("on"):
+        eng = Engine(model, max_batch_size=2, max_seq_len=24, prefill_chunk=4)
+        outs = eng.generate(prompts, SamplingParams(max_new_tokens=6))
+        assert all(r.kernel_step for r in eng._runners.values())
+    for p, o in zip(prompts, outs):
+        seq, want = torch.tensor([p]), []
+        with torch.no_grad():
+            for _ in range(6):
+                t = int(model(seq).logits[0, -1].argmax())
+                want.append(t)
+                seq = torch.cat([seq, torch.tensor([[t]])], 1)
+        assert o.token_ids == want
