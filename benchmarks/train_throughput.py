@@ -33,6 +33,7 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import statistics
 import time
 import traceback
 
@@ -229,6 +230,22 @@ def block_times(model: HybridLM, batch: int, seq_len: int, loss_impl: str, reps:
     return out
 
 
+def host_enqueue_ms(fn, dev, rep: int = 3) -> float:
+    """Median host milliseconds ``fn()`` takes to return, from an idle GPU: the time to enqueue its work. Close to
+    its GPU wall time (``fwd_bwd_wall_ms``) means the host cannot keep ahead of the GPU (launch-bound); far below,
+    the GPU's idle gaps come from elsewhere (a synchronisation inside, or kernel boundaries)."""
+    times = []
+    for _ in range(rep):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return statistics.median(times)
+
+
 def step_kernels(model: HybridLM, batch: int, seq_len: int, loss_impl: str) -> dict:
     """The kernels of one forward + backward of the run's own model (compiled if the run was) at its training
     shape, by family (matmul, attention, inductor's fused kernels, fla's, ...): where a step's time goes. Also the
@@ -247,6 +264,7 @@ def step_kernels(model: HybridLM, batch: int, seq_len: int, loss_impl: str) -> d
     try:
         out = kernel_table(fwd_bwd, top=30)
         out["fwd_bwd_wall_ms"] = median_ms(fwd_bwd, 3, warmup=1)
+        out["fwd_bwd_host_ms"] = host_enqueue_ms(fwd_bwd, dev)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-5, fused=dev.type == "cuda")
 
