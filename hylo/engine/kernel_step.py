@@ -36,7 +36,6 @@ from hylo.layers.attention import Attention
 from hylo.layers.ffn import SwiGLU
 from hylo.ops import decode_attention as dattn
 from hylo.ops import gemv as G
-from hylo.ops import pdl as P
 from hylo.ops.backend import Choice
 from hylo.ops.decode_qkv import decode_qkv
 from hylo.ops.rope import inv_freq
@@ -107,12 +106,3 @@ def step(model, tokens: torch.Tensor, states, pos: torch.Tensor, head: torch.Ten
     pos.add_(1)
     return logits
 
-
-def pdl_enabled(device: torch.device) -> bool:
-    """Whether this step launches with PDL on ``device`` (:func:`hylo.ops.pdl.enabled`)."""
-    return P.enabled(device)
-
-
-def persistent_grids() -> bool:
-    """Whether this step's GEMVs take persistent grids (:func:`hylo.ops.pdl.persistent`)."""
-    return P.persistent()

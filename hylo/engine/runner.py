@@ -41,7 +41,7 @@ from typing import Sequence
 import torch
 
 from ..cache import HybridCache
-from ..ops import gemv
+from ..ops import gemv, pdl
 from . import fused, kernel_step
 
 
@@ -184,16 +184,15 @@ class DecodeRunner:
         with torch.no_grad():
             head = model.head_weight()
         linear = gemv.linear if self.gemv else torch.nn.functional.linear
-        self.fused = (self.gemv and fused.enabled(model, self.batch_size) and head.is_contiguous()
-                      and head.dtype == model.embed_tokens.weight.dtype)
-        plan = [fused.fusable(b) for b in model.layers]
         # HYLO_KERNEL_STEP=on: the whole step as hylo's own Triton kernels (PDL-chained), never compiled
         self.kernel_step = kernel_step.enabled(model, self.batch_size, head, self.gemv)
-        self.pdl = self.kernel_step and kernel_step.pdl_enabled(self.device)
+        self.pdl = self.kernel_step and pdl.enabled(self.device)
+        self.fused = (not self.kernel_step and self.gemv and fused.enabled(model, self.batch_size)
+                      and head.is_contiguous() and head.dtype == model.embed_tokens.weight.dtype)
         if self.kernel_step:
-            freqs = kernel_step.frequencies(model)
-            persistent = kernel_step.persistent_grids()
+            freqs, persistent = kernel_step.frequencies(model), pdl.persistent()
             return lambda tokens: kernel_step.step(model, tokens, states, pos, head, freqs, self.pdl, persistent)
+        plan = [fused.fusable(b) for b in model.layers]
 
         def step(tokens: torch.Tensor) -> torch.Tensor:
             if self.fused:  # HYLO_GEMV_FUSE=on: norms, SwiGLU and residual adds inside the GEMVs
