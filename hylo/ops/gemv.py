@@ -228,8 +228,10 @@ INTERP_PROGRAMS = 3  # the persistent grid under the interpreter (tests): few pr
 
 
 def max_programs(device: torch.device) -> int:
-    """Programs of a persistent GEMV grid: two per SM, so every program is resident from the start (a PDL kernel
-    launched early must not wait for SM slots its predecessor holds), with room for the next kernel's."""
+    """Programs of a persistent GEMV grid: two per SM, so that the whole grid fits in one wave. The next kernel
+    launches only once every program of this one has signalled (right after its wait): with one wave that is at
+    the start, and the next kernel prefetches while this one computes; with several waves it would be at the
+    last wave."""
     if device.type != "cuda":
         return INTERP_PROGRAMS
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count
