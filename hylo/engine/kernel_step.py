@@ -6,13 +6,14 @@ memory-bandwidth floor of 0.40 ms (``benchmarks/results/qwen3-vs-transformers-h1
 products alone are 0.76-0.86 ms for 1.19 GB: each of the ~113 matrices of 4-13 MB pays a kernel's launch,
 ramp-up and drain. Inductor's kernels cannot be launched with PDL, so this step has none of them. Per layer:
 
-- attention block: GEMV with the pre-norm fused (q/k/v projection) -> :func:`hylo.ops.decode_qkv.decode_qkv`
-  (qk-norm, RoPE, k/v into the cache) -> split-KV attention (:mod:`hylo.ops.decode_attention`, reading slots up
-  to each row's position) -> GEMV with the residual fused (output projection);
+- attention block: GEMV with the pre-norm fused (q/k/v projection) -> split-KV attention with the q/k/v
+  preparation fused in (:func:`hylo.ops.decode_attention.decode_qkv_attention`: qk-norm, RoPE, the new k/v into
+  the cache, then attention over slots up to each row's position) -> GEMV with the residual fused (output
+  projection);
 - FFN block: GEMV with the pre-norm (gate and up) -> GEMV with SwiGLU and the residual (down);
 
-then the final norm fused into the LM head's GEMV: 4-5 kernels per attention layer, 2 per FFN, with the embedding
-lookup and the position increment as the only PyTorch kernels. With :mod:`hylo.ops.pdl` on, each kernel is
+then the final norm fused into the LM head's GEMV: 3 kernels per attention layer (4 where attention splits the
+cache), 2 per FFN, with the embedding lookup and the position increment as the only PyTorch kernels. With :mod:`hylo.ops.pdl` on, each kernel is
 launched with PDL: a GEMV asks L2 for its weights while the kernel before it finishes, and with ``HYLO_PDL=auto``
 its grid is persistent (two programs per SM), so that request covers nearly the whole matrix.
 
@@ -37,7 +38,6 @@ from hylo.layers.ffn import SwiGLU
 from hylo.ops import decode_attention as dattn
 from hylo.ops import gemv as G
 from hylo.ops.backend import Choice
-from hylo.ops.decode_qkv import decode_qkv
 from hylo.ops.rope import inv_freq
 
 _SWITCH = Choice("kernel decode step", "HYLO_KERNEL_STEP", ("off", "on"), "off")
@@ -98,9 +98,8 @@ def step(model, tokens: torch.Tensor, states, pos: torch.Tensor, head: torch.Ten
         qkv = gemv(h, m.qkv_proj.weight, m.qkv_proj.bias, n.weight, n.eps)
         qn, kn = (m.q_norm.weight, m.k_norm.weight) if m.qk_norm else (None, None)
         eps = m.q_norm.eps if m.qk_norm else 0.0
-        q = decode_qkv(qkv, m.num_heads, m.num_kv_heads, qn, kn, eps, freqs[i], st["k"], st["v"], pos,
-                       ring=m.window is not None, pdl=pdl)
-        o = dattn.decode_attention_direct(q, st["k"], st["v"], pos, pdl=pdl)
+        o = dattn.decode_qkv_attention(qkv, m.num_heads, qn, kn, eps, freqs[i], st["k"], st["v"], pos,
+                                       ring=m.window is not None, pdl=pdl)
         h = gemv(o.view(B, -1), m.o_proj.weight, m.o_proj.bias, residual=h)
     logits = gemv(h, head, None, model.norm.weight, model.norm.eps)
     pos.add_(1)

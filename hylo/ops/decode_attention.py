@@ -105,12 +105,17 @@ if triton is not None:
     # Only core ops inside the kernels: Triton's jit helpers (tl.sum, tl.max, tl.zeros, tl.cdiv) are wrapped when
     # triton is imported, and the interpreter cannot call them when TRITON_INTERPRET is set later (tests).
 
-    def _split_kernel(q, k, v, pos, o, m_part, l_part, acc_part, qk_scale, L, HKV: tl.constexpr, G: tl.constexpr,
-                      GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, NSPLIT: tl.constexpr,
-                      INTERP: tl.constexpr, PDL: tl.constexpr):
+    def _split_kernel(q, k, v, pos, o, m_part, l_part, acc_part, qk_scale, L, qkv, qw, kw, inv_freq, eps,
+                      HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                      NSPLIT: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr, QKV: tl.constexpr,
+                      QK_NORM: tl.constexpr, RING: tl.constexpr):
         # One program: the G query heads of KV head (b, kvh) over its split of the valid slots. qk_scale folds
         # log2(e) in, so the softmax runs in base 2 (exp2); the partial maxima are in that base too.
         # PDL (hylo.ops.pdl): q and the cache's new slot come from the kernel before: wait first.
+        # QKV: the step's q/k/v preparation fused in (hylo.ops.decode_qkv.decode_qkv_ref spells it out): q is read
+        # from the projection qkv [B, (H + 2 HKV) D], RMS-normed (QK_NORM, weights qw/kw) and rotated in
+        # registers; the program whose share holds the new slot (pos, or pos % L for a ring buffer: RING) writes the
+        # new key and value there and syncs its threads before reading the cache. Roundings as the model's.
         if PDL:
             tl.extra.cuda.gdc_wait()
         pid, sp = tl.program_id(0), tl.program_id(1)  # pid = b * HKV + kvh
@@ -127,11 +132,47 @@ if triton is not None:
         m_h = heads < G
         rows = pid * G + heads  # = b * H + kvh * G + i: the query heads' rows of q and the output
         d = tl.arange(0, D)
-        # cast after scaling: inductor's launcher may hand qk_scale in as a float64 scalar, which would make the
-        # loop-carried max float64 (an H100 compile failed on that)
-        qt = (tl.load(q + rows[:, None] * D + d[None, :], mask=m_h[:, None], other=0.0).to(tl.float32) * qk_scale
-              ).to(tl.float32)
         kv = pid.to(tl.int64) * L * D  # this KV head's cache
+        if QKV:
+            dt = k.dtype.element_ty
+            kvh = pid % HKV
+            src = qkv + b.to(tl.int64) * (HKV * G + 2 * HKV) * D
+            pd = (d + D // 2) % D  # rotate-half: the partner of each channel, and its sign
+            sgn = tl.where(d < D // 2, -1.0, 1.0)
+            p_b = tl.load(pos + b)
+            f = p_b.to(tl.float32) * tl.load(inv_freq + d % (D // 2))
+            c = tl.cos(f).to(dt).to(tl.float32)
+            sn = tl.sin(f).to(dt).to(tl.float32)
+            hq = kvh * G + heads  # this group's query heads, then its key head, then its value head
+            xq = tl.load(src + hq[:, None] * D + d[None, :], mask=m_h[:, None], other=0.0).to(tl.float32)
+            xq2 = tl.load(src + hq[:, None] * D + pd[None, :], mask=m_h[:, None], other=0.0).to(tl.float32)
+            xk = tl.load(src + (HKV * G + kvh) * D + d).to(tl.float32)
+            xk2 = tl.load(src + (HKV * G + kvh) * D + pd).to(tl.float32)
+            if QK_NORM:  # rms_norm: float32, cast, then times the weight (a product in the dtype)
+                rq = 1.0 / tl.sqrt((tl.reduce(xq * xq, 1, tl.standard._sum_combine) / D + eps).to(tl.float32))
+                rk = 1.0 / tl.sqrt((tl.reduce(xk * xk, 0, tl.standard._sum_combine) / D + eps).to(tl.float32))
+                wq, wq2 = tl.load(qw + d).to(tl.float32), tl.load(qw + pd).to(tl.float32)
+                wk, wk2 = tl.load(kw + d).to(tl.float32), tl.load(kw + pd).to(tl.float32)
+                xq = (wq[None, :] * (xq * rq[:, None]).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+                xq2 = (wq2[None, :] * (xq2 * rq[:, None]).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+                xk = (wk * (xk * rk).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+                xk2 = (wk2 * (xk2 * rk).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+            # x * cos + cat(-x2, x1) * sin, each product and the sum rounded to the dtype
+            qr = ((xq * c[None, :]).to(dt).to(tl.float32) + (sgn[None, :] * xq2 * sn[None, :]).to(dt).to(tl.float32)
+                  ).to(dt)
+            k_new = ((xk * c).to(dt).to(tl.float32) + (sgn * xk2 * sn).to(dt).to(tl.float32)).to(dt)
+            v_new = tl.load(src + (HKV * G + HKV + kvh) * D + d)
+            slot = p_b % L if RING else p_b
+            own = (slot >= start) & (slot < end)
+            tl.store(k + kv + slot * D + d, k_new, mask=own & (d < D))
+            tl.store(v + kv + slot * D + d, v_new, mask=own & (d < D))
+            tl.debug_barrier()  # the new slot's stores before this program's threads read the cache
+            qt = (qr.to(tl.float32) * qk_scale).to(tl.float32)
+        else:
+            # cast after scaling: inductor's launcher may hand qk_scale in as a float64 scalar, which would make
+            # the loop-carried max float64 (an H100 compile failed on that)
+            qt = (tl.load(q + rows[:, None] * D + d[None, :], mask=m_h[:, None], other=0.0).to(tl.float32) *
+                  qk_scale).to(tl.float32)
 
         m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
         l_i = tl.full([GP], 0.0, dtype=tl.float32)
@@ -219,14 +260,15 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor)
                          f"{pos.device})")
 
 
-def _launch(q, k, v, pos, pdl: bool, wrap) -> torch.Tensor:
+def _launch(q, k, v, pos, pdl: bool, wrap, prologue: dict | None = None) -> torch.Tensor:
     """Check, allocate and launch; ``wrap``: ``torch.library.wrap_triton`` inside the op or the identity for a
-    direct launch; ``pdl``: programmatic dependent launch (:mod:`hylo.ops.pdl`; ignored under the interpreter)."""
+    direct launch; ``pdl``: programmatic dependent launch (:mod:`hylo.ops.pdl`; ignored under the interpreter);
+    ``prologue``: the fused q/k/v preparation (:func:`decode_qkv_attention`), ``q`` then only gives the shape."""
     _check(q, k, v, pos)
     (B, H, _, Dh), (Hkv, L) = q.shape, k.shape[1:3]
     g = H // Hkv
     gp = triton.next_power_of_2(g)
-    q, pos = q.contiguous(), pos.contiguous()
+    q, pos = (q if prologue else q.contiguous()), pos.contiguous()
     out = q.new_empty(B, H, 1, Dh)
     nsplit = num_splits(L, B * Hkv)
     block, warps = _launch_config(gp, Dh)
@@ -238,10 +280,16 @@ def _launch(q, k, v, pos, pdl: bool, wrap) -> torch.Tensor:
     else:  # per (row, query head, split): running max (base 2), sum of exponentials, unnormalised output
         parts = (q.new_empty(B * H, nsplit, dtype=torch.float32), q.new_empty(B * H, nsplit, dtype=torch.float32),
                  q.new_empty(B * H, nsplit, Dh, dtype=torch.float32))
+    pro = prologue or {}
+    qk_norm = pro.get("q_norm") is not None
+    qkv, freq = pro.get("qkv", out), pro.get("inv_freq", out)  # out: an unused pointer where an input is absent
+    qw, kw = (pro["q_norm"], pro["k_norm"]) if qk_norm else (out, out)
     extra = {"launch_pdl": True} if pdl else {}
     wrap(split)[(B * Hkv, nsplit)](
-        q, k, v, pos, out, *parts, math.log2(math.e) / math.sqrt(Dh), L, HKV=Hkv, G=g, GP=gp, D=Dh, BLOCK=block,
-        NSPLIT=nsplit, INTERP=interp, PDL=pdl, **({} if interp else {"num_warps": warps, **extra}))
+        q, k, v, pos, out, *parts, math.log2(math.e) / math.sqrt(Dh), L, qkv, qw, kw, freq,
+        float(pro.get("eps", 0.0)), HKV=Hkv, G=g, GP=gp, D=Dh, BLOCK=block, NSPLIT=nsplit, INTERP=interp, PDL=pdl,
+        QKV=prologue is not None, QK_NORM=qk_norm, RING=bool(pro.get("ring", False)),
+        **({} if interp else {"num_warps": warps, **extra}))
     if nsplit > 1:
         nsp = triton.next_power_of_2(nsplit)
         launch = {} if interp else {"num_warps": 4 if nsp * Dh <= 4096 else 8, **extra}
@@ -256,10 +304,25 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
     return _launch(q, k, v, pos, False, torch.library.wrap_triton)
 
 
-def decode_attention_direct(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
-                            pdl: bool = False) -> torch.Tensor:
-    """:func:`decode_attention` launched directly, outside torch's op machinery (``hylo.engine.kernel_step``),
-    with programmatic dependent launch if ``pdl``."""
+def decode_qkv_attention(qkv: torch.Tensor, num_heads: int, q_norm: torch.Tensor | None,
+                         k_norm: torch.Tensor | None, eps: float, inv_freq: torch.Tensor, k: torch.Tensor,
+                         v: torch.Tensor, pos: torch.Tensor, ring: bool, pdl: bool = False) -> torch.Tensor:
+    """The decode step from the q/k/v projection to attention's output, in the split kernel (launched directly,
+    outside torch's op machinery, for ``hylo.engine.kernel_step``): ``qkv [B, (H + 2 Hkv) Dh]`` -> ``[B, H, 1, Dh]``,
+    writing the new key and value into ``k, v [B, Hkv, L, Dh]`` at slot ``pos`` (``pos % L`` with ``ring``).
+    Equal to :func:`decode_attention` of :func:`hylo.ops.decode_qkv.decode_qkv_ref` (qk-norm with ``q_norm`` /
+    ``k_norm`` if given, RoPE with ``inv_freq [Dh/2]`` float32); ``pdl``: programmatic dependent launch."""
     if triton is None:
         raise RuntimeError("hylo.ops.decode_attention needs Triton")
-    return _launch(q, k, v, pos, pdl, lambda kern: kern)
+    B, Hkv, _, Dh = k.shape
+    if qkv.shape != (B, (num_heads + 2 * Hkv) * Dh) or qkv.dtype != k.dtype or not qkv.is_contiguous():
+        raise ValueError(f"decode_qkv_attention: qkv {tuple(qkv.shape)} {qkv.dtype} does not match {num_heads} query "
+                         f"heads and caches {tuple(k.shape)} {k.dtype} (contiguous, one dtype)")
+    if inv_freq.dtype != torch.float32 or inv_freq.shape != (Dh // 2,):
+        raise ValueError(f"decode_qkv_attention: inv_freq must be [{Dh // 2}] float32, got {tuple(inv_freq.shape)} "
+                         f"{inv_freq.dtype}")
+    if (q_norm is None) != (k_norm is None):
+        raise ValueError("decode_qkv_attention: pass both q_norm and k_norm, or neither")
+    q_shape = qkv.new_empty(1).expand(B, num_heads, 1, Dh)  # its shape and dtype only: never read
+    return _launch(q_shape, k, v, pos, pdl, lambda kern: kern,
+                   dict(qkv=qkv, q_norm=q_norm, k_norm=k_norm, eps=eps, inv_freq=inv_freq, ring=ring))
