@@ -172,12 +172,12 @@ def test_pdl_variants_compile_for_sm90():
     pytest.importorskip("triton.backends.nvidia")
     gemv_sig = {"x": "*bf16", "w": "*bf16", "b": "*bf16", "y": "*bf16", "nw": "*bf16", "r": "*bf16", "M": "i32",
                 "N": "i32", "eps": "fp32", "pf_rows": "i32", "grid_cap": "i32"}
-    for pdl in (True, False):
+    for on in (True, False):
         ptx = _ptx(triton.jit(G._gemv_kernel), gemv_sig,
-                   dict(K=1024, XK=1024, HAS_BIAS=False, NORM=True, SWIGLU=False, RESIDUAL=True, PDL=pdl,
+                   dict(K=1024, XK=1024, HAS_BIAS=False, NORM=True, SWIGLU=False, RESIDUAL=True, PDL=on,
                         INTERP=False, LINE=64, NL=16, BN=8, BK=256))
-        assert ("griddepcontrol.wait" in ptx) == pdl and ("griddepcontrol.launch_dependents" in ptx) == pdl
-        assert ("prefetch.global.L2" in ptx) == pdl
+        assert ("griddepcontrol.wait" in ptx) == on and ("griddepcontrol.launch_dependents" in ptx) == on
+        assert ("prefetch.global.L2" in ptx) == on
     split = triton.jit(dattn._split_kernel)
     ptx = _ptx(split, {"q": "*bf16", "k": "*bf16", "v": "*bf16", "pos": "*i64", "o": "*bf16", "m_part": "*fp32",
                        "l_part": "*fp32", "acc_part": "*fp32", "qk_scale": "fp32", "L": "i32", "qkv": "*bf16",
