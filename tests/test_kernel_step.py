@@ -87,15 +87,16 @@ def _attn_ffn_model(layers="a f swa f", meta=2, seed=0):
 
 
 @pytest.mark.parametrize("fuse", ["plain", "norm+residual", "swiglu"])
-def test_persistent_grid_gemv_matches_reference(interp, fuse):
-    """A persistent grid (3 programs under the interpreter) strides over 2 rows x 10 tiles of 32 outputs (the last
-    one partial) and gives the reference's result."""
+@pytest.mark.parametrize("rows", [2, 3])
+def test_persistent_grid_gemv_matches_reference(interp, fuse, rows):
+    """A persistent grid (at most 3 programs under the interpreter, rounded down to a multiple of the rows) strides
+    over rows x 10 tiles of 32 outputs (the last one partial) and gives the reference's result."""
     g = torch.Generator().manual_seed(0)
     K, N = 48, 300
-    x = torch.randn(2, 2 * K if fuse == "swiglu" else K, generator=g)
+    x = torch.randn(rows, 2 * K if fuse == "swiglu" else K, generator=g)
     w, bias = torch.randn(N, K, generator=g), torch.randn(N, generator=g)
     kw = {"norm_weight": 1 + 0.1 * torch.randn(K, generator=g), "eps": 1e-6,
-          "residual": torch.randn(2, N, generator=g)} if fuse == "norm+residual" else \
+          "residual": torch.randn(rows, N, generator=g)} if fuse == "norm+residual" else \
         {"swiglu": True} if fuse == "swiglu" else {}
     assert G.max_programs(x.device) == 3 < 2 * -(-N // G._INTERP_CONFIG["BN"])
     got = G.gemv_direct(x, w, bias, persistent=True, **kw)

@@ -117,18 +117,21 @@ if triton is not None:
                                           [w + prow[:, None] + line[None, :]], dtype=tl.int32, is_pure=False, pack=1)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
+        # the grid is a multiple of M (the launcher sees to it), so a program's tiles all read one row of x:
+        # i_m = pid % M, and the norm's statistics are computed once per program
+        i_m = pid % M
+        if NORM:
+            ss = tl.full([BK], 0.0, dtype=tl.float32)
+            for k0 in range(0, K, BK):
+                cols = k0 + tl.arange(0, BK)
+                xk = tl.load(x + i_m * XK + cols, mask=cols < K, other=0.0).to(tl.float32)
+                ss += xk * xk
+            var = (tl.reduce(ss, 0, tl.standard._sum_combine) / K + eps).to(tl.float32)  # eps may come in float64
+            rstd = 1.0 / tl.sqrt(var)
         for t in range(t_lo, t_hi, t_st):
-            i_m, i_n = t % M, t // M
+            i_n = t // M
             rows = i_n * BN + tl.arange(0, BN)
             m_n = rows < N
-            if NORM:
-                ss = tl.full([BK], 0.0, dtype=tl.float32)
-                for k0 in range(0, K, BK):
-                    cols = k0 + tl.arange(0, BK)
-                    xk = tl.load(x + i_m * XK + cols, mask=cols < K, other=0.0).to(tl.float32)
-                    ss += xk * xk
-                var = (tl.reduce(ss, 0, tl.standard._sum_combine) / K + eps).to(tl.float32)  # eps: maybe float64
-                rstd = 1.0 / tl.sqrt(var)
             acc = tl.full([BN, BK], 0.0, dtype=tl.float32)  # core op (tl.zeros is a jit helper)
             for k0 in range(0, K, BK):
                 cols = k0 + tl.arange(0, BK)
@@ -212,9 +215,9 @@ def _launch(x, weight, bias, norm_weight, eps, residual, swiglu, pdl: bool, wrap
     r = x if residual is None else residual.contiguous()
     cap = max_programs(x.device) if persistent and (pdl or interp) else None
 
-    def grid(meta):
+    def grid(meta):  # a multiple of M: each program's tiles then share one row of x (the kernel relies on it)
         tiles = M * triton.cdiv(N, meta["BN"])
-        return (tiles if cap is None else min(tiles, cap),)
+        return (tiles if cap is None else min(tiles, max(cap // M, 1) * M),)
     wrap(kernel())[grid](
         x, weight, b, y, nw, r, M, N, float(eps), PREFETCH_BYTES // (K * x.element_size()), cap or 0, K,
         2 * K if swiglu else K, HAS_BIAS=bias is not None, NORM=norm_weight is not None, SWIGLU=swiglu,
