@@ -8,6 +8,9 @@ fused kernel (plus a small combine when the cache is split) reads K and V once a
 - :func:`decode_attention`: the Triton kernels as the custom op ``hylo::decode_attention``
   (``torch.library.triton_op``), so ``torch.compile`` traces it and inductor sees the kernels.
 - :func:`use_kernel`: whether ``Attention.step`` takes the op (``HYLO_DECODE_ATTN=on`` where :func:`supported`).
+- :func:`decode_qkv_attention`: the same kernels with the step's q/k/v preparation (qk-norm, RoPE, the new k/v into
+  the cache; :func:`hylo.ops.decode_qkv.decode_qkv_ref`) in the split kernel's prologue, launched directly, with
+  programmatic dependent launch if asked: the kernel decode step's attention (``hylo.engine.kernel_step``).
 
 Inputs: ``q [B, H, 1, Dh]``, caches ``k, v [B, Hkv, L, Dh]`` (contiguous), ``pos [B]`` int >= 0: row ``b`` attends to
 slots ``s <= pos[b]`` (all ``L`` slots once ``pos[b] >= L - 1``, which is what a sliding-window ring buffer needs:
