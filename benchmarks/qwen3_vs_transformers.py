@@ -331,6 +331,8 @@ def main():
         fuse = switches.get("fuse", hylo_fused.get_fuse())
         kstep = switches.get("kernel_step", hylo_kstep.get_kernel_step())
         pdl = switches.get("pdl", hylo_pdl.get_pdl())
+        if kstep == "on" and "gemv" not in switches:
+            gemv = "on"  # the kernel step is built on the GEMV (``auto`` would leave it off under the interpreter)
         forced = [op for op, v in ((hylo_gemv, gemv), (hylo_dattn, dattn), (hylo_gemv, fuse), (hylo_gemv, kstep))
                   if v == "on"]
         if forced and (not all(op.supported(dev) for op in forced) or (dev.type != "cuda" and compile)):
@@ -349,6 +351,9 @@ def main():
             rec["compile_mode"] = compile if isinstance(compile, str) else ("default" if compile else None)
             rec["switches"] = {"HYLO_GEMV": gemv, "HYLO_DECODE_ATTN": dattn, "HYLO_GEMV_FUSE": fuse,
                                "HYLO_KERNEL_STEP": kstep, "HYLO_PDL": pdl}
+            if kstep == "on" and not rec["kernel_step"]:  # timed, but not what the mode's name says
+                why = hylo_kstep.applicable(hy, 1, hy.head_weight()) or f"HYLO_GEMV={gemv}"
+                res["errors"].append({"what": f"{key}: the kernel step was not taken", "error": why})
             if hy_tokens is not None:
                 k = min(16, n)
                 rec["greedy_agree_with_first_mode"] = sum(x == y for x, y in zip(tokens[:k], hy_tokens[:k]))
