@@ -168,7 +168,8 @@ def measure_hylo(hy, prompt, n: int, graphs: bool, compile: bool, repeats: int, 
     tokens = hylo_greedy(hy, runner, prompt, n)[0].tolist()
     rec = {"ms_per_token": hylo_ms_per_token(runner, T, n, repeats, dev), "cache_len": T + n,
            "graphed": runner.graphed, "compiled": compile, "kv_cache_bytes": runner.cache.nbytes(),
-           "kernel_step": runner.kernel_step, "pdl": runner.pdl,  # what the runner took
+           # what the runner took (its own decisions from the switches, the device and the model)
+           "gemv": runner.gemv, "fused": runner.fused, "kernel_step": runner.kernel_step, "pdl": runner.pdl,
            "generate_s_incl_prefill": statistics.median(wall(lambda: hylo_greedy(hy, runner, prompt, n), dev, repeats))}
     del runner
     r2 = DecodeRunner(hy, 1, 2048, cuda_graph=graphs, compile=compile)
@@ -337,8 +338,8 @@ def main():
                   if v == "on"]
         if forced and (not all(op.supported(dev) for op in forced) or (dev.type != "cuda" and compile)):
             res.setdefault("skipped", {})[key] = (
-                "HYLO_GEMV=on, HYLO_DECODE_ATTN=on and HYLO_GEMV_FUSE=on need CUDA and Triton, or TRITON_INTERPRET=1 "
-                "on the CPU for eager steps (the interpreter cannot be traced by torch.compile)")
+                "HYLO_GEMV=on, HYLO_DECODE_ATTN=on, HYLO_GEMV_FUSE=on and HYLO_KERNEL_STEP=on need CUDA and Triton, "
+                "or TRITON_INTERPRET=1 on the CPU for eager steps (the interpreter cannot be traced by torch.compile)")
             continue
         try:
             with hylo_gemv.gemv_mode(gemv), hylo_dattn.decode_attn_mode(dattn), hylo_fused.fuse_mode(fuse), \
@@ -346,8 +347,6 @@ def main():
                 rec, tokens = measure_hylo(hy, prompt, n, graphs, compile, args.repeats, dev)
                 rec["kernels"] = try_profile(
                     res, lambda: DecodeRunner(hy, 1, T + n, cuda_graph=False, compile=compile), dev)
-                rec["gemv"] = hylo_gemv.enabled(dev)  # what the runner took
-                rec["fused"] = hylo_gemv.enabled(dev) and hylo_fused.enabled(hy, 1)
             rec["compile_mode"] = compile if isinstance(compile, str) else ("default" if compile else None)
             rec["switches"] = {"HYLO_GEMV": gemv, "HYLO_DECODE_ATTN": dattn, "HYLO_GEMV_FUSE": fuse,
                                "HYLO_KERNEL_STEP": kstep, "HYLO_PDL": pdl}
