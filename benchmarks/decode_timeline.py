@@ -170,8 +170,8 @@ def main():
         if not torch.cuda.is_available():
             sys.exit("benchmarks/decode_timeline.py needs a CUDA device (or --smoke for a CPU check)")
         dev, dtype, shape, graphs = torch.device("cuda"), torch.bfloat16, QWEN3_06B, True
-    if min(args.caches) <= args.start + args.steps:
-        sys.exit(f"--caches must all exceed --start + --steps = {args.start + args.steps}")
+    if min(args.caches) < args.start + args.steps:
+        sys.exit(f"--caches must all be at least --start + --steps = {args.start + args.steps}")
     env = environment(dev)
     res: dict = {"date": env["date"], "device": env["device"], "versions": env["versions"], "shape": shape,
                  "dtype": str(dtype).replace("torch.", ""), "batch": 1, "start": args.start, "steps": args.steps,
