@@ -188,7 +188,7 @@ def try_profile(res: dict, make_runner, dev) -> dict | None:
 
 SUFFIXES = {"gemv": ("gemv", "on"), "cublas": ("gemv", "off"),  # mode suffix -> (switch, value)
             "dattn": ("decode_attn", "on"), "fuse": ("fuse", "on"), "kstep": ("kernel_step", "on"),
-            "nopdl": ("pdl", "off"), "flatpdl": ("pdl", "flat")}
+            "nopdl": ("pdl", "off"), "perspdl": ("pdl", "persistent")}
 
 
 def parse_modes(spec: str) -> list[tuple[str, bool | str, dict[str, str]]]:
@@ -199,7 +199,7 @@ def parse_modes(spec: str) -> list[tuple[str, bool | str, dict[str, str]]]:
     Triton attention kernel), ``+fuse`` (``HYLO_GEMV_FUSE=on``: norms, SwiGLU and residual adds inside the GEMVs,
     ``hylo.engine.fused``; it needs the GEMV), ``+kstep`` (``HYLO_KERNEL_STEP=on``: the step as hylo's Triton
     kernels chained with programmatic dependent launch, ``hylo.engine.kernel_step``; never compiled, so take it
-    with ``eager``: ``eager+kstep``), ``+nopdl`` (``HYLO_PDL=off``), ``+flatpdl`` (``HYLO_PDL=flat``: PDL without
+    with ``eager``: ``eager+kstep``), ``+nopdl`` (``HYLO_PDL=off``), ``+perspdl`` (``HYLO_PDL=persistent``: PDL with
     persistent GEMV grids); suffixes combine (``default+dattn+cublas``)."""
     out = []
     for m in (m.strip() for m in spec.split(",")):

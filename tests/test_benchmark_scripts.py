@@ -91,7 +91,7 @@ def test_qwen3_vs_transformers_smoke(tmp_path):
     res = json.loads(out.read_text())
     assert not res["errors"] and res["hylo"]["ms_per_token"] > 0 and res["transformers"]["ms_per_token"] > 0
     assert res["hylo_cublas"]["switches"] == {"HYLO_GEMV": "off", "HYLO_DECODE_ATTN": "off", "HYLO_GEMV_FUSE": "off",
-                                              "HYLO_KERNEL_STEP": "off", "HYLO_PDL": "auto"}
+                                              "HYLO_KERNEL_STEP": "off", "HYLO_PDL": "on"}
     assert not res["hylo_cublas"]["gemv"] and not res["hylo"]["kernel_step"] and not res["hylo"]["pdl"]
     assert {"hylo_compiled_gemv", "hylo_dattn", "hylo_fuse", "hylo_kstep"} <= set(res["skipped"])  # +gemv needs CUDA or the Triton interpreter
     assert res["best_mode"] in ("hylo", "hylo_cublas") and set(res["goals"]) == {"hylo_30x_faster",
@@ -101,3 +101,29 @@ def test_qwen3_vs_transformers_smoke(tmp_path):
     agree, positions = res["prompt_argmax_agree_fp32"]
     assert res["prompt_logits_max_abs_diff_fp32"] < 1e-4 * res["prompt_logits_max_abs_fp32"] and agree == positions
     assert res["floor_ms_per_token"] > 0 and "prompt_argmax_agree" in res
+
+
+def test_decode_timeline_step_figures():
+    """The timeline arithmetic on made-up kernel intervals of two kernel steps (one attention + FFN layer): roles by
+    position, the union of overlapping intervals, idle time, and increments that add up to the span."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import decode_timeline as dt
+
+    names = ["indexSelect", "_gemv_kernel", "_split_kernel", "_combine_kernel", "_gemv_kernel", "_gemv_kernel",
+             "_gemv_kernel", "_gemv_kernel", "add"]
+    assert dt.roles(names) == ["embed", "qkv", "attn", "combine", "o_proj", "ffn_in", "ffn_out", "head", "add"]
+    # (start, duration) in us: the qkv GEMV overlaps attention by 1 us (a PDL launch), a 2-us gap before ffn_in
+    times = [(0, 1), (1, 4), (4, 3), (7, 1), (8, 2), (12, 3), (15, 2), (17, 5), (22, 1)]
+    ks = [{"name": n, "ts": t + 100 * step, "dur": d} for step in range(3) for n, (t, d) in zip(names, times)]
+    s = dt.step_stats(ks, 3)
+    assert s["kernels_per_step"] == 9 and s["period_ms"] == pytest.approx(0.1)
+    assert s["span_ms"] == pytest.approx(0.023) and s["sum_ms"] == pytest.approx(0.022)
+    assert s["busy_ms"] == pytest.approx(0.021) and s["idle_ms"] == pytest.approx(0.002)
+    assert s["overlap_ms"] == pytest.approx(0.001)
+    assert s["by_role"]["attn"] == {"calls": 1, "dur_ms": 0.003, "incr_ms": 0.002}
+    assert s["by_role"]["ffn_in"]["incr_ms"] == pytest.approx(0.005)  # its 3 us and the gap before it
+    assert sum(r["incr_ms"] for r in s["by_role"].values()) == pytest.approx(s["span_ms"])
+    assert "error" in dt.step_stats(ks[:-1], 3)  # not one equal share per step
+    assert dt.parse_configs("eager+kstep+nopdl@16")[0][::3] == ("hylo_kstep_nopdl_split16", 16)
+    with pytest.raises(SystemExit):
+        dt.parse_configs("eager+kstep@x")

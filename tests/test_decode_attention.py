@@ -115,9 +115,9 @@ def test_op_rejects_bad_input():
 
 def test_num_splits_rule():
     """The documented examples: long caches of one row fill the GPU; big batches and short caches do not split."""
-    assert DA.num_splits(32768, 1 * 8) == 64 and DA.num_splits(512, 8) == 8 and DA.num_splits(2048, 8) == 32
+    assert DA.num_splits(32768, 1 * 8) == 64 and DA.num_splits(512, 8) == 32 and DA.num_splits(80, 8) == 5
     assert DA.num_splits(4096, 4 * 8) == 17  # ceil(528 / 32)
-    assert DA.num_splits(32768, 66 * 8) == 1 and DA.num_splits(127, 1) == 1
+    assert DA.num_splits(32768, 66 * 8) == 1 and DA.num_splits(31, 1) == 1 and DA.num_splits(32, 1) == 2
 
 
 def test_switch():

@@ -14,16 +14,23 @@ ramp-up and drain. Inductor's kernels cannot be launched with PDL, so this step 
 
 then the final norm fused into the LM head's GEMV: 3 kernels per attention layer (4 where attention splits the
 cache), 2 per FFN, with the embedding lookup and the position increment as the only PyTorch kernels. With :mod:`hylo.ops.pdl` on, each kernel is
-launched with PDL: a GEMV asks L2 for its weights while the kernel before it finishes, and with ``HYLO_PDL=auto``
+launched with PDL: a GEMV asks L2 for its weights while the kernel before it finishes, and with ``HYLO_PDL=persistent``
 its grid is persistent (two programs per SM), so that request covers nearly the whole matrix.
 
 Applies to models whose every block is ``attn``/``swa`` or ``ffn`` (SwiGLU) with contiguous weights of one
 dtype, at most ``gemv.MAX_ROWS`` rows; :func:`applicable` says why not otherwise. The runner takes it when the
-switch is on and the GEMV is enabled; it is never compiled (there is nothing left for inductor). Off by default
-until it has been timed on a GPU::
+switch is on and the GEMV is enabled; it is never compiled (there is nothing left for inductor).
 
-    python benchmarks/qwen3_vs_transformers.py --out X.json --modes MODES
-    # MODES = default,eager+kstep,eager+kstep+flatpdl,eager+kstep+nopdl
+Measured on an H100 (Qwen3-0.6B shape, random weights, batch 1, cache 80): 1.013 ms/token without PDL, in the
+run where transformers' fastest generate took 43.8 ms/token (``benchmarks/results/qwen3-vs-transformers-h100-run7-
+partial.json``); 0.947 with PDL and attention split per 16 slots (the defaults now) in the timeline run
+(``benchmarks/results/decode-timeline-h100.json``), against 1.34-1.37 for the compiled step on another H100 (run
+6) and a floor of 0.40. The timeline shows why it is not faster: the GPU is busy for ~0.90 ms of the ~0.97-ms
+step, so launch gaps are not the cost; the GEMVs of the small matrices are (the 6.3 MB FFN down projection takes
+6.3 us, ~1 TB/s, against the LM head's 3.1 TB/s). Off by default until its greedy tokens have been checked
+against the plain step on a GPU (``benchmarks/engine_check.py`` with ``HYLO_KERNEL_STEP=on``)::
+
+    python benchmarks/decode_timeline.py --configs eager+kstep,eager+kstep+nopdl --out X.json
 """
 
 from __future__ import annotations
@@ -84,7 +91,7 @@ def frequencies(model) -> dict[int, torch.Tensor]:
 def step(model, tokens: torch.Tensor, states, pos: torch.Tensor, head: torch.Tensor,
          freqs: dict[int, torch.Tensor], pdl: bool, persistent: bool = False) -> torch.Tensor:
     """One decode step: ``tokens [B]`` -> logits ``[B, vocab]``; writes the caches and advances ``pos``. ``pdl``:
-    launch every kernel with PDL; ``persistent``: the GEMVs on persistent grids (``HYLO_PDL=auto``; under the
+    launch every kernel with PDL; ``persistent``: the GEMVs on persistent grids (``HYLO_PDL=persistent``; under the
     interpreter it shrinks their grids even without PDL, so CPU tests cover that indexing)."""
     gemv = functools.partial(G.gemv_direct, pdl=pdl, persistent=persistent)
     h = F.embedding(tokens.view(-1), model.embed_tokens.weight)  # [B, D]

@@ -27,11 +27,17 @@ and a short sequence in a long cache is cheap. Scores are a broadcast multiply a
 
 Splits (:func:`num_splits`, from static shapes only, since the grid is fixed at capture): enough programs for
 about four per SM of an H100 (:data:`TARGET_PROGRAMS` = 528), at most :data:`MAX_SPLITS` = 64, and no more than
-one split per :data:`MIN_SPLIT` = 64 slots of the cache. E.g. ``B = 1, Hkv = 8``: 64 splits for ``L = 32768``
-(512 programs), 8 for ``L = 512``; one split for ``B * Hkv >= 528`` or ``L < 128``. Many splits also shorten each
-program's serial chain of blocks (each a round trip to memory: the loads are not pipelined), which is what bounds
-a short decode step. Block size and warps (:func:`_launch_config`) are a first guess from register counts (no
-autotuning: it would time whatever ``pos`` its first call had); none of these numbers is timed on a GPU yet.
+one split per :data:`MIN_SPLIT` = 16 slots of the cache. E.g. ``B = 1, Hkv = 8``: 64 splits for ``L >= 1024``
+(512 programs), 32 for ``L = 512``, 5 for ``L = 80``; one split for ``B * Hkv >= 528`` or ``L < 32``. Many splits
+shorten each program's serial chain of blocks (each a round trip to memory: the loads are not pipelined), which
+is what bounds a short decode step. Timed on an H100 in the kernel decode step (Qwen3-0.6B shape, 28 layers,
+positions 16-80, ``benchmarks/results/decode-timeline-h100.json``): with an 80-slot cache, one split (the old
+``MIN_SPLIT`` of 64) cost 7.4 us per layer, 5 splits 5.4 us plus a 2.0-us combine: the step took 0.984 instead
+of 0.987 ms without PDL, but 0.994 instead of 1.157 ms with PDL's persistent grid, and 0.919 with PDL (default
+grid), the fastest of the run. With 2048 slots (64 splits instead of 32 while the positions are short) the combine
+costs more: 1.036 instead of 1.007 ms without PDL, 0.965 with PDL. Block size and warps
+(:func:`_launch_config`) are a first guess from register counts (no autotuning: it would time whatever ``pos`` its
+first call had).
 
 ``HYLO_DECODE_ATTN`` (:func:`set_decode_attn`, :func:`decode_attn_mode`): ``off`` (default until timed on a GPU)
 or ``on``. Under ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (tests), with small fixed blocks.
@@ -54,7 +60,7 @@ except ImportError:  # CPU-only installs: Attention.step keeps its matmul path
 
 TARGET_PROGRAMS = 528  # about four resident programs per SM of an H100 (132 SMs)
 MAX_SPLITS = 64  # the combine kernel holds [splits, Dh] partials of one head in registers
-MIN_SPLIT = 64  # cache slots per split at least (a full cache): short caches are not split
+MIN_SPLIT = 16  # cache slots per split at least: a cache shorter than 32 slots is not split
 INTERP_BLOCK = 16  # the interpreter's block of slots: small, so tests cross block edges
 
 _SWITCH = Choice("decode attention path", "HYLO_DECODE_ATTN", ("off", "on"), "off")
