@@ -194,13 +194,16 @@ def main():
                         hylo_dattn.decode_attn_mode(switches.get("decode_attn", hylo_dattn.get_decode_attn())), \
                         hylo_fused.fuse_mode(switches.get("fuse", hylo_fused.get_fuse())), \
                         hylo_kstep.kernel_step_mode(switches.get("kernel_step", hylo_kstep.get_kernel_step())), \
-                        hylo_pdl.pdl_mode(switches.get("pdl", hylo_pdl.get_pdl())), torch.no_grad():
+                        hylo_pdl.pdl_mode(switches.get("pdl", hylo_pdl.get_pdl())), \
+                        hylo_gemv.gemv_split_mode(switches.get("gemv_split", hylo_gemv.get_gemv_split())), \
+                        torch.no_grad():
                     runner = DecodeRunner(hy, 1, L, cuda_graph=graphs, compile=compile)
                     rec = {"cache_len": L, "min_split": hylo_dattn.MIN_SPLIT,
                            "attn_splits": hylo_dattn.num_splits(L, hy.layers[0].mixer.num_kv_heads)
                            if hasattr(hy.layers[0].mixer, "num_kv_heads") else None,
                            "graphed": runner.graphed, "kernel_step": runner.kernel_step, "pdl": runner.pdl,
-                           "gemv": runner.gemv, "ms_per_token": hylo_ms_per_token(runner, args.start, args.steps, 3, dev)}
+                           "gemv": runner.gemv, "gemv_split": hylo_gemv.get_gemv_split(),
+                           "ms_per_token": hylo_ms_per_token(runner, args.start, args.steps, 3, dev)}
                     tok = torch.zeros(1, dtype=torch.long, device=dev)
                     runner.set_positions(args.start)
                     holder = {"t": tok}

@@ -104,14 +104,40 @@ def test_persistent_grid_gemv_matches_reference(interp, fuse, rows):
     torch.testing.assert_close(got, G.gemv_ref(x, w, bias, **kw), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("pdl_mode", ["on", "persistent"])
-def test_kernel_step_same_logits_as_the_runner_step(interp, pdl_mode):
+@pytest.mark.parametrize("fuse", ["plain", "norm+residual", "swiglu"])
+@pytest.mark.parametrize("persistent", [False, True])
+def test_split_k_gemv_matches_reference(interp, fuse, persistent):
+    """Split-K (HYLO_GEMV_SPLIT): 3 slices of K = 200 in blocks of 64 (128, 72 and an empty one), 2 rows; the last
+    program of each tile adds the partials and applies the epilogue. Twice, so the arrival counters must have been
+    reset by the first call; their buffer is zero afterwards, and the partials were written."""
+    g = torch.Generator().manual_seed(1)
+    K, N, rows = 200, 70, 2
+    x = torch.randn(rows, 2 * K if fuse == "swiglu" else K, generator=g)
+    w, bias = torch.randn(N, K, generator=g), torch.randn(N, generator=g)
+    kw = {"norm_weight": 1 + 0.1 * torch.randn(K, generator=g), "eps": 1e-6,
+          "residual": torch.randn(rows, N, generator=g)} if fuse == "norm+residual" else \
+        {"swiglu": True} if fuse == "swiglu" else {}
+    want = G.gemv_ref(x, w, bias, **kw)
+    G._WORKSPACES.clear()
+    with G.gemv_split_mode("on"):
+        for _ in range(2):
+            torch.testing.assert_close(G.gemv_direct(x, w, bias, persistent=persistent, **kw), want,
+                                       rtol=1e-5, atol=1e-5)
+    ws, cnt = G._WORKSPACES[(x.device, rows, N)]
+    assert not cnt.any() and ws[:G.INTERP_SPLIT - 1].abs().sum() > 0
+    G._WORKSPACES.clear()
+    G.gemv_direct(x, w, bias, split=False, **kw)
+    assert not G._WORKSPACES  # split-K off: no buffers
+
+
+@pytest.mark.parametrize("pdl_mode,split", [("on", "off"), ("persistent", "on")])
+def test_kernel_step_same_logits_as_the_runner_step(interp, pdl_mode, split):
     """A model of attention, sliding-window attention (window 4, so the ring buffer wraps) and FFN blocks, with
     meta tokens: 7 steps of the kernel step give the logits of the usual step (GEMV and split-KV attention on, so
-    both compute the same algorithm), float32, rows at different positions."""
+    both compute the same algorithm), float32, rows at different positions; also with split-K GEMVs."""
     model = _attn_ffn_model()
     ids = torch.tensor([[3, 4], [5, 6], [7, 1], [2, 2], [9, 8], [1, 0], [4, 4]])
-    with G.gemv_mode("on"), dattn.decode_attn_mode("on"), pdl.pdl_mode(pdl_mode):
+    with G.gemv_mode("on"), dattn.decode_attn_mode("on"), pdl.pdl_mode(pdl_mode), G.gemv_split_mode(split):
         ref_runner = DecodeRunner(model, 2, 16)
         ref_runner.set_positions([0, 3])
         ref = [ref_runner.step(t) for t in ids]
@@ -172,14 +198,17 @@ def test_pdl_variants_compile_for_sm90():
     """The PDL branches are never run on the CPU: compile them for an H100 (Triton's own compiler and ptxas, no
     GPU needed) and check the instructions are there -- and absent without PDL."""
     pytest.importorskip("triton.backends.nvidia")
-    gemv_sig = {"x": "*bf16", "w": "*bf16", "b": "*bf16", "y": "*bf16", "nw": "*bf16", "r": "*bf16", "M": "i32",
-                "N": "i32", "eps": "fp32", "pf_rows": "i32", "grid_cap": "i32"}
-    for on in (True, False):
+    gemv_sig = {"x": "*bf16", "w": "*bf16", "b": "*bf16", "y": "*bf16", "nw": "*bf16", "r": "*bf16", "ws": "*fp32",
+                "cnt": "*i32", "M": "i32", "N": "i32", "eps": "fp32", "pf_rows": "i32", "grid_cap": "i32"}
+    for on, split in ((True, 1), (False, 1), (True, 4)):
         ptx = _ptx(triton.jit(G._gemv_kernel), gemv_sig,
-                   dict(K=1024, XK=1024, HAS_BIAS=False, NORM=True, SWIGLU=False, RESIDUAL=True, PDL=on,
-                        INTERP=False, LINE=64, NL=16, BN=8, BK=256))
+                   dict(K=3072, XK=6144, HAS_BIAS=False, NORM=False, SWIGLU=True, RESIDUAL=True, PDL=on,
+                        INTERP=False, LINE=64, NL=64, BN=8, BK=256, SPLIT=split))
         assert ("griddepcontrol.wait" in ptx) == on and ("griddepcontrol.launch_dependents" in ptx) == on
         assert ("prefetch.global.L2" in ptx) == on
+        # split-K: the arrival count is a GPU-scope acquire-release atomic, the partials are read past L1
+        assert ("atom.global.gpu.acq_rel.add" in ptx) == (split > 1), [ln for ln in ptx.splitlines() if "atom" in ln]
+        assert ("ld.global.cg" in ptx) == (split > 1)
     split = triton.jit(dattn._split_kernel)
     ptx = _ptx(split, {"q": "*bf16", "k": "*bf16", "v": "*bf16", "pos": "*i64", "o": "*bf16", "m_part": "*fp32",
                        "l_part": "*fp32", "acc_part": "*fp32", "qk_scale": "fp32", "L": "i32", "qkv": "*bf16",
