@@ -284,7 +284,8 @@ def workspace(device: torch.device, M: int, N: int) -> tuple[torch.Tensor, torch
     """Split-K's buffers for ``M`` rows of ``N`` outputs on ``device``, made on first use and kept: float32 partial
     sums ``[SPLIT_MAX, M, N]`` and int32 arrival counters (zero between calls: the kernel resets each one it
     completes). None while a CUDA graph is capturing and the buffers do not exist yet: made inside the capture
-    they would belong to that graph's memory pool (the caller then launches without split-K)."""
+    they would belong to that graph's memory pool (the caller then launches without split-K). Shared by every
+    product of that shape: split-K launches must not run concurrently (one stream, as the decode engine runs)."""
     key = (device, M, N)
     if key not in _WORKSPACES:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
