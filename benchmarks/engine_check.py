@@ -38,7 +38,12 @@ from hylo.engine import DecodeRunner, Engine, SamplingParams  # noqa: E402
 from hylo.presets import preset  # noqa: E402
 from hylo.runinfo import versions  # noqa: E402
 
-MODELS = {"tiny-all-d256": ("tiny-all", dict(hidden_size=256)), "nemotron-flash-1b": ("nemotron-flash-1b", {})}
+MODELS = {"tiny-all-d256": ("tiny-all", dict(hidden_size=256)), "nemotron-flash-1b": ("nemotron-flash-1b", {}),
+          # attention, a sliding window that wraps, FFN and meta tokens only: what the kernel decode step
+          # (HYLO_KERNEL_STEP=on) applies to, at Qwen3's head layout
+          "attn-swa-d512": ("qwen3-0.6b", dict(vocab_size=8192, hidden_size=512, layers="a f swa f a f swa f",
+                                               attn_num_heads=8, attn_num_kv_heads=4, attn_head_dim=64,
+                                               ffn_intermediate_size=1536, swa_window=16, num_meta_tokens=4))}
 RAGGED = [29, 17, 41, 8]
 NEW = 32
 DEV = "cuda"  # --device cpu: a smoke test of this script (no graphs: "graphed" runs eager)
@@ -79,6 +84,8 @@ def check_correctness(model, compiled: bool = True) -> dict:
     eng_g = Engine(model, max_batch_size=8, max_seq_len=256, cuda_graphs=DEV == "cuda")
     graphed = [o.token_ids for o in eng_g.generate(prompts, sp)]
     out["graphed_first_call_s"] = time.perf_counter() - t  # capture + flex-attention compiles for these shapes
+    # which step the runners took (HYLO_KERNEL_STEP=on: hylo's own kernels where the model allows)
+    out["kernel_step"] = sorted({bool(getattr(r, "kernel_step", False)) for r in eng_g._runners.values()})
     eng_e = Engine(model, max_batch_size=8, max_seq_len=256, cuda_graphs=False)
     eager = [o.token_ids for o in eng_e.generate(prompts, sp)]
     rows = []
@@ -194,6 +201,8 @@ def main():
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: smoke test of the script")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="skip the cases that compile the step with inductor (minutes for a large model)")
     args = ap.parse_args()
     global DEV
     DEV = args.device
@@ -222,13 +231,13 @@ def main():
         run_case(results, name, "correctness_fp32", lambda: check_correctness_fp32(model))
         save()
         model.to(torch.bfloat16)
-        run_case(results, name, "correctness", lambda: check_correctness(model))
+        run_case(results, name, "correctness", lambda: check_correctness(model, compiled=not args.no_compile))
         save()
         for B in (1, 8):
             run_case(results, name, f"runner_step_b{B}", lambda: {
                 "batch": B, "context": 128, "max_len": 512,
                 "graphed_ms": time_runner(model, B, True), "eager_ms": time_runner(model, B, False),
-                "compiled_graphed_ms": time_runner(model, B, True, compile=True)})
+                **({} if args.no_compile else {"compiled_graphed_ms": time_runner(model, B, True, compile=True)})})
             for graphed in (True, False):
                 run_case(results, name, f"engine_b{B}_{'graphed' if graphed else 'eager'}",
                          lambda: {"batch": B, "graphed": graphed, **time_engine(model, B, graphed)})
