@@ -15,6 +15,11 @@ full forward's argmax), then in bf16 (``tiny-all`` at hidden 256: every operator
   eager and compiled + graphed, in ms/step (CUDA events), and end-to-end engine decoding (graph replay +
   sampling + host loop) in ms/step and tokens/s for 64 new tokens.
 
+``attn-swa-d512`` (attention, a wrapping sliding window, FFN, meta tokens; not in the default set) is the model
+the kernel decode step applies to: ``HYLO_KERNEL_STEP=on python benchmarks/engine_check.py --models attn-swa-d512
+--no-compile --out X.json`` checks that step on a GPU (``kernel_step`` in the correctness records says whether the
+engine's runners took it; ``matches_forward_first_32`` in float32 is the verdict).
+
 Each case is recorded on its own; a failure is stored with its traceback and the script goes on. About 2 minutes
 on an H100 (most of it compiling flex attention for the prefill shapes and the eager 1B runs).
 """
