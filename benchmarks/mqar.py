@@ -20,7 +20,9 @@ pure recurrent models (Mamba2, DeltaNet, Gated DeltaNet) and small-window SWA lo
 what their fixed-size state holds; a hybrid with one attention layer recovers most of it.
 
 ``--budget`` counts training seconds only: each model first runs an untimed kernel warm-up (Triton compilation
-and fla autotuning, up to 1-2 minutes for a new kernel shape; ``warmup_s`` in the record), then its clock starts.
+and fla autotuning, up to 1-3 minutes for a new kernel shape; ``warmup_s`` in the record), then its clock starts.
+``--warm-first`` runs every model's warm-up before any training, so that under ``--wall-limit`` the time left for
+training is known when it is shared out.
 The budget is shared out as the run goes (training time left / models left); a model whose probe (one batch of
 1024x256) reaches 99% stops early and leaves its time to the rest. Wall time per call is about the budget plus
 the warm-ups, data generation (~10 s) and evaluations (~1 s per model). Attention goes first in its call: a
@@ -137,6 +139,26 @@ def separation(result: dict) -> dict:
     return out
 
 
+def warm_all(patterns: list[str], cfg, train, tests, device) -> dict[str, float | str]:
+    """``--warm-first``: each pattern's kernel warm-up (``hylo.eval.mqar.warm_up``) on a throwaway model of its
+    shape, in the order given, before any training; the compiled kernels and autotuning results stay in this
+    process, so each model's own warm-up later takes seconds. Returns seconds (or the error) per pattern."""
+    from hylo.model import HybridLM
+
+    out: dict[str, float | str] = {}
+    for name in patterns:
+        try:
+            model = HybridLM(mqar.model_config(PATTERNS[name], cfg.hidden[0], cfg.vocab_size, cfg.model)).to(device)
+            out[name] = round(mqar.warm_up(model, mqar.mqar_loss, train, tests, cfg, device), 1)
+            print(f"warm-up {name}: {out[name]:.0f}s", flush=True)
+        except Exception as e:  # noqa: BLE001  (training will meet the error again and record it)
+            out[name] = f"{type(e).__name__}: {e}"[:300]
+            print(f"warm-up {name} failed: {out[name]}", flush=True)
+        finally:
+            model = None
+    return out
+
+
 def merge(paths: list[Path], out: Path) -> int:
     """Combine result files of several calls (e.g. a ``--patterns`` split) into one ``mqar.json`` + plot in
     ``out``: the runs in the given order (a pattern in several files: the last one wins), the first file's
@@ -197,6 +219,10 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=0.05, help="learning-rate warmup, fraction of the steps")
     ap.add_argument("--no-kernel-warmup", action="store_true",
                     help="do not run the untimed compile/autotune step before each model's clock starts")
+    ap.add_argument("--warm-first", action="store_true",
+                    help="run every model's kernel warm-up before any training, so the training time left is known "
+                         "when it is shared out (on a fresh GPU machine one pattern's warm-up took 169 s, which "
+                         "the fit could not foresee and the last models lost their time)")
     ap.add_argument("--fp32", action="store_true",
                     help="train and score in float32 (default: bf16 autocast on CUDA), e.g. to test whether bf16 "
                          "slows a pattern's learning")
@@ -258,6 +284,8 @@ def main() -> int:
     tried: list[dict] = []  # the current pattern's runs (one per learning rate)
     overheads: list[float] = []  # untimed seconds (kernel warm-up + scoring) of each model so far
     overhead = 0.0
+    if args.warm_first and cfg.kernel_warmup:
+        result["warm_first_s"] = warm_all(args.patterns, cfg, train, tests, device)
     try:
         for i, (name, lr) in enumerate(jobs):
             left = len(jobs) - i

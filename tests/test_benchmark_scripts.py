@@ -67,9 +67,11 @@ def test_mqar_per_pattern_rates_and_a_wall_limit(tmp_path):
     """--lr-for sets one pattern's rate; --wall-limit stops before a model when the time is up and still writes
     the results (train_one's deadline itself: tests/test_mqar.py)."""
     _run(["benchmarks/mqar.py", "--smoke", "--out", str(tmp_path / "a"), "--patterns", "attn", "mamba2",
-          "--lr-for", "mamba2=1e-2"])
+          "--lr-for", "mamba2=1e-2", "--warm-first"])
     res = json.loads((tmp_path / "a" / "mqar.json").read_text())
     assert [(r["name"], r["lr"]) for r in res["runs"]] == [("attn", 1e-3), ("mamba2", 1e-2)]
+    assert set(res["warm_first_s"]) == {"attn", "mamba2"}  # every warm-up ran before any training
+    assert all(isinstance(v, float) for v in res["warm_first_s"].values())
     assert res["settings"]["lr_for"] == {"mamba2": 1e-2}
     proc = subprocess.run([sys.executable, "benchmarks/mqar.py", "--smoke", "--out", str(tmp_path / "b"),
                            "--patterns", "attn", "mamba2", "--wall-limit", "0"],  # no time left for any model
