@@ -196,6 +196,7 @@ def main():
                         hylo_kstep.kernel_step_mode(switches.get("kernel_step", hylo_kstep.get_kernel_step())), \
                         hylo_pdl.pdl_mode(switches.get("pdl", hylo_pdl.get_pdl())), \
                         hylo_gemv.gemv_split_mode(switches.get("gemv_split", hylo_gemv.get_gemv_split())), \
+                        hylo_dattn.attn_combine_mode(switches.get("attn_combine", hylo_dattn.get_attn_combine())), \
                         torch.no_grad():
                     runner = DecodeRunner(hy, 1, L, cuda_graph=graphs, compile=compile)
                     rec = {"cache_len": L, "min_split": hylo_dattn.MIN_SPLIT,
@@ -203,6 +204,7 @@ def main():
                            if hasattr(hy.layers[0].mixer, "num_kv_heads") else None,
                            "graphed": runner.graphed, "kernel_step": runner.kernel_step, "pdl": runner.pdl,
                            "gemv": runner.gemv, "gemv_split": hylo_gemv.get_gemv_split(),
+                           "attn_combine": hylo_dattn.get_attn_combine(),
                            "ms_per_token": hylo_ms_per_token(runner, args.start, args.steps, 3, dev)}
                     tok = torch.zeros(1, dtype=torch.long, device=dev)
                     runner.set_positions(args.start)

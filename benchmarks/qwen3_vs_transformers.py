@@ -189,7 +189,7 @@ def try_profile(res: dict, make_runner, dev) -> dict | None:
 SUFFIXES = {"gemv": ("gemv", "on"), "cublas": ("gemv", "off"),  # mode suffix -> (switch, value)
             "dattn": ("decode_attn", "on"), "fuse": ("fuse", "on"), "kstep": ("kernel_step", "on"),
             "nopdl": ("pdl", "off"), "perspdl": ("pdl", "persistent"),
-            "splitk": ("gemv_split", "on")}
+            "splitk": ("gemv_split", "on"), "acomb": ("attn_combine", "on")}
 
 
 def parse_modes(spec: str) -> list[tuple[str, bool | str, dict[str, str]]]:
@@ -201,7 +201,8 @@ def parse_modes(spec: str) -> list[tuple[str, bool | str, dict[str, str]]]:
     ``hylo.engine.fused``; it needs the GEMV), ``+kstep`` (``HYLO_KERNEL_STEP=on``: the step as hylo's Triton
     kernels chained with programmatic dependent launch, ``hylo.engine.kernel_step``; never compiled, so take it
     with ``eager``: ``eager+kstep``), ``+nopdl`` (``HYLO_PDL=off``), ``+perspdl`` (``HYLO_PDL=persistent``: PDL with
-    persistent GEMV grids), ``+splitk`` (``HYLO_GEMV_SPLIT=on``: the kernel step's GEMVs may split K); suffixes combine (``default+dattn+cublas``)."""
+    persistent GEMV grids), ``+splitk`` (``HYLO_GEMV_SPLIT=on``: the kernel step's GEMVs may split K),
+    ``+acomb`` (``HYLO_ATTN_COMBINE=on``: its attention merges the splits without a combine kernel); suffixes combine (``default+dattn+cublas``)."""
     out = []
     for m in (m.strip() for m in spec.split(",")):
         if not m:
@@ -334,6 +335,7 @@ def main():
         kstep = switches.get("kernel_step", hylo_kstep.get_kernel_step())
         pdl = switches.get("pdl", hylo_pdl.get_pdl())
         split = switches.get("gemv_split", hylo_gemv.get_gemv_split())
+        acomb = switches.get("attn_combine", hylo_dattn.get_attn_combine())
         if kstep == "on" and "gemv" not in switches:
             gemv = "on"  # the kernel step is built on the GEMV (``auto`` would leave it off under the interpreter)
         forced = [op for op, v in ((hylo_gemv, gemv), (hylo_dattn, dattn), (hylo_gemv, fuse), (hylo_gemv, kstep))
@@ -345,13 +347,15 @@ def main():
             continue
         try:
             with hylo_gemv.gemv_mode(gemv), hylo_dattn.decode_attn_mode(dattn), hylo_fused.fuse_mode(fuse), \
-                    hylo_kstep.kernel_step_mode(kstep), hylo_pdl.pdl_mode(pdl), hylo_gemv.gemv_split_mode(split):
+                    hylo_kstep.kernel_step_mode(kstep), hylo_pdl.pdl_mode(pdl), hylo_gemv.gemv_split_mode(split), \
+                    hylo_dattn.attn_combine_mode(acomb):
                 rec, tokens = measure_hylo(hy, prompt, n, graphs, compile, args.repeats, dev)
                 rec["kernels"] = try_profile(
                     res, lambda: DecodeRunner(hy, 1, T + n, cuda_graph=False, compile=compile), dev)
             rec["compile_mode"] = compile if isinstance(compile, str) else ("default" if compile else None)
             rec["switches"] = {"HYLO_GEMV": gemv, "HYLO_DECODE_ATTN": dattn, "HYLO_GEMV_FUSE": fuse,
-                               "HYLO_KERNEL_STEP": kstep, "HYLO_PDL": pdl, "HYLO_GEMV_SPLIT": split}
+                               "HYLO_KERNEL_STEP": kstep, "HYLO_PDL": pdl, "HYLO_GEMV_SPLIT": split,
+                               "HYLO_ATTN_COMBINE": acomb}
             if kstep == "on" and not rec["kernel_step"]:  # timed, but not what the mode's name says
                 why = hylo_kstep.applicable(hy, 1, hy.head_weight()) or f"HYLO_GEMV={gemv}"
                 res["errors"].append({"what": f"{key}: the kernel step was not taken", "error": why})

@@ -31,17 +31,20 @@ def _qkv_case(dtype, qk_norm, ring, cap, B=2, H=4, Hkv=2, Dh=16, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("qk_norm", [True, False])
 @pytest.mark.parametrize("ring", [False, True])
-@pytest.mark.parametrize("cap", [8, 256])  # one split; 4 splits (B * Hkv = 4), the new slot in one of them
-def test_fused_qkv_attention_matches_reference(interp, monkeypatch, dtype, qk_norm, ring, cap):
+@pytest.mark.parametrize("cap,combine", [(8, False), (256, False), (256, True)])  # one split; 4 splits
+def test_fused_qkv_attention_matches_reference(interp, monkeypatch, dtype, qk_norm, ring, cap, combine):
     """decode_qkv_attention (the split kernel with the q/k/v preparation in its prologue) against the reference
-    preparation followed by the reference attention: output and both caches."""
+    preparation followed by the reference attention: output and both caches. ``combine``: the splits merged by
+    the split kernel's last program instead of the combine kernel (HYLO_ATTN_COMBINE)."""
     monkeypatch.setattr(dattn, "MIN_SPLIT", 64)  # 4 splits of 64 slots keep the interpreter quick
+    dattn._COUNTERS.clear()
     qkv, qn, kn, f, kc, vc, pos = _qkv_case(dtype, qk_norm, ring, cap)
     assert dattn.num_splits(cap, 4) == (1 if cap == 8 else 4)
     kc2, vc2 = kc.clone(), vc.clone()
     q_ref = decode_qkv_ref(qkv, 4, 2, qn, kn, 1e-6, f, kc, vc, pos, ring)
     o_ref = dattn.decode_attention_ref(q_ref, kc, vc, pos)
-    o = dattn.decode_qkv_attention(qkv, 4, qn, kn, 1e-6, f, kc2, vc2, pos, ring)
+    o = dattn.decode_qkv_attention(qkv, 4, qn, kn, 1e-6, f, kc2, vc2, pos, ring, combine=combine)
+    assert bool(dattn._COUNTERS) == combine and not any(c.any() for c in dattn._COUNTERS.values())  # reset
     # float32: exact up to cos/sin/sqrt implementations; bf16: the interpreter truncates float32 -> bf16 where
     # torch rounds to nearest (a bf16 ulp is 2^-8 relative), so a wider tolerance
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
@@ -131,13 +134,16 @@ def test_split_k_gemv_matches_reference(interp, fuse, persistent):
 
 
 @pytest.mark.parametrize("pdl_mode,split", [("on", "off"), ("persistent", "on")])
-def test_kernel_step_same_logits_as_the_runner_step(interp, pdl_mode, split):
+def test_kernel_step_same_logits_as_the_runner_step(interp, monkeypatch, pdl_mode, split):
     """A model of attention, sliding-window attention (window 4, so the ring buffer wraps) and FFN blocks, with
     meta tokens: 7 steps of the kernel step give the logits of the usual step (GEMV and split-KV attention on, so
-    both compute the same algorithm), float32, rows at different positions; also with split-K GEMVs."""
+    both compute the same algorithm), float32, rows at different positions; also with split-K GEMVs and the
+    attention's splits merged in the split kernel (16 slots: 2 splits of 8)."""
+    monkeypatch.setattr(dattn, "MIN_SPLIT", 8)
     model = _attn_ffn_model()
     ids = torch.tensor([[3, 4], [5, 6], [7, 1], [2, 2], [9, 8], [1, 0], [4, 4]])
-    with G.gemv_mode("on"), dattn.decode_attn_mode("on"), pdl.pdl_mode(pdl_mode), G.gemv_split_mode(split):
+    with G.gemv_mode("on"), dattn.decode_attn_mode("on"), pdl.pdl_mode(pdl_mode), G.gemv_split_mode(split), \
+            dattn.attn_combine_mode(split):
         ref_runner = DecodeRunner(model, 2, 16)
         ref_runner.set_positions([0, 3])
         ref = [ref_runner.step(t) for t in ids]
@@ -212,11 +218,12 @@ def test_pdl_variants_compile_for_sm90():
     split = triton.jit(dattn._split_kernel)
     ptx = _ptx(split, {"q": "*bf16", "k": "*bf16", "v": "*bf16", "pos": "*i64", "o": "*bf16", "m_part": "*fp32",
                        "l_part": "*fp32", "acc_part": "*fp32", "qk_scale": "fp32", "L": "i32", "qkv": "*bf16",
-                       "qw": "*bf16", "kw": "*bf16", "inv_freq": "*fp32", "eps": "fp32"},
-               dict(HKV=8, G=2, GP=2, D=128, BLOCK=16, NSPLIT=4, INTERP=False, PDL=True, QKV=True, QK_NORM=True,
-                    RING=False))
+                       "qw": "*bf16", "kw": "*bf16", "inv_freq": "*fp32", "eps": "fp32", "cnt": "*i32"},
+               dict(HKV=8, G=2, GP=2, D=128, BLOCK=16, NSPLIT=40, INTERP=False, PDL=True, QKV=True, QK_NORM=True,
+                    RING=False, COMBINE=True, CB=16))
     assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
     assert "bar.sync" in ptx  # the prologue's new slot is stored before the program's threads read the cache
+    assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx  # the in-kernel combine
 
 
 def test_engine_with_the_kernel_step_matches_full_forwards(interp):
