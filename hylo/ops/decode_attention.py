@@ -133,7 +133,9 @@ if triton is not None:
         # COMBINE (with NSPLIT > 1): no second kernel; each program counts itself in cnt[pid] (GPU-scope
         # acquire-release atomic, after its partials are stored) and the last of the NSPLIT programs of (b, kvh)
         # merges the partials of its G heads, CB splits at a time, as _combine_kernel does, and resets the count.
-        if PDL:
+        # With QKV, what does not come from the kernel before (pos, written by the previous step's last kernel;
+        # RoPE's angles; the qk-norm weights) is read before the wait, the projection after it.
+        if PDL and not QKV:
             tl.extra.cuda.gdc_wait()
         pid, sp = tl.program_id(0), tl.program_id(1)  # pid = b * HKV + kvh
         b = pid // HKV
@@ -161,6 +163,11 @@ if triton is not None:
             c = tl.cos(f).to(dt).to(tl.float32)
             sn = tl.sin(f).to(dt).to(tl.float32)
             hq = kvh * G + heads  # this group's query heads, then its key head, then its value head
+            if QK_NORM:
+                wq, wq2 = tl.load(qw + d).to(tl.float32), tl.load(qw + pd).to(tl.float32)
+                wk, wk2 = tl.load(kw + d).to(tl.float32), tl.load(kw + pd).to(tl.float32)
+            if PDL:
+                tl.extra.cuda.gdc_wait()
             xq = tl.load(src + hq[:, None] * D + d[None, :], mask=m_h[:, None], other=0.0).to(tl.float32)
             xq2 = tl.load(src + hq[:, None] * D + pd[None, :], mask=m_h[:, None], other=0.0).to(tl.float32)
             xk = tl.load(src + (HKV * G + kvh) * D + d).to(tl.float32)
@@ -168,8 +175,6 @@ if triton is not None:
             if QK_NORM:  # rms_norm: float32, cast, then times the weight (a product in the dtype)
                 rq = 1.0 / tl.sqrt((tl.reduce(xq * xq, 1, tl.standard._sum_combine) / D + eps).to(tl.float32))
                 rk = 1.0 / tl.sqrt((tl.reduce(xk * xk, 0, tl.standard._sum_combine) / D + eps).to(tl.float32))
-                wq, wq2 = tl.load(qw + d).to(tl.float32), tl.load(qw + pd).to(tl.float32)
-                wk, wk2 = tl.load(kw + d).to(tl.float32), tl.load(kw + pd).to(tl.float32)
                 xq = (wq[None, :] * (xq * rq[:, None]).to(dt).to(tl.float32)).to(dt).to(tl.float32)
                 xq2 = (wq2[None, :] * (xq2 * rq[:, None]).to(dt).to(tl.float32)).to(dt).to(tl.float32)
                 xk = (wk * (xk * rk).to(dt).to(tl.float32)).to(dt).to(tl.float32)
