@@ -31,6 +31,10 @@ step, so launch gaps are not the cost; the GEMVs of the small matrices are (the 
 against the plain step on a GPU (``benchmarks/engine_check.py`` with ``HYLO_KERNEL_STEP=on``)::
 
     python benchmarks/decode_timeline.py --configs eager+kstep,eager+kstep+nopdl --out X.json
+
+Two options aimed at what the timeline found, CPU-tested, untimed, off by default: ``HYLO_GEMV_SPLIT=on``
+(:mod:`hylo.ops.gemv`: split-K for the products with few outputs) and ``HYLO_ATTN_COMBINE=on``
+(:mod:`hylo.ops.decode_attention`: no combine kernel); ``--configs eager+kstep+splitk+acomb`` times them.
 """
 
 from __future__ import annotations
