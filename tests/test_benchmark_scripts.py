@@ -130,3 +130,27 @@ def test_decode_timeline_step_figures():
     assert dt.parse_configs("eager+kstep+nopdl@16")[0][::3] == ("hylo_kstep_nopdl_split16", 16)
     with pytest.raises(SystemExit):
         dt.parse_configs("eager+kstep@x")
+
+
+def test_mqar_separation_leaves_out_models_that_did_not_learn():
+    """The verdicts: a model below 0.5 on the easiest settings is 'not learned' and judged in neither claim;
+    a learned hybrid that stays near the recurrent models fails the recovery claim."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import mqar as bench
+
+    def run(name, easy, hard):
+        return {"name": name, "accuracy": {"512x8": easy, "512x128": hard}}
+
+    def verdict(*runs):
+        return bench.separation({"settings": {"test": [[512, 8], [512, 128]]}, "runs": list(runs)})
+
+    base = [run("attn", 1.0, 0.99), run("deltanet", 1.0, 0.3), run("mamba2", 0.01, 0.0),
+            run("deltanet + attn", 1.0, 0.98)]
+    s = verdict(*base)
+    assert s["not_learned"] == ["mamba2"] and s["attention_solves"]
+    assert s["recurrent_degrade"] is True and s["hybrids_recover"] is True
+    s = verdict(*base, run("gdn + attn", 0.97, 0.4))  # learned, but not recovered
+    assert s["hybrids_recover"] is False and s["hybrid_recovery"]["gdn + attn"] == pytest.approx(0.4 / 0.99)
+    s = verdict(run("attn", 1.0, 0.99), run("mamba2", 0.01, 0.0), run("mamba2 + attn", 0.0, 0.0))
+    assert s["recurrent_degrade"] is None and s["hybrids_recover"] is None  # nothing learned to judge
+    assert verdict(run("attn", 1.0, 0.99), run("gdn", 1.0, 0.95))["recurrent_degrade"] is False
