@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from qwen3_vs_transformers import (QWEN3_06B, TINY, hylo_ms_per_token, parse_modes, sync)  # noqa: E402
+from qwen3_vs_transformers import device_and_shape, hylo_ms_per_token, parse_modes, sync  # noqa: E402
 
 from hylo.convert import from_transformers  # noqa: E402
 from hylo.engine import fused as hylo_fused  # noqa: E402
@@ -164,12 +164,7 @@ def main():
     configs = parse_configs(args.configs)
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    if args.smoke:
-        dev, dtype, shape, graphs = torch.device("cpu"), torch.float32, TINY, False
-    else:
-        if not torch.cuda.is_available():
-            sys.exit("benchmarks/decode_timeline.py needs a CUDA device (or --smoke for a CPU check)")
-        dev, dtype, shape, graphs = torch.device("cuda"), torch.bfloat16, QWEN3_06B, True
+    dev, dtype, shape, graphs = device_and_shape(args.smoke, "decode_timeline.py")
     if min(args.caches) < args.start + args.steps:
         sys.exit(f"--caches must all be at least --start + --steps = {args.start + args.steps}")
     env = environment(dev)

@@ -68,6 +68,16 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_la
             tie_word_embeddings=True, attention_bias=False, initializer_range=0.05)
 
 
+def device_and_shape(smoke: bool, script: str):
+    """(device, dtype, shape, CUDA graphs) of a run: the tiny shape in float32 on the CPU for ``--smoke``, else
+    Qwen3-0.6B's shape in bf16 on CUDA (exits with a message where there is none)."""
+    if smoke:
+        return torch.device("cpu"), torch.float32, TINY, False
+    if not torch.cuda.is_available():
+        sys.exit(f"benchmarks/{script} needs a CUDA device (or --smoke for a CPU check)")
+    return torch.device("cuda"), torch.bfloat16, QWEN3_06B, True
+
+
 def sync(dev):
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -263,12 +273,7 @@ def main():
     modes = parse_modes(args.modes)  # bad names fail here, before anything runs
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    if args.smoke:
-        dev, dtype, shape, graphs = torch.device("cpu"), torch.float32, TINY, False
-    else:
-        if not torch.cuda.is_available():
-            sys.exit("benchmarks/qwen3_vs_transformers.py needs a CUDA device (or --smoke for a CPU check)")
-        dev, dtype, shape, graphs = torch.device("cuda"), torch.bfloat16, QWEN3_06B, True
+    dev, dtype, shape, graphs = device_and_shape(args.smoke, "qwen3_vs_transformers.py")
     env = environment(dev)
     res: dict = {"date": env["date"], "device": env["device"], "versions": env["versions"],
                  "dtype": str(dtype).replace("torch.", ""), "shape": shape, "prompt_tokens": args.prompt,
