@@ -48,6 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hylo.convert import from_transformers  # noqa: E402
+from hylo.engine import runner as hylo_runner  # noqa: E402
 from hylo.engine.runner import DecodeRunner  # noqa: E402
 from hylo.engine import fused as hylo_fused  # noqa: E402
 from hylo.engine import kernel_step as hylo_kstep  # noqa: E402
@@ -199,7 +200,8 @@ def try_profile(res: dict, make_runner, dev) -> dict | None:
 SUFFIXES = {"gemv": ("gemv", "on"), "cublas": ("gemv", "off"),  # mode suffix -> (switch, value)
             "dattn": ("decode_attn", "on"), "fuse": ("fuse", "on"), "kstep": ("kernel_step", "on"),
             "nopdl": ("pdl", "off"), "perspdl": ("pdl", "persistent"),
-            "splitk": ("gemv_split", "on"), "acomb": ("attn_combine", "on")}
+            "splitk": ("gemv_split", "on"), "acomb": ("attn_combine", "on"),
+            "blockc": ("compile_scope", "block")}
 
 
 def parse_modes(spec: str) -> list[tuple[str, bool | str, dict[str, str]]]:
@@ -212,7 +214,8 @@ def parse_modes(spec: str) -> list[tuple[str, bool | str, dict[str, str]]]:
     kernels chained with programmatic dependent launch, ``hylo.engine.kernel_step``; never compiled, so take it
     with ``eager``: ``eager+kstep``), ``+nopdl`` (``HYLO_PDL=off``), ``+perspdl`` (``HYLO_PDL=persistent``: PDL with
     persistent GEMV grids), ``+splitk`` (``HYLO_GEMV_SPLIT=on``: the kernel step's GEMVs may split K),
-    ``+acomb`` (``HYLO_ATTN_COMBINE=on``: its attention merges the splits without a combine kernel); suffixes combine (``default+dattn+cublas``)."""
+    ``+acomb`` (``HYLO_ATTN_COMBINE=on``: its attention merges the splits without a combine kernel), ``+blockc``
+    (``HYLO_COMPILE_SCOPE=block``: ``default+blockc`` compiles each kind of block once instead of the whole step); suffixes combine (``default+dattn+cublas``)."""
     out = []
     for m in (m.strip() for m in spec.split(",")):
         if not m:
@@ -341,6 +344,7 @@ def main():
         pdl = switches.get("pdl", hylo_pdl.get_pdl())
         split = switches.get("gemv_split", hylo_gemv.get_gemv_split())
         acomb = switches.get("attn_combine", hylo_dattn.get_attn_combine())
+        scope = switches.get("compile_scope", hylo_runner.get_compile_scope())
         if kstep == "on" and "gemv" not in switches:
             gemv = "on"  # the kernel step is built on the GEMV (``auto`` would leave it off under the interpreter)
         forced = [op for op, v in ((hylo_gemv, gemv), (hylo_dattn, dattn), (hylo_gemv, fuse), (hylo_gemv, kstep))
@@ -353,14 +357,14 @@ def main():
         try:
             with hylo_gemv.gemv_mode(gemv), hylo_dattn.decode_attn_mode(dattn), hylo_fused.fuse_mode(fuse), \
                     hylo_kstep.kernel_step_mode(kstep), hylo_pdl.pdl_mode(pdl), hylo_gemv.gemv_split_mode(split), \
-                    hylo_dattn.attn_combine_mode(acomb):
+                    hylo_dattn.attn_combine_mode(acomb), hylo_runner.compile_scope_mode(scope):
                 rec, tokens = measure_hylo(hy, prompt, n, graphs, compile, args.repeats, dev)
                 rec["kernels"] = try_profile(
                     res, lambda: DecodeRunner(hy, 1, T + n, cuda_graph=False, compile=compile), dev)
             rec["compile_mode"] = compile if isinstance(compile, str) else ("default" if compile else None)
             rec["switches"] = {"HYLO_GEMV": gemv, "HYLO_DECODE_ATTN": dattn, "HYLO_GEMV_FUSE": fuse,
                                "HYLO_KERNEL_STEP": kstep, "HYLO_PDL": pdl, "HYLO_GEMV_SPLIT": split,
-                               "HYLO_ATTN_COMBINE": acomb}
+                               "HYLO_ATTN_COMBINE": acomb, "HYLO_COMPILE_SCOPE": scope}
             if kstep == "on" and not rec["kernel_step"]:  # timed, but not what the mode's name says
                 why = hylo_kstep.applicable(hy, 1, hy.head_weight()) or f"HYLO_GEMV={gemv}"
                 res["errors"].append({"what": f"{key}: the kernel step was not taken", "error": why})

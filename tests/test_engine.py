@@ -252,6 +252,36 @@ def test_compiled_decode_step_matches_eager():
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
 
 
+def test_block_scoped_compile_shares_one_graph_per_kind_of_block(monkeypatch):
+    """HYLO_COMPILE_SCOPE=block: each block's step compiled on its own, so the 6 attention and 6 FFN blocks give
+    2 graphs in all, not one graph of 12 blocks; the logits equal eager ones over three steps. With the GEMV on
+    (its launch stood in for by the reference on the CPU), whose per-module forward patch must not split them."""
+    from torch._dynamo.utils import counters
+
+    from hylo.engine import runner as R
+    from hylo.ops import backend
+    from hylo.ops import gemv as G
+
+    monkeypatch.setattr(G, "triton_interpreting", lambda: True)  # the GEMV "supported" on the CPU
+    monkeypatch.setattr(backend, "triton_interpreting", lambda: True)
+    monkeypatch.setattr(G, "_launch", lambda x, w, b, nw, eps, r, swiglu, *rest, **kw: G.gemv_ref(x, w, b, nw, eps,
+                                                                                               r, swiglu))
+    torch.manual_seed(0)
+    m = HybridLM(preset("qwen3-0.6b", vocab_size=128, hidden_size=32, attn_num_heads=2, attn_num_kv_heads=1,
+                        attn_head_dim=16, ffn_intermediate_size=64, layers=" ".join(["a f"] * 6))).eval()
+    torch._dynamo.reset()
+    counters.clear()
+    with G.gemv_mode("on"), R.compile_scope_mode("block"):
+        r = DecodeRunner(m, 2, 16, compile=True)
+        assert r.gemv and r.compile_scope == "block"
+        ref = DecodeRunner(m, 2, 16)
+        ids = torch.tensor([[3, 4], [5, 6], [7, 1]])
+        for t in ids:
+            torch.testing.assert_close(r.step(t), ref.step(t), rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
+    torch._dynamo.reset()
+
+
 # ----------------------------------------------------------------------------- CLI
 def test_cli_generate(text_model, tok, tmp_path):
     from hylo.cli import app
