@@ -38,10 +38,10 @@ for stage in "$@"; do
     tt) lim ${TT_LIMIT:-400} python3 benchmarks/train_throughput.py --data .carry/gbpack --out $R/tt.json $TT_ARGS 2>&1 | tail -${TT_TAIL:-50};;
     qwen3) lim ${Q_LIMIT:-420} python3 benchmarks/qwen3_vs_transformers.py --out $R/qwen3.json $Q_ARGS 2>&1 | tail -40;;
     decode) # issue 4's kernel step: GPU greedy check (float32 verdict: matches_forward_first_32), then the timeline
-      # of its options, then against transformers; ~5 min without compiles
-      HYLO_KERNEL_STEP=on lim ${EC_LIMIT:-150} python3 benchmarks/engine_check.py --models attn-swa-d512 --no-compile --out $R/engine_check_kstep.json 2>&1 | tail -4
-      lim ${TL_LIMIT:-200} python3 benchmarks/decode_timeline.py --configs "${TL_CONFIGS:-eager+kstep,eager+kstep+splitk,eager+kstep+acomb,eager+kstep+splitk+acomb,eager+kstep+nopdl}" --caches 80 2048 --out $R/timeline.json 2>&1 | grep "ms/token\|rror" | tail -12
-      lim ${Q_LIMIT:-240} python3 benchmarks/qwen3_vs_transformers.py --out $R/qwen3.json --modes "${Q_MODES:-eager+kstep,eager+kstep+splitk+acomb,default+blockc}" 2>&1 | grep "ms/token\|30x\|floor\|rror" | tail -12;;
+      # of its options, then against transformers: ~7 min, at most 580 s (limits EC_LIMIT, TL_LIMIT, QD_LIMIT)
+      HYLO_KERNEL_STEP=on lim ${EC_LIMIT:-120} python3 benchmarks/engine_check.py --models attn-swa-d512 --no-compile --out $R/engine_check_kstep.json 2>&1 | tail -4
+      lim ${TL_LIMIT:-260} python3 benchmarks/decode_timeline.py --configs "${TL_CONFIGS:-eager+kstep,eager+kstep+splitk,eager+kstep+acomb,eager+kstep+splitk+acomb,eager+kstep+nopdl}" --caches 80 2048 --out $R/timeline.json 2>&1 | grep "ms/token\|rror" | tail -12
+      lim ${QD_LIMIT:-200} python3 benchmarks/qwen3_vs_transformers.py --out $R/qwen3.json --modes "${Q_MODES:-eager+kstep,eager+kstep+splitk+acomb,default+blockc}" 2>&1 | grep "ms/token\|30x\|floor\|rror" | tail -12;;
     passkey) # issue 5: train the passkey checkpoint (benchmarks/configs/passkey-attn-125m.yaml; carry .carry/gbpack
       # and .carry/evaldata), then the retrieval heat map; the run folder's small files come back
       lim ${PK_LIMIT:-420} python3 -m hylo.cli train benchmarks/configs/passkey-attn-125m.yaml --no-progress ${PK_ARGS:-} 2>&1 | tail -6
