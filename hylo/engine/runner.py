@@ -215,14 +215,17 @@ class DecodeRunner:
             return lambda tokens: kernel_step.step(model, tokens, states, pos, head, freqs, self.pdl, persistent)
         plan = [fused.fusable(b) for b in model.layers]
 
-        def step(tokens: torch.Tensor) -> torch.Tensor:
-            if self.fused:  # HYLO_GEMV_FUSE=on: norms, SwiGLU and residual adds inside the GEMVs
-                return fused.step(model, tokens, states, pos, head, plan)
-            x = model.embed_tokens(tokens.view(-1, 1))
-            for block, st in zip(model.layers, states):
-                x = block.step(x, st, pos)
-            pos.add_(1)
-            return linear(model.norm(x), head)[:, 0]
+        def make(block_step):
+            def step(tokens: torch.Tensor) -> torch.Tensor:
+                if self.fused:  # HYLO_GEMV_FUSE=on: norms, SwiGLU and residual adds inside the GEMVs
+                    return fused.step(model, tokens, states, pos, head, plan)
+                x = model.embed_tokens(tokens.view(-1, 1))
+                for block, st in zip(model.layers, states):
+                    x = block_step(block, x, st, pos)
+                pos.add_(1)
+                return linear(model.norm(x), head)[:, 0]
+            return step
+        step = make(_block_step)
 
         if not mode:
             return step
@@ -235,15 +238,7 @@ class DecodeRunner:
         self.compile_scope = "step" if self.fused else _SCOPE.value
         if self.compile_scope == "step":
             return torch.compile(step, dynamic=False, **kw)
-        block_step = _compiled_block_step(mode)  # one graph per kind of block, shared by its repeats
-
-        def step_by_block(tokens: torch.Tensor) -> torch.Tensor:
-            x = model.embed_tokens(tokens.view(-1, 1))
-            for block, st in zip(model.layers, states):
-                x = block_step(block, x, st, pos)
-            pos.add_(1)
-            return linear(model.norm(x), head)[:, 0]
-        return step_by_block
+        return make(_compiled_block_step(mode))  # one graph per kind of block, shared by its repeats
 
     def _call(self, tokens: torch.Tensor) -> torch.Tensor:
         """One step on the cache; ``seq_len`` (one number for all rows) only has to pass the capacity check."""

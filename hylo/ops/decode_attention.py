@@ -125,7 +125,7 @@ if triton is not None:
                       QK_NORM: tl.constexpr, RING: tl.constexpr, COMBINE: tl.constexpr, CB: tl.constexpr):
         # One program: the G query heads of KV head (b, kvh) over its split of the valid slots. qk_scale folds
         # log2(e) in, so the softmax runs in base 2 (exp2); the partial maxima are in that base too.
-        # PDL (hylo.ops.pdl): q and the cache's new slot come from the kernel before: wait first.
+        # PDL (hylo.ops.pdl): q (or the projection) comes from the kernel before: wait before reading it.
         # QKV: the step's q/k/v preparation fused in (hylo.ops.decode_qkv.decode_qkv_ref spells it out): q is read
         # from the projection qkv [B, (H + 2 HKV) D], RMS-normed (QK_NORM, weights qw/kw) and rotated in
         # registers; the program whose share holds the new slot (pos, or pos % L for a ring buffer: RING) writes the
