@@ -143,9 +143,9 @@ def separation(result: dict) -> dict:
         rec = {n: out["models"][n]["hard"] / attn["hard"] for n in HYBRIDS if n in out["models"]}
         best_pure = max((learned[n]["hard"] for n in PURE_RECURRENT if n in learned), default=None)
         out["hybrid_recovery"] = rec  # hybrid accuracy / attention accuracy on the hardest settings
-        judged = {n: v for n, v in rec.items() if n in learned}
-        out["hybrids_recover"] = (all(v >= 0.8 for v in judged.values()) and (
-            best_pure is None or min(out["models"][n]["hard"] for n in judged) > best_pure)) if judged else None
+        rec_learned = {n: v for n, v in rec.items() if n in learned}
+        out["hybrids_recover"] = (all(v >= 0.8 for v in rec_learned.values()) and (
+            best_pure is None or min(learned[n]["hard"] for n in rec_learned) > best_pure)) if rec_learned else None
     return out
 
 
@@ -164,8 +164,6 @@ def warm_all(patterns: list[str], cfg, train, tests, device) -> dict[str, float 
         except Exception as e:  # noqa: BLE001  (training will meet the error again and record it)
             out[name] = f"{type(e).__name__}: {e}"[:300]
             print(f"warm-up {name} failed: {out[name]}", flush=True)
-        finally:
-            model = None
     return out
 
 
