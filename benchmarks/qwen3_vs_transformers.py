@@ -24,7 +24,8 @@ memory-bandwidth floor. One call:
 - agreement: greedy tokens of both for the first 16 new tokens (reported, not a failure: bf16 kernels differ and
   a near-tie can flip an argmax), the max abs difference of the prompt's logits and how many of its positions have
   the same argmax, in bf16 and then with both models in float32 (there they must agree: a conversion check).
-  Floor and goals are written after every mode, so a run cut short keeps them.
+  The logits are compared before the hylo modes and the greedy tokens after the first one; floor and goals are
+  written after every mode: a run cut short (a compile at the call's limit) keeps them all.
 
 Goals (issue 4): hylo >= 30x faster per token than transformers' eager generate; hylo <= 1.5x the floor. The
 goals take hylo's fastest mode (median of its runs) and transformers' fastest run: transformers' generate is
@@ -333,6 +334,26 @@ def main():
                               "trace": traceback.format_exc()[-1500:]})
     save()
 
+    # --- agreement of the prompt's logits, before the hylo modes (a mode cut off at the call's limit loses nothing)
+    # bf16 (as timed), then both models in float32: equal logits there show that bf16 rounding, not a
+    # conversion error, is what separates the two models' greedy tokens (random weights: near-ties everywhere);
+    # then back to the timed dtype (bf16 -> float32 -> bf16 is exact)
+    for to, tag in ((None, ""), (torch.float32, "_fp32")):
+        try:
+            with torch.no_grad():
+                if to is not None:
+                    tf.to(to), hy.to(to)
+                a = tf(prompt).logits.float()
+                b = hy(prompt).logits.float()
+            res[f"prompt_logits_max_abs_diff{tag}"] = (a - b).abs().max().item()
+            res[f"prompt_logits_max_abs{tag}"] = a.abs().max().item()
+            res[f"prompt_argmax_agree{tag}"] = [int((a.argmax(-1) == b.argmax(-1)).sum()), a.shape[1]]
+        except Exception as e:  # noqa: BLE001
+            res["errors"].append({"what": f"logits{tag}", "error": f"{type(e).__name__}: {e}"[:300]})
+        finally:
+            tf.to(dtype), hy.to(dtype)
+    save()
+
     # --- hylo: DecodeRunner, CUDA graph, cache = prompt + new tokens (and the engine's default 2048); then the same
     # with the step compiled (inductor) before capture, which fuses the norms, RoPE, gates and adds
     hy_tokens = None
@@ -371,6 +392,12 @@ def main():
             if hy_tokens is not None:
                 k = min(16, n)
                 rec["greedy_agree_with_first_mode"] = sum(x == y for x, y in zip(tokens[:k], hy_tokens[:k]))
+            if hy_tokens is None and tf_tokens is not None:  # greedy tokens of the first mode against transformers'
+                k = min(16, n)
+                same = [x == y for x, y in zip(tf_tokens[:k], tokens[:k])]
+                res["greedy"] = {"compared": k, "agree": sum(same), "hylo_mode": key,
+                                 "first_mismatch": same.index(False) if not all(same) else None,
+                                 "transformers": tf_tokens[:k], "hylo": tokens[:k]}
             hy_tokens = hy_tokens or tokens
             res[key] = rec
             print(f"{key}: {rec['ms_per_token']:.3f} ms/token (cache {T + n}), {rec['ms_per_token_cache_2048']:.3f} "
@@ -381,28 +408,6 @@ def main():
         floor_and_goals(res, bw)
         save()
 
-    # --- agreement
-    # bf16 (as timed), then both models in float32: equal logits there show that bf16 rounding, not a
-    # conversion error, is what separates the two models' greedy tokens (random weights: near-ties everywhere)
-    for dtype, tag in ((None, ""), (torch.float32, "_fp32")):
-        try:
-            with torch.no_grad():
-                if dtype is not None:
-                    tf.to(dtype), hy.to(dtype)
-                a = tf(prompt).logits.float()
-                b = hy(prompt).logits.float()
-            res[f"prompt_logits_max_abs_diff{tag}"] = (a - b).abs().max().item()
-            res[f"prompt_logits_max_abs{tag}"] = a.abs().max().item()
-            res[f"prompt_argmax_agree{tag}"] = [int((a.argmax(-1) == b.argmax(-1)).sum()), a.shape[1]]
-        except Exception as e:  # noqa: BLE001
-            res["errors"].append({"what": f"logits{tag}", "error": f"{type(e).__name__}: {e}"[:300]})
-        save()
-    if tf_tokens is not None and hy_tokens is not None:
-        k = min(16, n)
-        same = [x == y for x, y in zip(tf_tokens[:k], hy_tokens[:k])]
-        res["greedy"] = {"compared": k, "agree": sum(same),
-                         "first_mismatch": same.index(False) if not all(same) else None,
-                         "transformers": tf_tokens[:k], "hylo": hy_tokens[:k]}
     save()
     keys = ["transformers"] + [k for k in res if k == "hylo" or k.startswith("hylo_")] + [
         "floor_ms_per_token", "copy_bandwidth_GBps", "best_mode", "goals", "greedy",
