@@ -27,7 +27,7 @@ if [ ! -f $TRITON_CACHE_DIR/.restored ]; then
   touch $TRITON_CACHE_DIR/.restored
 fi
 export HYLO_COMMIT=${HYLO_COMMIT:-unknown}
-lim() { timeout -s INT "$1" "${@:2}"; echo "[rc $? : ${*:2:3}]"; }
+lim() { timeout -k 15 -s INT "$1" "${@:2}"; echo "[rc $? : ${*:2:3}]"; }  # KILL 15 s after INT (a hung kernel)
 for stage in "$@"; do
   echo "=== lane $LANE stage $stage $(date +%T)"
   case $stage in
