@@ -42,15 +42,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from qwen3_vs_transformers import device_and_shape, hylo_ms_per_token, parse_modes, sync  # noqa: E402
+from qwen3_vs_transformers import (device_and_shape, hylo_ms_per_token, mode_switches, parse_modes,  # noqa: E402
+                                   switched, sync)
 
 from hylo.convert import from_transformers  # noqa: E402
-from hylo.engine import fused as hylo_fused  # noqa: E402
-from hylo.engine import kernel_step as hylo_kstep  # noqa: E402
 from hylo.engine.runner import DecodeRunner  # noqa: E402
 from hylo.ops import decode_attention as hylo_dattn  # noqa: E402
-from hylo.ops import gemv as hylo_gemv  # noqa: E402
-from hylo.ops import pdl as hylo_pdl  # noqa: E402
 from hylo.profile.report import environment  # noqa: E402
 
 # a GEMV's role in the kernel step follows from the kernel before it (hylo.engine.kernel_step's order)
@@ -180,26 +177,18 @@ def main():
     del tf
     default_split = hylo_dattn.MIN_SPLIT
     for key, compile, switches, split in configs:
-        gemv = switches.get("gemv", "on" if switches.get("kernel_step") == "on" else hylo_gemv.get_gemv())
+        sw = mode_switches(switches)
         for L in args.caches:
             name = f"{key}_cache{L}"
             hylo_dattn.MIN_SPLIT = split or default_split
             try:
-                with hylo_gemv.gemv_mode(gemv), \
-                        hylo_dattn.decode_attn_mode(switches.get("decode_attn", hylo_dattn.get_decode_attn())), \
-                        hylo_fused.fuse_mode(switches.get("fuse", hylo_fused.get_fuse())), \
-                        hylo_kstep.kernel_step_mode(switches.get("kernel_step", hylo_kstep.get_kernel_step())), \
-                        hylo_pdl.pdl_mode(switches.get("pdl", hylo_pdl.get_pdl())), \
-                        hylo_gemv.gemv_split_mode(switches.get("gemv_split", hylo_gemv.get_gemv_split())), \
-                        hylo_dattn.attn_combine_mode(switches.get("attn_combine", hylo_dattn.get_attn_combine())), \
-                        torch.no_grad():
+                with switched(sw), torch.no_grad():
                     runner = DecodeRunner(hy, 1, L, cuda_graph=graphs, compile=compile)
                     rec = {"cache_len": L, "min_split": hylo_dattn.MIN_SPLIT,
                            "attn_splits": hylo_dattn.num_splits(L, hy.layers[0].mixer.num_kv_heads)
                            if hasattr(hy.layers[0].mixer, "num_kv_heads") else None,
                            "graphed": runner.graphed, "kernel_step": runner.kernel_step, "pdl": runner.pdl,
-                           "gemv": runner.gemv, "gemv_split": hylo_gemv.get_gemv_split(),
-                           "attn_combine": hylo_dattn.get_attn_combine(),
+                           "gemv": runner.gemv, "switches": sw,
                            "ms_per_token": hylo_ms_per_token(runner, args.start, args.steps, 3, dev)}
                     tok = torch.zeros(1, dtype=torch.long, device=dev)
                     runner.set_positions(args.start)

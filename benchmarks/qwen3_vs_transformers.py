@@ -37,6 +37,7 @@ Expected run time on an H100: ~2 min (transformers: 5 x 64 tokens; each compiled
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -49,13 +50,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hylo.convert import from_transformers  # noqa: E402
-from hylo.engine import runner as hylo_runner  # noqa: E402
 from hylo.engine.runner import DecodeRunner  # noqa: E402
-from hylo.engine import fused as hylo_fused  # noqa: E402
 from hylo.engine import kernel_step as hylo_kstep  # noqa: E402
 from hylo.ops import decode_attention as hylo_dattn  # noqa: E402
-from hylo.ops import pdl as hylo_pdl  # noqa: E402
 from hylo.ops import gemv as hylo_gemv  # noqa: E402
+from hylo.ops.backend import Choice  # noqa: E402
 from hylo.profile.report import environment  # noqa: E402
 from timing import kernel_table  # noqa: E402  (benchmarks/timing.py)
 
@@ -203,6 +202,29 @@ SUFFIXES = {"gemv": ("gemv", "on"), "cublas": ("gemv", "off"),  # mode suffix ->
             "nopdl": ("pdl", "off"), "perspdl": ("pdl", "persistent"),
             "splitk": ("gemv_split", "on"), "acomb": ("attn_combine", "on"),
             "blockc": ("compile_scope", "block")}
+# the switches a mode may set (SUFFIXES' first field) -> their environment names (keys of Choice.registry)
+SWITCH_ENV = {"gemv": "HYLO_GEMV", "decode_attn": "HYLO_DECODE_ATTN", "fuse": "HYLO_GEMV_FUSE",
+              "kernel_step": "HYLO_KERNEL_STEP", "pdl": "HYLO_PDL", "gemv_split": "HYLO_GEMV_SPLIT",
+              "attn_combine": "HYLO_ATTN_COMBINE", "compile_scope": "HYLO_COMPILE_SCOPE"}
+
+
+def mode_switches(switches: dict[str, str]) -> dict[str, str]:
+    """Every switch a mode runs under, by its ``HYLO_*`` name: the mode's own value, else the current one. The
+    kernel step takes the GEMV on unless the mode says otherwise (it is built on it; ``auto`` would leave it off
+    under the interpreter)."""
+    out = {env: switches.get(k, Choice.registry[env].value) for k, env in SWITCH_ENV.items()}
+    if switches.get("kernel_step") == "on" and "gemv" not in switches:
+        out["HYLO_GEMV"] = "on"
+    return out
+
+
+@contextlib.contextmanager
+def switched(values: dict[str, str]):
+    """Run under the switches ``values`` (``HYLO_*`` name -> value), each put back afterwards."""
+    with contextlib.ExitStack() as stack:
+        for env, v in values.items():
+            stack.enter_context(Choice.registry[env].use(v))
+        yield
 
 
 def parse_modes(spec: str) -> list[tuple[str, bool | str, dict[str, str]]]:
@@ -358,16 +380,9 @@ def main():
     # with the step compiled (inductor) before capture, which fuses the norms, RoPE, gates and adds
     hy_tokens = None
     for key, compile, switches in modes:
-        gemv = switches.get("gemv", hylo_gemv.get_gemv())
-        dattn = switches.get("decode_attn", hylo_dattn.get_decode_attn())
-        fuse = switches.get("fuse", hylo_fused.get_fuse())
-        kstep = switches.get("kernel_step", hylo_kstep.get_kernel_step())
-        pdl = switches.get("pdl", hylo_pdl.get_pdl())
-        split = switches.get("gemv_split", hylo_gemv.get_gemv_split())
-        acomb = switches.get("attn_combine", hylo_dattn.get_attn_combine())
-        scope = switches.get("compile_scope", hylo_runner.get_compile_scope())
-        if kstep == "on" and "gemv" not in switches:
-            gemv = "on"  # the kernel step is built on the GEMV (``auto`` would leave it off under the interpreter)
+        sw = mode_switches(switches)
+        gemv, dattn, fuse, kstep = (sw[e] for e in ("HYLO_GEMV", "HYLO_DECODE_ATTN", "HYLO_GEMV_FUSE",
+                                                    "HYLO_KERNEL_STEP"))
         forced = [op for op, v in ((hylo_gemv, gemv), (hylo_dattn, dattn), (hylo_gemv, fuse), (hylo_gemv, kstep))
                   if v == "on"]
         if forced and (not all(op.supported(dev) for op in forced) or (dev.type != "cuda" and compile)):
@@ -376,16 +391,12 @@ def main():
                 "or TRITON_INTERPRET=1 on the CPU for eager steps (the interpreter cannot be traced by torch.compile)")
             continue
         try:
-            with hylo_gemv.gemv_mode(gemv), hylo_dattn.decode_attn_mode(dattn), hylo_fused.fuse_mode(fuse), \
-                    hylo_kstep.kernel_step_mode(kstep), hylo_pdl.pdl_mode(pdl), hylo_gemv.gemv_split_mode(split), \
-                    hylo_dattn.attn_combine_mode(acomb), hylo_runner.compile_scope_mode(scope):
+            with switched(sw):
                 rec, tokens = measure_hylo(hy, prompt, n, graphs, compile, args.repeats, dev)
                 rec["kernels"] = try_profile(
                     res, lambda: DecodeRunner(hy, 1, T + n, cuda_graph=False, compile=compile), dev)
             rec["compile_mode"] = compile if isinstance(compile, str) else ("default" if compile else None)
-            rec["switches"] = {"HYLO_GEMV": gemv, "HYLO_DECODE_ATTN": dattn, "HYLO_GEMV_FUSE": fuse,
-                               "HYLO_KERNEL_STEP": kstep, "HYLO_PDL": pdl, "HYLO_GEMV_SPLIT": split,
-                               "HYLO_ATTN_COMBINE": acomb, "HYLO_COMPILE_SCOPE": scope}
+            rec["switches"] = sw
             if kstep == "on" and not rec["kernel_step"]:  # timed, but not what the mode's name says
                 why = hylo_kstep.applicable(hy, 1, hy.head_weight()) or f"HYLO_GEMV={gemv}"
                 res["errors"].append({"what": f"{key}: the kernel step was not taken", "error": why})
