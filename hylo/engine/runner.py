@@ -25,9 +25,9 @@ ignored.
 does: a graph of eager kernels still pays one small kernel per norm, RoPE, gate and residual add; inductor fuses
 them, which is what brings decoding at batch 1 near the memory-bandwidth floor. The states are updated in place
 (inductor re-inplaces the cache writes; ``tests/test_engine.py`` checks compiled == eager). Compiling the whole
-step of a deep model takes long (Qwen3-0.6B's 28 layers: 37 s on the CPU, over 4 minutes cold on an H100 machine in
-2026-12); ``HYLO_COMPILE_SCOPE=block`` compiles each kind of block once and reuses it (4.5 s on the CPU for the
-same depth), at the price of no fusion across block boundaries; off (``step``) until timed on a GPU.
+step of a deep model takes long (Qwen3-0.6B's 28 layers: 40.9 s on the CPU with a cold cache, over 4 minutes on
+an H100 machine in 2026-12); ``HYLO_COMPILE_SCOPE=block`` compiles each kind of block once and reuses it (11.1 s
+on the CPU, ``benchmarks/results/compile-scope-cpu.json``), at the price of no fusion across block boundaries; off (``step``) until timed on a GPU.
 
 On CUDA (``HYLO_GEMV=auto``, the default; ``off`` turns it off; :mod:`hylo.ops.gemv`, read when a runner is
 built) the step's matrix products -- every ``nn.Linear`` of the model while the step runs, and the LM head -- go
