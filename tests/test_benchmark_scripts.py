@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from hylo.data import prepare, train_tokenizer
 
@@ -93,7 +94,7 @@ def test_qwen3_vs_transformers_smoke(tmp_path):
     res = json.loads(out.read_text())
     assert not res["errors"] and res["hylo"]["ms_per_token"] > 0 and res["transformers"]["ms_per_token"] > 0
     assert res["hylo_cublas"]["switches"] == {"HYLO_GEMV": "off", "HYLO_DECODE_ATTN": "off", "HYLO_GEMV_FUSE": "off",
-                                              "HYLO_KERNEL_STEP": "off", "HYLO_PDL": "on", "HYLO_GEMV_SPLIT": "off",
+                                              "HYLO_KERNEL_STEP": "on", "HYLO_PDL": "on", "HYLO_GEMV_SPLIT": "off",
                                               "HYLO_ATTN_COMBINE": "off", "HYLO_COMPILE_SCOPE": "step"}
     assert not res["hylo_cublas"]["gemv"] and not res["hylo"]["kernel_step"] and not res["hylo"]["pdl"]
     assert {"hylo_compiled_gemv", "hylo_dattn", "hylo_fuse", "hylo_kstep"} <= set(res["skipped"])  # +gemv needs CUDA or the Triton interpreter
@@ -104,6 +105,29 @@ def test_qwen3_vs_transformers_smoke(tmp_path):
     agree, positions = res["prompt_argmax_agree_fp32"]
     assert res["prompt_logits_max_abs_diff_fp32"] < 1e-4 * res["prompt_logits_max_abs_fp32"] and agree == positions
     assert res["floor_ms_per_token"] > 0 and "prompt_argmax_agree" in res
+    g = res["greedy_fp32"]  # each model's own generate in float32: the same tokens
+    assert g["compared"] > 0 and g["agree"] == g["compared"] and g["first_mismatch"] is None
+
+
+def test_cast_keeping_rope_keeps_exact_frequencies():
+    """transformers' ``.to(bfloat16)`` rounds the RoPE frequency buffer (the float32 logits then move); the
+    benchmark's cast keeps it float32 and exact through a round trip to bf16 and back."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from qwen3_vs_transformers import TINY, cast_keeping_rope
+
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(**TINY))
+    exact = model.model.rotary_emb.inv_freq.clone()
+    assert exact.dtype == torch.float32
+    plain = Qwen3ForCausalLM(Qwen3Config(**TINY)).to(torch.bfloat16).float()
+    assert not torch.equal(plain.model.rotary_emb.inv_freq, exact)  # what the cast guards against
+    cast_keeping_rope(model, torch.bfloat16)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert torch.equal(model.model.rotary_emb.inv_freq, exact)
+    cast_keeping_rope(model, torch.float32)
+    assert torch.equal(model.model.rotary_emb.inv_freq, exact)
 
 
 def test_decode_timeline_step_figures():

@@ -144,7 +144,8 @@ def test_kernel_step_same_logits_as_the_runner_step(interp, monkeypatch, pdl_mod
     ids = torch.tensor([[3, 4], [5, 6], [7, 1], [2, 2], [9, 8], [1, 0], [4, 4]])
     with G.gemv_mode("on"), dattn.decode_attn_mode("on"), pdl.pdl_mode(pdl_mode), G.gemv_split_mode(split), \
             dattn.attn_combine_mode(split):
-        ref_runner = DecodeRunner(model, 2, 16)
+        with kernel_step.kernel_step_mode("off"):
+            ref_runner = DecodeRunner(model, 2, 16)
         ref_runner.set_positions([0, 3])
         ref = [ref_runner.step(t) for t in ids]
         with kernel_step.kernel_step_mode("on"):

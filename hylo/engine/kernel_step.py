@@ -18,23 +18,28 @@ launched with PDL: a GEMV asks L2 for its weights while the kernel before it fin
 its grid is persistent (two programs per SM), so that request covers nearly the whole matrix.
 
 Applies to models whose every block is ``attn``/``swa`` or ``ffn`` (SwiGLU) with contiguous weights of one
-dtype, at most ``gemv.MAX_ROWS`` rows; :func:`applicable` says why not otherwise. The runner takes it when the
-switch is on and the GEMV is enabled; it is never compiled (there is nothing left for inductor).
+dtype, at most ``gemv.MAX_ROWS`` rows; :func:`applicable` says why not otherwise. On by default: a runner takes
+it wherever it applies and the runner's GEMV is on (CUDA; ``HYLO_KERNEL_STEP=off`` turns it off); it is never
+compiled (there is nothing left for inductor), so ``compile=True`` changes nothing for such a model.
 
-Measured on an H100 (Qwen3-0.6B shape, random weights, batch 1, cache 80): 1.013 ms/token without PDL, in the
-run where transformers' fastest generate took 43.8 ms/token (``benchmarks/results/qwen3-vs-transformers-h100-run7-
-partial.json``); 0.947 with PDL and attention split per 16 slots (the defaults now) in the timeline run
-(``benchmarks/results/decode-timeline-h100.json``), against 1.34-1.37 for the compiled step on another H100 (run
-6) and a floor of 0.40. The timeline shows why it is not faster: the GPU is busy for ~0.90 ms of the ~0.97-ms
-step, so launch gaps are not the cost; the GEMVs of the small matrices are (the 6.3 MB FFN down projection takes
-6.3 us, ~1 TB/s, against the LM head's 3.1 TB/s). Off by default until its greedy tokens have been checked
-against the plain step on a GPU (``benchmarks/engine_check.py`` with ``HYLO_KERNEL_STEP=on``)::
+Checked on an H100 (``benchmarks/results/engine-check-kstep-h100.json``): in float32, the graphed engine with this
+step gives the full forward's greedy tokens for 4 ragged prompts x 32 new tokens (a model with attention, a wrapping
+window, FFN and meta tokens); forced decoding's logits differ from the forward's by at most 3e-6.
 
-    python benchmarks/decode_timeline.py --configs eager+kstep,eager+kstep+nopdl --out X.json
+Measured on an H100 (Qwen3-0.6B shape, random weights, batch 1, cache 80;
+``benchmarks/results/qwen3-vs-transformers-h100-run8.json``): 0.904 ms/token (0.942 with a 2048-slot cache),
+against 1.443 for the compiled step of PyTorch ops in the same run, and a floor of 0.400. The timeline
+(``benchmarks/results/decode-timeline-h100.json``) shows why it is not faster: the GPU is busy for ~0.90 ms of the
+~0.97-ms step, so launch gaps are not the cost; the GEMVs of the small matrices are (the 6.3 MB FFN down projection
+takes 6.3 us, ~1 TB/s, against the LM head's 3.1 TB/s)::
 
-Two options aimed at what the timeline found, CPU-tested, untimed, off by default: ``HYLO_GEMV_SPLIT=on``
-(:mod:`hylo.ops.gemv`: split-K for the products with few outputs) and ``HYLO_ATTN_COMBINE=on``
-(:mod:`hylo.ops.decode_attention`: no combine kernel); ``--configs eager+kstep+splitk+acomb`` times them.
+    python benchmarks/decode_timeline.py --configs eager,eager+nopdl --out X.json
+
+Two options aimed at what the timeline found, CPU-tested, off by default because neither won on the H100
+(``benchmarks/results/decode-timeline-h100-run2.json``): ``HYLO_GEMV_SPLIT=on`` (:mod:`hylo.ops.gemv`: split-K for
+the products with few outputs; 0.920 against 0.907 ms/token at cache 80, 0.944 against 0.950 at 2048) and
+``HYLO_ATTN_COMBINE=on`` (:mod:`hylo.ops.decode_attention`: no combine kernel; 0.959 at 80 and 1.353 at 2048, where
+the last split merges 64 partials alone).
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ from hylo.ops import gemv as G
 from hylo.ops.backend import Choice
 from hylo.ops.rope import inv_freq
 
-_SWITCH = Choice("kernel decode step", "HYLO_KERNEL_STEP", ("off", "on"), "off")
+_SWITCH = Choice("kernel decode step", "HYLO_KERNEL_STEP", ("off", "on"), "on")
 set_kernel_step, get_kernel_step, kernel_step_mode = _SWITCH.set, _SWITCH.get, _SWITCH.use
 
 
