@@ -3,7 +3,8 @@ batch that fits, memory, and the per-operator LUT (:func:`build_lut`).
 
 Timing (CUDA): warm up first, then per repeat time ``iters`` calls between two CUDA events and take the median
 over repeats of the mean per call. Whole-model decode steps go through :class:`hylo.engine.DecodeRunner` (one
-CUDA graph per runner; ``runner.step`` as the engine calls it). LUT entries time one piece's step captured in a
+CUDA graph per runner; ``runner.step`` as the engine calls it; ``kernel_step`` in a result says whether the
+runner took :mod:`hylo.engine.kernel_step`, the default for attention + FFN models on CUDA). LUT entries time one piece's step captured in a
 CUDA graph over several copies of the piece (distinct weights and states, together larger than the L2 cache,
 so weights come from device memory as they do in a whole model), replayed ``iters`` times behind a GPU sleep
 so the host enqueues every replay before the GPU starts: the entry is GPU time per call.
@@ -136,7 +137,7 @@ def decode_latency(model, context: int, batch: int = 1, steps: int = 64, repeats
     ms = time_calls(lambda: runner.step(tok), dev, iters=n, repeats=repeats, warmup=n,
                     setup=lambda: runner.set_positions(start))
     out = {"context": context, "batch": batch, "ms_per_token": ms, "tokens_per_s": 1e3 * batch / ms,
-           "graphed": runner.graphed, "steps": n, "peak_bytes": _peak(dev)}
+           "graphed": runner.graphed, "kernel_step": runner.kernel_step, "steps": n, "peak_bytes": _peak(dev)}
     del runner
     cleanup(dev)
     return out
@@ -168,10 +169,11 @@ def generate_time(model, n_tokens: int = 8192, batch: int = 1, steps: int = 64, 
         res = {"method": f"integrated: ms/token over {k} steps at positions {starts} of a {n_tokens}-token cache, "
                          f"trapezoid over positions 0..{n_tokens}",
                "points": [{"position": p, "ms_per_token": m} for p, m in pts]}
+    kstep = runner.kernel_step
     del runner
     cleanup(dev)
     return {"tokens": n_tokens, "batch": batch, "seconds": ms_total / 1e3, "ms_per_token": ms_total / n_tokens,
-            **res}
+            "kernel_step": kstep, **res}
 
 
 @torch.no_grad()

@@ -5,6 +5,12 @@ One decode step is predicted as ``overhead + embed + sum over layers (norm + op)
 :mod:`hylo.profile.lut`), at the model's cache length (context + meta tokens). Memory: weights + batch x (state
 bytes per sequence + the largest per-row temporary memory of a layer's step, as measured for the LUT, or
 scaled from the nearest signature measured).
+
+The LUT times each layer's own step (PyTorch ops). Models of only attention and FFN blocks decode on CUDA
+through :mod:`hylo.engine.kernel_step` by default (its own fused kernels: 0.90 against 1.44 ms/token compiled
+for Qwen3-0.6B's shape), which these sums do not model, so they over-predict such models' decode time;
+``HYLO_KERNEL_STEP=off`` measures the step they predict (the predictor's error table in README was measured before
+the kernel step became the default).
 """
 
 from __future__ import annotations
