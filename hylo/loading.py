@@ -32,7 +32,8 @@ def _tokenizer_from_manifest(train_config: dict | None):
     if not manifest.is_file():
         return None
     tok = json.loads(manifest.read_text()).get("tokenizer", {})
-    for spec in (tok.get("path"), tok.get("name")):
+    inside = str(Path(data) / tok["dir"]) if tok.get("dir") else None  # the folder's own copy first
+    for spec in (inside, tok.get("path"), tok.get("name")):
         if spec and Path(spec).expanduser().exists():
             return spec
     return None

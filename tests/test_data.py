@@ -149,6 +149,26 @@ def test_split_is_deterministic_for_a_seed(dataset, corpus, tok_dir, tmp_path):
     assert other.manifest["val_document_indices"] != dataset.manifest["val_document_indices"]
 
 
+def test_folder_keeps_its_tokenizer_when_the_original_is_gone(corpus, tok_dir, tmp_path):
+    """The prepared folder holds a copy of the tokenizer: moved to where the original path does not exist (as on
+    the GPU machines), it still gives the tokenizer, the same one (equal ids), for training's export and eval."""
+    import shutil
+
+    from hylo.loading import _tokenizer_from_manifest
+
+    local_tok = tmp_path / "tok"
+    shutil.copytree(tok_dir, local_tok)
+    res = prepare(corpus[0], local_tok, tmp_path / "ds", val_fraction=0.2, seed=0, shard_tokens=8000, progress=False)
+    assert res.manifest["tokenizer"]["dir"] == "tokenizer" and (res.path / "tokenizer" / "tokenizer.json").is_file()
+    shutil.rmtree(local_tok)
+    moved = tmp_path / "elsewhere"
+    shutil.move(res.path, moved)
+    spec = _tokenizer_from_manifest({"data": str(moved)})
+    assert spec == str(moved / "tokenizer")
+    text = "It was the best of times, it was the worst of times."
+    assert _ids(load_tokenizer(spec), text) == _ids(load_tokenizer(tok_dir), text)
+
+
 def test_rerun_is_a_no_op_and_other_settings_need_overwrite(dataset, corpus, tok_dir):
     from typer.testing import CliRunner
 
@@ -253,7 +273,7 @@ def test_crash_mid_write_keeps_the_old_dataset(dataset, corpus, tok_dir, tmp_pat
 
     out = tmp_path / "ds"
     shutil.copytree(dataset.path, out)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     real = tok_module.encoder
 
     def failing_encoder(tok):
@@ -268,7 +288,7 @@ def test_crash_mid_write_keeps_the_old_dataset(dataset, corpus, tok_dir, tmp_pat
     monkeypatch.setattr(tok_module, "encoder", failing_encoder)
     with pytest.raises(RuntimeError, match="disk on fire"):
         prepare(corpus[0], tok_dir, out, val_fraction=0.2, seed=3, shard_tokens=8000, overwrite=True, progress=False)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
 
 

@@ -5,7 +5,8 @@ Inputs are local ``.txt``/``.txt.gz`` (documents split on a line holding only ``
 folders of those, or a Hugging Face dataset name (needs ``datasets``). Every document is followed by the
 tokenizer's EOS id, documents are held out for validation by a seeded permutation, and the whole output is
 written to a temp dir that is renamed into place at the end, so a failure never leaves a half-written dataset.
-Re-running with the same inputs (sha256), tokenizer and settings does nothing.
+Re-running with the same inputs (sha256), tokenizer and settings does nothing. The folder holds a copy of the
+tokenizer (``tokenizer/``), so it can be moved to another machine whole.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ SEPARATOR = "<|endoftext|>"
 FORMAT = "hylo-tokens/1"
 SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+TOKENIZER_DIR = "tokenizer"  # the tokenizer's copy inside a prepared folder (manifest: tokenizer.dir)
 
 
 class DataError(ValueError):
@@ -361,6 +363,10 @@ def prepare(inputs: Sequence[str | os.PathLike] | str | os.PathLike, tokenizer, 
         if index != sum(counts):
             raise DataError(f"inputs changed while being read ({index} documents, expected {sum(counts)})")
         manifest["splits"] = {s: w.summary() for s, w in writers.items()}
+        # a copy of the tokenizer inside the folder: the dataset (and a model trained on it, which exports the
+        # tokenizer from here) stays usable where the original path does not exist, e.g. on another machine
+        tok.save_pretrained(str(tmp / TOKENIZER_DIR))
+        manifest["tokenizer"]["dir"] = TOKENIZER_DIR
         manifest["val_document_indices"] = held_out
         manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))

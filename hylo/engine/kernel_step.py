@@ -40,6 +40,11 @@ Two options aimed at what the timeline found, CPU-tested, off by default because
 the products with few outputs; 0.920 against 0.907 ms/token at cache 80, 0.944 against 0.950 at 2048) and
 ``HYLO_ATTN_COMBINE=on`` (:mod:`hylo.ops.decode_attention`: no combine kernel; 0.959 at 80 and 1.353 at 2048, where
 the last split merges 64 partials alone).
+
+``HYLO_STEP_PREFETCH=early|late`` (off until timed; :func:`prefetch_plan`): each attention kernel asks L2 for the
+weights of the kernels after it (the output projection, then the next FFN block's), right after its wait or once
+its attention is done. Attention moves few bytes for ~5.6 us per layer while HBM idles; the GEMVs after it run at
+0.9-2.2 TB/s. Compiled for sm_90 in the CPU tests; untimed.
 """
 
 from __future__ import annotations
@@ -58,6 +63,10 @@ from hylo.ops.rope import inv_freq
 
 _SWITCH = Choice("kernel decode step", "HYLO_KERNEL_STEP", ("off", "on"), "on")
 set_kernel_step, get_kernel_step, kernel_step_mode = _SWITCH.set, _SWITCH.get, _SWITCH.use
+# the attention kernel asks L2 for the weights of the kernels after it (prefetch_plan): off until timed
+_PREFETCH = Choice("kernel step's L2 prefetch in attention", "HYLO_STEP_PREFETCH", ("off", "early", "late"), "off")
+set_step_prefetch, get_step_prefetch, step_prefetch_mode = _PREFETCH.set, _PREFETCH.get, _PREFETCH.use
+PREFETCH_BYTES = 24 << 20  # at most half an H100's L2 per attention layer
 
 
 def applicable(model, batch_size: int, head: torch.Tensor) -> str | None:
@@ -97,11 +106,40 @@ def frequencies(model) -> dict[int, torch.Tensor]:
             if isinstance(b.mixer, Attention)}
 
 
+def prefetch_plan(model, limit: int = PREFETCH_BYTES) -> dict[int, torch.Tensor]:
+    """Per attention layer index, the weights its attention kernel asks L2 for under ``HYLO_STEP_PREFETCH``: its
+    output projection, then the next block's FFN weights (gate and up, then down) while they fit in ``limit``
+    bytes, as int64 ``[R, 2]`` rows of (address, 128-byte lines) on the model's device. Why: attention moves few
+    bytes (~0.3 MB per layer at an 80-slot cache) for ~5.6 us per layer on an H100, while the GEMVs after it run
+    at 0.9-2.2 TB/s (``benchmarks/results/decode-timeline-h100-run2.json``); weights already in L2 could make
+    them faster. The addresses are those of the weights now: a runner computes this once, as its graph does."""
+    plan = {}
+    for i, block in enumerate(model.layers):
+        if not isinstance(block.mixer, Attention):
+            continue
+        ws = [block.mixer.o_proj.weight]
+        nxt = model.layers[i + 1].mixer if i + 1 < len(model.layers) else None
+        if isinstance(nxt, SwiGLU):
+            ws += [nxt.gate_up_proj.weight, nxt.down_proj.weight]
+        rows, total = [], 0
+        for w in ws:
+            n = w.numel() * w.element_size()
+            if total + n > limit:
+                break
+            rows.append((w.data_ptr(), -(-n // 128)))
+            total += n
+        if rows:
+            plan[i] = torch.tensor(rows, dtype=torch.int64, device=ws[0].device)
+    return plan
+
+
 def step(model, tokens: torch.Tensor, states, pos: torch.Tensor, head: torch.Tensor,
-         freqs: dict[int, torch.Tensor], pdl: bool, persistent: bool = False) -> torch.Tensor:
+         freqs: dict[int, torch.Tensor], pdl: bool, persistent: bool = False,
+         prefetch: dict[int, torch.Tensor] | None = None, prefetch_late: bool = False) -> torch.Tensor:
     """One decode step: ``tokens [B]`` -> logits ``[B, vocab]``; writes the caches and advances ``pos``. ``pdl``:
     launch every kernel with PDL; ``persistent``: the GEMVs on persistent grids (``HYLO_PDL=persistent``; under the
-    interpreter it shrinks their grids even without PDL, so CPU tests cover that indexing)."""
+    interpreter it shrinks their grids even without PDL, so CPU tests cover that indexing); ``prefetch``
+    (:func:`prefetch_plan`) and ``prefetch_late``: what each attention kernel asks L2 for, and when."""
     gemv = functools.partial(G.gemv_direct, pdl=pdl, persistent=persistent)
     h = F.embedding(tokens.view(-1), model.embed_tokens.weight)  # [B, D]
     B = h.shape[0]
@@ -115,7 +153,8 @@ def step(model, tokens: torch.Tensor, states, pos: torch.Tensor, head: torch.Ten
         qn, kn = (m.q_norm.weight, m.k_norm.weight) if m.qk_norm else (None, None)
         eps = m.q_norm.eps if m.qk_norm else 0.0
         o = dattn.decode_qkv_attention(qkv, m.num_heads, qn, kn, eps, freqs[i], st["k"], st["v"], pos,
-                                       ring=m.window is not None, pdl=pdl)
+                                       ring=m.window is not None, pdl=pdl, prefetch=(prefetch or {}).get(i),
+                                       prefetch_late=prefetch_late)
         h = gemv(o.view(B, -1), m.o_proj.weight, m.o_proj.bias, residual=h)
     logits = gemv(h, head, None, model.norm.weight, model.norm.eps)
     pos.add_(1)

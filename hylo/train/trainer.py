@@ -271,6 +271,9 @@ class Trainer:
                 from ..data.tokenizer import load_tokenizer
 
                 load_tokenizer(tok_spec).save_pretrained(str(tmp))
+            else:
+                self._say("warning: the data's tokenizer was not found (manifest.json names none that exists "
+                          "here); the exported model has none: pass --tokenizer to hylo generate / eval")
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
             self._say(f"model: {target}")

@@ -16,6 +16,9 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     "$DATA/corpus/gutenberg_train_01.txt.gz" --vocab-size 16384 --out .carry/tok16k
 [ -d .carry/gbpack ] || hylo data prepare "$DATA/corpus/gutenberg_train_00.txt.gz" \
     "$DATA/corpus/gutenberg_train_01.txt.gz" -t .carry/tok16k -o .carry/gbpack
+# five of the six Gutenberg training shards as they are (46 MB gzipped, ~31M tokens): the passkey stage tokenizes
+# them on the device (a token pack of them would be 62 MB, past what a call carries)
+mkdir -p .carry/gbraw && cp -n "$DATA"/corpus/gutenberg_train_0[0-4].txt.gz .carry/gbraw/
 # a ~2M-token slice for the throughput stage (tt): small enough to carry beside the 50+ MB Triton/inductor cache
 if [ ! -d .carry/gbsmall ]; then
     zcat "$DATA/corpus/gutenberg_train_00.txt.gz" | head -c 9000000 > /tmp/gbsmall.txt
