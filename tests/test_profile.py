@@ -50,9 +50,10 @@ def test_interp1_linear_log_and_ends():
 def formula(op, sig, ctx, b):
     """A made-up cost: affine in batch, attention adds batch x context."""
     base = {"attn": 0.05, "swa": 0.04, "mamba2": 0.06, "deltanet": 0.07, "gdn": 0.08, "jet": 0.09, "ffn": 0.02,
-            "norm": 0.005, "embed": 0.003, "head": 0.03, "overhead": 0.01}[op]
+            "norm": 0.005, "embed": 0.003, "head": 0.03, "overhead": 0.01,
+            "kattn": 0.03, "kswa": 0.025, "kffn": 0.015, "khead": 0.02}[op]
     ms = base * (1 + sig.get("hidden_size", 64) / 64) + 1e-3 * b
-    if op in ("attn", "swa"):
+    if op in ("attn", "swa", "kattn", "kswa"):
         ms += 1e-5 * b * ctx
     return ms
 
@@ -236,6 +237,83 @@ def test_predict_decode_generate_throughput():
     assert auto["batch"] == mb["batch"]
     other = cfg_all(hidden_size=96, mamba2_head_dim=16)  # a width the table lacks: scaled
     assert set(predict_decode(other, lut, 64).scaled) >= {"ffn", "attn"}
+
+
+def cfg_attn_ffn(**kw):
+    """Attention, a sliding window and FFN only: the blocks the kernel decode step takes."""
+    from hylo import HyloConfig
+
+    return HyloConfig(**{**dict(vocab_size=64, hidden_size=48, layers="a f swa f", attn_num_heads=3,
+                                attn_num_kv_heads=1, attn_head_dim=16, swa_window=32, ffn_intermediate_size=96),
+                         **kw})
+
+
+def test_kernel_step_pieces_and_predictions():
+    """A model the kernel step applies to is predicted from its pieces (no norm piece: the blocks hold it) at the
+    batches the step takes, from the usual pieces above them, and a hybrid never; a table without the kernel
+    step's pieces predicts the usual step. With the step, a static cache's generation integrates over positions
+    (attention reads up to the position), as the growing cache does."""
+    from hylo.profile.measure import lut_points
+
+    ka, hyb = cfg_attn_ffn(), cfg_all()
+    assert {op: n for op, _, n in model_pieces(ka, kernel_step=True)} == {
+        "kattn": 1, "kswa": 1, "kffn": 2, "embed": 1, "khead": 1, "overhead": 1}
+    pts = lut_points([ka, hyb], [16, 64, 256], [1, 4, 16], kernel_step=True)
+    k_pts = [(op, sig, b) for op, sig, _, b in pts if op in ("kattn", "kswa", "kffn", "khead")]
+    assert {op for op, _, _ in k_pts} == {"kattn", "kswa", "kffn", "khead"}
+    assert {b for _, _, b in k_pts} == {1, 4} and all(sig["hidden_size"] == 48 for _, sig, _ in k_pts)
+    lut = LUT(meta={"dtype": "float32"})
+    for op, sig, c, b in pts:
+        lut.add({"op": op, "sig": sig, "context": c, "batch": b, "ms": formula(op, sig, c, b)})
+    p = predict_decode(ka, lut, 100, 1)
+    want = sum(n * formula(op, sig, effective_context(op, sig, 100), 1)
+               for op, sig, n in model_pieces(ka, kernel_step=True))
+    assert p.kernel_step and "norm" not in p.by_op and p.ms_per_token == pytest.approx(want)
+    big = predict_decode(ka, lut, 100, 16)  # past the GEMV's rows: the usual step
+    assert not big.kernel_step and big.ms_per_token == pytest.approx(expected_ms(ka, 100, 16))
+    assert not predict_decode(hyb, lut, 100, 1).kernel_step
+    assert not predict_decode(ka, synthetic_lut([ka]), 100, 1).kernel_step  # an older table
+    static = predict_generate(ka, lut, 200, cache="static")
+    assert static["seconds"] == pytest.approx(predict_generate(ka, lut, 200, cache="growing")["seconds"])
+    assert static["seconds"] < 200 * predict_decode(ka, lut, 200, 1).ms_per_token / 1e3
+
+
+def test_kernel_step_pieces_compute_the_blocks(interp):
+    """``kattn`` / ``kffn`` / ``khead`` (the LUT's pieces of the kernel step) compute what the model's layers do:
+    a block's ``x + op(norm(x))`` with the cache written at ``pos``, and ``head(norm(x))`` (float32, Triton's
+    interpreter); the LUT builder times them on the CPU when asked."""
+    from hylo.ops import gemv as G
+    from hylo.profile.measure import build_lut
+    from hylo.profile.pieces import make_piece
+
+    torch.manual_seed(0)
+    cfg = cfg_attn_ffn(attn_qk_norm=True)
+    pos = torch.tensor([5, 9])
+    with G.gemv_mode("on"):
+        for op in ("kattn", "kswa", "kffn"):
+            piece = make_piece(op, signature(cfg, op[1:])).eval()
+            with torch.no_grad():
+                for p in piece.parameters():
+                    p.add_(0.05 * torch.randn_like(p))
+            x = piece.inputs(2, "cpu", torch.float32)
+            st = piece.init_state(2, 16, device="cpu", dtype=torch.float32)
+            for t in st.values():
+                t.normal_()
+            ref_st = {k: t.clone() for k, t in st.items()}
+            with torch.no_grad():
+                got = piece.step(x, st, pos)
+                ref = x + piece.mixer.step(piece.norm(x)[:, None], ref_st, pos)[:, 0]
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+            for k in st:
+                torch.testing.assert_close(st[k], ref_st[k], rtol=1e-5, atol=1e-5)
+        head = make_piece("khead", signature(cfg, "head")).eval()
+        x = head.inputs(2, "cpu", torch.float32)
+        with torch.no_grad():
+            torch.testing.assert_close(head.step(x, {}, pos), head.lm_head(head.norm(x)), rtol=1e-4, atol=1e-4)
+        lut = build_lut([cfg_attn_ffn(layers="a f")], [8], [1], device="cpu", dtype=torch.float32, repeats=1,
+                        kernel_step=True)
+    ok = {e["op"] for e in lut.entries if "ms" in e}
+    assert {"kattn", "kffn", "khead", "attn", "ffn", "head"} <= ok
 
 
 @pytest.mark.parametrize("kw", [{}, {"num_meta_tokens": 0, "tie_word_embeddings": False, "swa_window": 8}])

@@ -94,6 +94,15 @@ def applicable(model, batch_size: int, head: torch.Tensor) -> str | None:
     return None
 
 
+def config_applicable(config, batch_size: int) -> bool:
+    """Whether a model of ``config`` would take the step at ``batch_size`` (:func:`applicable` on what a config
+    says: block kinds, head size, rows), for the predictor, which builds no model."""
+    hd = config.attn_head_dim
+    attn = any(op in ("attn", "swa") for op in config.layers)
+    return (batch_size <= G.MAX_ROWS and all(op in ("attn", "swa", "ffn") for op in config.layers)
+            and (not attn or (16 <= hd <= 256 and not hd & (hd - 1))))
+
+
 def enabled(model, batch_size: int, head: torch.Tensor, gemv_on: bool) -> bool:
     """Whether a runner takes :func:`step`: the switch is on, the runner's GEMV is on and :func:`applicable`."""
     return _SWITCH.value == "on" and gemv_on and applicable(model, batch_size, head) is None
@@ -133,6 +142,36 @@ def prefetch_plan(model, limit: int = PREFETCH_BYTES) -> dict[int, torch.Tensor]
     return plan
 
 
+def gemv_launcher(pdl: bool, persistent: bool = False):
+    """The step's GEMV: :func:`hylo.ops.gemv.gemv_direct` launched with PDL and on persistent grids as asked."""
+    return functools.partial(G.gemv_direct, pdl=pdl, persistent=persistent)
+
+
+def ffn_block(block, h: torch.Tensor, gemv) -> torch.Tensor:
+    """An FFN block: ``h + down(SwiGLU(gate_up(norm(h))))`` as two GEMVs (pre-norm, then SwiGLU and residual)."""
+    n, m = block.norm, block.mixer
+    gu = gemv(h, m.gate_up_proj.weight, m.gate_up_proj.bias, n.weight, n.eps)
+    return gemv(gu, m.down_proj.weight, m.down_proj.bias, residual=h, swiglu=True)
+
+
+def attn_block(block, h: torch.Tensor, st: dict, pos: torch.Tensor, inv_freq: torch.Tensor, gemv, pdl: bool,
+               prefetch: torch.Tensor | None = None, prefetch_late: bool = False) -> torch.Tensor:
+    """An attention block: q/k/v GEMV (pre-norm), attention with its q/k/v preparation and cache write, output
+    GEMV (residual). ``h [B, D]``; writes the new key and value at ``pos``."""
+    n, m = block.norm, block.mixer
+    qkv = gemv(h, m.qkv_proj.weight, m.qkv_proj.bias, n.weight, n.eps)
+    qn, kn = (m.q_norm.weight, m.k_norm.weight) if m.qk_norm else (None, None)
+    eps = m.q_norm.eps if m.qk_norm else 0.0
+    o = dattn.decode_qkv_attention(qkv, m.num_heads, qn, kn, eps, inv_freq, st["k"], st["v"], pos,
+                                   ring=m.window is not None, pdl=pdl, prefetch=prefetch, prefetch_late=prefetch_late)
+    return gemv(o.view(h.shape[0], -1), m.o_proj.weight, m.o_proj.bias, residual=h)
+
+
+def head_logits(h: torch.Tensor, head: torch.Tensor, norm, gemv) -> torch.Tensor:
+    """The final norm inside the LM head's GEMV: ``[B, D] -> [B, vocab]``."""
+    return gemv(h, head, None, norm.weight, norm.eps)
+
+
 def step(model, tokens: torch.Tensor, states, pos: torch.Tensor, head: torch.Tensor,
          freqs: dict[int, torch.Tensor], pdl: bool, persistent: bool = False,
          prefetch: dict[int, torch.Tensor] | None = None, prefetch_late: bool = False) -> torch.Tensor:
@@ -140,23 +179,14 @@ def step(model, tokens: torch.Tensor, states, pos: torch.Tensor, head: torch.Ten
     launch every kernel with PDL; ``persistent``: the GEMVs on persistent grids (``HYLO_PDL=persistent``; under the
     interpreter it shrinks their grids even without PDL, so CPU tests cover that indexing); ``prefetch``
     (:func:`prefetch_plan`) and ``prefetch_late``: what each attention kernel asks L2 for, and when."""
-    gemv = functools.partial(G.gemv_direct, pdl=pdl, persistent=persistent)
+    gemv = gemv_launcher(pdl, persistent)
     h = F.embedding(tokens.view(-1), model.embed_tokens.weight)  # [B, D]
-    B = h.shape[0]
     for i, (block, st) in enumerate(zip(model.layers, states)):
-        n, m = block.norm, block.mixer
-        if isinstance(m, SwiGLU):
-            gu = gemv(h, m.gate_up_proj.weight, m.gate_up_proj.bias, n.weight, n.eps)
-            h = gemv(gu, m.down_proj.weight, m.down_proj.bias, residual=h, swiglu=True)
-            continue
-        qkv = gemv(h, m.qkv_proj.weight, m.qkv_proj.bias, n.weight, n.eps)
-        qn, kn = (m.q_norm.weight, m.k_norm.weight) if m.qk_norm else (None, None)
-        eps = m.q_norm.eps if m.qk_norm else 0.0
-        o = dattn.decode_qkv_attention(qkv, m.num_heads, qn, kn, eps, freqs[i], st["k"], st["v"], pos,
-                                       ring=m.window is not None, pdl=pdl, prefetch=(prefetch or {}).get(i),
-                                       prefetch_late=prefetch_late)
-        h = gemv(o.view(B, -1), m.o_proj.weight, m.o_proj.bias, residual=h)
-    logits = gemv(h, head, None, model.norm.weight, model.norm.eps)
+        if isinstance(block.mixer, SwiGLU):
+            h = ffn_block(block, h, gemv)
+        else:
+            h = attn_block(block, h, st, pos, freqs[i], gemv, pdl, (prefetch or {}).get(i), prefetch_late)
+    logits = head_logits(h, head, model.norm, gemv)
     pos.add_(1)
     return logits
 

@@ -11,6 +11,12 @@ the token mixers and ``ffn`` (one layer's ``step``) plus the parts of a decode s
 
 A model's decode step costs ``overhead + embed + sum over layers (norm + op) + head``.
 
+**The kernel decode step.** A model of only attention and FFN blocks decodes on CUDA at up to
+``gemv.MAX_ROWS`` rows through :mod:`hylo.engine.kernel_step`: fused kernels per block, the pre-norm and residual
+inside them. Its pieces are ``kattn``, ``kswa``, ``kffn`` (a whole block: norm, operator, residual) and ``khead``,
+with the same signatures as ``attn``, ``swa``, ``ffn``, ``head``; such a step costs ``overhead + embed + sum over
+layers (k-block) + khead`` (:func:`model_pieces` with ``kernel_step=True``).
+
 **Context.** Attention's step reads its whole preallocated cache (masked), so its cost depends on the cache
 length, not on the position; an entry's ``context`` is that cache length. Sliding-window attention keeps a ring
 buffer of ``min(window, cache length)`` slots; the linear operators and the other pieces keep fixed-size state.
@@ -54,7 +60,10 @@ LUT_SCHEMA = "hylo.lut/1"
 MIXERS = ("attn", "swa", "mamba2", "deltanet", "gdn", "jet")
 LAYER_OPS = MIXERS + ("ffn",)
 PIECES = ("norm", "embed", "head", "overhead")
-ALL_OPS = LAYER_OPS + PIECES
+# op -> its piece in the kernel decode step (hylo.engine.kernel_step), and back
+KERNEL_STEP_OPS = {"attn": "kattn", "swa": "kswa", "ffn": "kffn", "head": "khead"}
+KERNEL_STEP_BASE = {v: k for k, v in KERNEL_STEP_OPS.items()}
+ALL_OPS = LAYER_OPS + PIECES + tuple(KERNEL_STEP_BASE)
 
 # The HyloConfig fields each piece's decode cost depends on (names as in HyloConfig, so a signature can rebuild
 # a config). rope_theta, chunk sizes, norm eps and initialisation do not change the cost and are left out.
@@ -75,6 +84,7 @@ SIG_FIELDS: dict[str, tuple[str, ...]] = {
     "head": ("hidden_size", "vocab_size", "weight_norm"),
     "overhead": (),
 }
+SIG_FIELDS.update({k: SIG_FIELDS[base] for k, base in KERNEL_STEP_BASE.items()})
 
 
 class LUTError(ValueError):
@@ -96,26 +106,30 @@ def sig_key(op: str, sig: dict) -> str:
     return op + ":" + json.dumps(sig, sort_keys=True, separators=(",", ":"))
 
 
-def model_pieces(config) -> list[tuple[str, dict, int]]:
-    """``(op, sig, count)`` for every piece of one decode step of a model with ``config``."""
+def model_pieces(config, kernel_step: bool = False) -> list[tuple[str, dict, int]]:
+    """``(op, sig, count)`` for every piece of one decode step of a model with ``config``; ``kernel_step``: the
+    pieces of :mod:`hylo.engine.kernel_step`'s step (every layer attention or FFN: the caller checks)."""
+    k_op = (lambda op: KERNEL_STEP_OPS[op]) if kernel_step else (lambda op: op)
     counts: dict[str, list] = {}
     for op in config.layers:
         sig = signature(config, op)
-        k = sig_key(op, sig)
-        counts.setdefault(k, [op, sig, 0])[2] += 1
+        k = sig_key(k_op(op), sig)
+        counts.setdefault(k, [k_op(op), sig, 0])[2] += 1
     n = len(config.layers)
     out = [tuple(v) for v in counts.values()]
-    out += [("norm", signature(config, "norm"), n), ("embed", signature(config, "embed"), 1),
-            ("head", signature(config, "head"), 1), ("overhead", {}, 1)]
+    if not kernel_step:  # the kernel step's blocks hold their norm and residual
+        out.append(("norm", signature(config, "norm"), n))
+    out += [("embed", signature(config, "embed"), 1), (k_op("head"), signature(config, "head"), 1),
+            ("overhead", {}, 1)]
     return out  # type: ignore[return-value]
 
 
 def effective_context(op: str, sig: dict, cache_len: int) -> int:
     """The context an entry of ``op`` is keyed by, for a cache of ``cache_len`` positions (meta tokens included):
     the cache length for attention, the ring-buffer size for sliding-window attention, 0 otherwise."""
-    if op == "attn":
+    if op in ("attn", "kattn"):
         return int(cache_len)
-    if op == "swa":
+    if op in ("swa", "kswa"):
         return int(min(cache_len, sig["swa_window"]))
     return 0
 

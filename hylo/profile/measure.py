@@ -293,19 +293,38 @@ def memory_summary(model, contexts: Iterable[int]) -> dict:
 
 
 # ----------------------------------------------------------------------------- the LUT
-def lut_points(configs, contexts: Iterable[int], batches: Iterable[int]) -> list[tuple[str, dict, int, int]]:
+def lut_points(configs, contexts: Iterable[int], batches: Iterable[int],
+               kernel_step: bool = False) -> list[tuple[str, dict, int, int]]:
     """``(op, sig, context, batch)`` to measure so that every piece of these models has entries over the grid
-    (context-free pieces at one context; sliding windows at min(window, context); ``overhead`` at batch 1)."""
+    (context-free pieces at one context; sliding windows at min(window, context); ``overhead`` at batch 1);
+    ``kernel_step``: also the kernel decode step's pieces of the models it applies to, at the batches it takes."""
+    from ..engine.kernel_step import config_applicable
+
+    contexts, batches = list(contexts), list(batches)
     seen, out = set(), []
     for cfg in configs:
-        for op, sig, _ in model_pieces(cfg):
-            for c in contexts:
-                for b in ([1] if op == "overhead" else batches):
-                    key = (op, repr(sorted(sig.items())), effective_context(op, sig, c), b)
-                    if key not in seen:
-                        seen.add(key)
-                        out.append((op, sig, effective_context(op, sig, c), b))
+        plans = [(model_pieces(cfg), batches)]
+        kb = [b for b in batches if config_applicable(cfg, b)] if kernel_step else []
+        if kb:
+            plans.append((model_pieces(cfg, kernel_step=True), kb))
+        for pieces, bs in plans:
+            for op, sig, _ in pieces:
+                for c in contexts:
+                    for b in ([1] if op == "overhead" else bs):
+                        key = (op, repr(sorted(sig.items())), effective_context(op, sig, c), b)
+                        if key not in seen:
+                            seen.add(key)
+                            out.append((op, sig, effective_context(op, sig, c), b))
     return out
+
+
+def kernel_step_taken(device) -> bool:
+    """Whether a runner on ``device`` takes :mod:`hylo.engine.kernel_step` where a model allows it: the switch
+    is on and the runner's GEMV would be (``HYLO_GEMV``: ``on``, or ``auto`` on a device the kernel supports)."""
+    from ..engine import kernel_step
+    from ..ops import gemv
+
+    return kernel_step.get_kernel_step() == "on" and gemv.enabled(torch.device(device))
 
 
 def _measure_overhead(device, iters: int, repeats: int) -> float:
@@ -332,11 +351,13 @@ def _copies(wbytes: float, sbytes: float, target: float, max_copies: int) -> int
 def build_lut(configs, contexts: Iterable[int], batches: Iterable[int], device="cuda",
               dtype: torch.dtype = torch.bfloat16, lut: LUT | None = None, repeats: int = 3,
               mem_fraction: float = 0.5, l2_multiple: float = 4.0, max_copies: int = 16, target_ms: float = 20.0,
-              log: Callable[[str], None] | None = None, time_limit_s: float | None = None) -> LUT:
+              log: Callable[[str], None] | None = None, time_limit_s: float | None = None,
+              kernel_step: bool | None = None) -> LUT:
     """Measure the LUT entries the pieces of ``configs`` need over ``contexts`` x ``batches`` (those already in
     ``lut`` are kept). A point whose state would exceed ``mem_fraction`` of free memory is recorded as skipped;
     a failing point is recorded with its error; neither stops the build. ``time_limit_s`` stops early (the
-    table is usable as it is)."""
+    table is usable as it is). ``kernel_step`` (default: where a runner on ``device`` would take it): also the
+    kernel decode step's pieces (``kattn``, ``kswa``, ``kffn``, ``khead``)."""
     from .report import environment
 
     lut = lut if lut is not None else LUT()
@@ -357,7 +378,10 @@ def build_lut(configs, contexts: Iterable[int], batches: Iterable[int], device="
     else:
         target, max_copies = 0, 1
     db = torch.empty((), dtype=dtype).element_size()
-    todo = [p for p in lut_points(configs, contexts, batches) if not lut.has(p[0], p[1], p[2], p[3])]
+    if kernel_step is None:
+        kernel_step = kernel_step_taken(device)
+    todo = [p for p in lut_points(configs, contexts, batches, kernel_step)
+            if not lut.has(p[0], p[1], p[2], p[3])]
     t_start = time.perf_counter()
     done = 0
     # small batches of every piece first, so that a build cut by the time limit still covers every operator

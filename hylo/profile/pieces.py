@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import HyloConfig
 from ..layers import layer_class
-from .lut import LAYER_OPS, SIG_FIELDS, LUTError, sig_key
+from .lut import KERNEL_STEP_BASE, LAYER_OPS, SIG_FIELDS, LUTError, sig_key
 
 
 def config_for(op: str, sig: dict) -> HyloConfig:
@@ -117,8 +117,64 @@ class HeadPiece(nn.Module):
         return torch.randn(batch_size, 1, self.hidden_size, device=device, dtype=dtype)
 
 
+class KernelBlockPiece(nn.Module):
+    """A whole block (pre-norm, operator, residual) as :mod:`hylo.engine.kernel_step` computes it: ``kattn``,
+    ``kswa`` or ``kffn``; its GEMVs and attention launched with PDL where :mod:`hylo.ops.pdl` is on, as in the
+    step. ``x`` is ``[B, D]`` (the step's rows), ``pos`` ``[B]``. Needs the GEMV (CUDA, or Triton's interpreter)."""
+
+    def __init__(self, op: str, sig: dict):
+        super().__init__()
+        from ..layers.norm import RMSNorm
+
+        base = KERNEL_STEP_BASE[op]
+        cfg = config_for(base, sig)
+        self.hidden_size = cfg.hidden_size
+        self.norm = RMSNorm(cfg.hidden_size)
+        self.mixer = layer_class(base)(cfg, cfg.layers.index(base))
+        self.attention = base != "ffn"
+        self._freq = None
+
+    def step(self, x, state, pos):
+        from ..engine import kernel_step as K
+        from ..ops import pdl
+        from ..ops.rope import inv_freq
+
+        on = pdl.enabled(x.device)
+        gemv = K.gemv_launcher(on, pdl.persistent())
+        if not self.attention:
+            return K.ffn_block(self, x, gemv)
+        if self._freq is None:
+            self._freq = inv_freq(self.mixer.head_dim, self.mixer.rope_theta, x.device)
+        return K.attn_block(self, x, state, pos, self._freq, gemv, on)
+
+    def init_state(self, batch_size, cache_len, device=None, dtype=None):
+        return self.mixer.init_state(batch_size, cache_len, device=device, dtype=dtype) if self.attention else {}
+
+    def inputs(self, batch_size, device, dtype):
+        return torch.randn(batch_size, self.hidden_size, device=device, dtype=dtype)
+
+
+class KernelHeadPiece(HeadPiece):
+    """``khead``: the final norm inside the LM head's GEMV, as the kernel step computes it (a weight-normalized
+    head is normalized once per runner, outside the step)."""
+
+    def step(self, x, state, pos):
+        from ..engine import kernel_step as K
+        from ..ops import pdl
+
+        return K.head_logits(x, self.lm_head.weight, self.norm, K.gemv_launcher(pdl.enabled(x.device),
+                                                                                pdl.persistent()))
+
+    def inputs(self, batch_size, device, dtype):
+        return torch.randn(batch_size, self.hidden_size, device=device, dtype=dtype)
+
+
 def make_piece(op: str, sig: dict) -> nn.Module:
     """A fresh piece (random weights, on the current default device) for ``op`` with signature ``sig``."""
+    if op in ("kattn", "kswa", "kffn"):
+        return KernelBlockPiece(op, sig)
+    if op == "khead":
+        return KernelHeadPiece(sig)
     if op in LAYER_OPS:
         return LayerPiece(op, sig)
     if op == "norm":
@@ -158,7 +214,7 @@ def _state_bytes(op: str, key: str, cache_len: int, dtype: torch.dtype) -> int:
 
 def state_bytes(op: str, sig: dict, cache_len: int, dtype: torch.dtype = torch.bfloat16) -> int:
     """Bytes of decode state of one sequence for a cache of ``cache_len`` positions (0 for stateless pieces)."""
-    if op in ("overhead", "norm", "embed", "head", "ffn"):
+    if op in ("overhead", "norm", "embed", "head", "ffn", "khead", "kffn"):
         return 0
     return _state_bytes(op, sig_key(op, sig), int(cache_len), dtype)
 

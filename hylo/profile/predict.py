@@ -6,11 +6,12 @@ One decode step is predicted as ``overhead + embed + sum over layers (norm + op)
 bytes per sequence + the largest per-row temporary memory of a layer's step, as measured for the LUT, or
 scaled from the nearest signature measured).
 
-The LUT times each layer's own step (PyTorch ops). Models of only attention and FFN blocks decode on CUDA
-through :mod:`hylo.engine.kernel_step` by default (its own fused kernels: 0.90 against 1.44 ms/token compiled
-for Qwen3-0.6B's shape), which these sums do not model, so they over-predict such models' decode time;
-``HYLO_KERNEL_STEP=off`` measures the step they predict (the predictor's error table in README was measured before
-the kernel step became the default).
+Models of only attention and FFN blocks decode on CUDA at up to ``gemv.MAX_ROWS`` rows through
+:mod:`hylo.engine.kernel_step` (its own fused kernels: 0.90 against 1.44 ms/token compiled for Qwen3-0.6B's
+shape). Where the LUT holds that step's pieces (``kattn``, ``kswa``, ``kffn``, ``khead``; measured where a runner
+would take the step), such a model's step is predicted from them (:func:`kernel_step_used`); its attention reads
+the cache only up to the position, so a static cache's generation time is integrated over positions. A LUT
+without them (older tables) predicts the step of PyTorch ops, which ``HYLO_KERNEL_STEP=off`` measures.
 """
 
 from __future__ import annotations
@@ -109,11 +110,23 @@ class DecodePrediction:
     by_op: dict = field(default_factory=dict)  # ms per step by piece, all layers of one operator summed
     scaled: list = field(default_factory=list)  # pieces estimated from other widths
     extrapolated: bool = False
+    kernel_step: bool = False  # predicted from the kernel decode step's pieces
 
     def to_dict(self) -> dict:
         return {"context": self.context, "batch": self.batch, "ms_per_token": self.ms_per_token,
                 "tokens_per_s": self.tokens_per_s, "by_op": self.by_op, "scaled": self.scaled,
-                "extrapolated": self.extrapolated}
+                "extrapolated": self.extrapolated, "kernel_step": self.kernel_step}
+
+
+def kernel_step_used(config, lut: LUT, batch: int) -> bool:
+    """Whether the step of a model of ``config`` at ``batch`` rows is predicted from the kernel decode step's
+    pieces: the step applies (:func:`hylo.engine.kernel_step.config_applicable`) and the LUT measured them."""
+    from ..engine.kernel_step import config_applicable
+
+    if not config_applicable(config, batch):
+        return False
+    need = {op for op, _, _ in model_pieces(config, kernel_step=True)} - {"embed", "overhead"}
+    return need <= {e["op"] for e in lut.entries if "error" not in e}
 
 
 def predict_decode(config, lut: LUT, context: int, batch: int = 1, space: str = "linear") -> DecodePrediction:
@@ -122,8 +135,9 @@ def predict_decode(config, lut: LUT, context: int, batch: int = 1, space: str = 
         raise ValueError(f"context and batch must be >= 1, got context={context}, batch={batch}")
     work = work_fn(lut_dtype(lut))
     cache_len = context + config.num_meta_tokens
+    kstep = kernel_step_used(config, lut, batch)
     total, by_op, scaled, extra = 0.0, {}, [], False
-    for op, sig, count in model_pieces(config):
+    for op, sig, count in model_pieces(config, kernel_step=kstep):
         # the per-step overhead (token copy, graph launch) does not depend on the batch: measured at batch 1
         r: Lookup = lut.lookup(op, sig, cache_len, 1 if op == "overhead" else batch, space=space, work=work)
         by_op[op] = by_op.get(op, 0.0) + count * r.ms
@@ -131,7 +145,7 @@ def predict_decode(config, lut: LUT, context: int, batch: int = 1, space: str = 
         extra |= r.extrapolated
         if r.how != "exact" and op not in scaled:
             scaled.append(op)
-    return DecodePrediction(context, batch, total, 1e3 * batch / total, by_op, scaled, extra)
+    return DecodePrediction(context, batch, total, 1e3 * batch / total, by_op, scaled, extra, kstep)
 
 
 def predict_generate(config, lut: LUT, n_tokens: int = 8192, batch: int = 1, cache: str = "static",
@@ -141,18 +155,19 @@ def predict_generate(config, lut: LUT, n_tokens: int = 8192, batch: int = 1, cac
     ``cache="static"``: the cache is allocated for ``n_tokens`` up front (hylo's engine), so every step costs the
     step at that cache length. ``cache="growing"``: the cache length follows the context (an engine that sizes
     its cache to the live context, as a dynamic KV cache does): the step time integrated over the context,
-    sampled at ``points`` geometrically spaced lengths."""
-    if cache == "static":
+    sampled at ``points`` geometrically spaced lengths. With the kernel decode step (:func:`kernel_step_used`)
+    attention reads only up to the position, so a static cache is integrated over positions as well."""
+    if cache == "static" and not kernel_step_used(config, lut, batch):
         ms = predict_decode(config, lut, n_tokens, batch, space).ms_per_token
         return {"seconds": n_tokens * ms / 1e3, "tokens": n_tokens, "batch": batch, "cache": cache,
                 "ms_per_token": ms}
-    if cache != "growing":
+    if cache not in ("static", "growing"):
         raise ValueError(f"cache must be 'static' or 'growing', got {cache!r}")
     ctxs = sorted({max(1, round(math.exp(math.log(n_tokens) * i / (points - 1)))) for i in range(points)})
     pts = [(c, predict_decode(config, lut, c, batch, space).ms_per_token) for c in ctxs]
     total = integrate_steps(pts, n_tokens)
     return {"seconds": total / 1e3, "tokens": n_tokens, "batch": batch, "cache": cache,
-            "ms_per_token": total / n_tokens}
+            "ms_per_token": total / n_tokens, **({"integrated": "kernel step"} if cache == "static" else {})}
 
 
 # ----------------------------------------------------------------------------- throughput
