@@ -8,8 +8,9 @@
    written to ``OUT/lut.json``; ``--skip-lut`` measures nothing (predicts from ``--lut`` as it is).
 2. Profiles each model with random weights in bf16 (``hylo.profile.report.profile_model``): ms/token at batch 1
    (CUDA graph) at contexts 1K and 32K; the time to generate 8K tokens at batch 1 from an empty context (step
-   time sampled at 3 positions of an 8K cache and integrated: hylo's attention step reads its whole preallocated
-   cache, so the step time does not grow with the position); throughput at 32K context at the largest batch
+   time sampled at 3 positions of an 8K cache and integrated: the step of PyTorch ops reads attention's whole
+   preallocated cache, so its time does not grow with the position, while the kernel decode step's attention,
+   taken by attention + FFN models on CUDA, reads up to the position); throughput at 32K context at the largest batch
    that fits (free memory x 0.9 over state + step temporaries per row, measured) and at batches 1, 16, 128.
 3. Predicts each of those numbers from the LUT and the config alone and reports the relative errors; goal:
    |error| <= 10% on every reported quantity (8K-token time, decode ms/token, throughput at every batch, max

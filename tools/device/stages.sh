@@ -51,6 +51,9 @@ for stage in "$@"; do
       mkdir -p $R/passkey
       cp /tmp/passkey-run/metrics.jsonl /tmp/passkey-run/curves.png /tmp/passkey-run/train_config.json $R/passkey/ 2>/dev/null
       lim ${RT_LIMIT:-100} python3 -m hylo.cli eval retrieval /tmp/passkey-run --lengths ${RT_LENGTHS:-512,1024,2048} --haystack .carry/evaldata/gutenberg_val.txt.gz --out $R/passkey 2>&1 | tail -12;;
+    profile) # issue 4's predictor with the kernel step's pieces: extends the carried-in-tree LUT of profile-h100-run2
+      # with kattn/kffn/khead, then measures and predicts the attention-only models (~3 min; PF_MODELS, PF_LIMIT)
+      lim ${PF_LIMIT:-300} python3 benchmarks/profile_models.py --lut benchmarks/results/profile-h100-run2/lut.json --out $R/profile --models ${PF_MODELS:-all-attn-1b,qwen3-0.6b} 2>&1 | tail -25;;
     gemv) lim ${G_LIMIT:-150} python3 benchmarks/gemv.py --out $R/gemv.json ${G_ARGS:-} 2>&1 | tail -30;;
     ssdgrads) lim ${SSD_LIMIT:-330} python3 benchmarks/ssd_bwd_check.py --cases grads --case-timeout 240 --out $R/ssd_grads.json 2>&1 | tail -30;;
     cmd) eval "$CMD";;
