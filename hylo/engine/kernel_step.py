@@ -69,6 +69,11 @@ set_step_prefetch, get_step_prefetch, step_prefetch_mode = _PREFETCH.set, _PREFE
 PREFETCH_BYTES = 24 << 20  # at most half an H100's L2 per attention layer
 
 
+def head_size_ok(hd: int) -> bool:
+    """The attention kernel's head sizes: powers of two in 16..256."""
+    return 16 <= hd <= 256 and not hd & (hd - 1)
+
+
 def applicable(model, batch_size: int, head: torch.Tensor) -> str | None:
     """``None`` if :func:`step` computes ``model``'s decode step at ``batch_size``; else why not (for messages)."""
     if batch_size > G.MAX_ROWS:
@@ -79,7 +84,7 @@ def applicable(model, batch_size: int, head: torch.Tensor) -> str | None:
         if isinstance(m, Attention):
             linears = (m.qkv_proj, m.o_proj)
             hd = m.head_dim
-            if hd < 16 or hd > 256 or hd & (hd - 1):
+            if not head_size_ok(hd):
                 return f"layer {i}: head size {hd} (the attention kernel takes powers of two in 16..256)"
         elif isinstance(m, SwiGLU):
             linears = (m.gate_up_proj, m.down_proj)
@@ -97,10 +102,9 @@ def applicable(model, batch_size: int, head: torch.Tensor) -> str | None:
 def config_applicable(config, batch_size: int) -> bool:
     """Whether a model of ``config`` would take the step at ``batch_size`` (:func:`applicable` on what a config
     says: block kinds, head size, rows), for the predictor, which builds no model."""
-    hd = config.attn_head_dim
     attn = any(op in ("attn", "swa") for op in config.layers)
     return (batch_size <= G.MAX_ROWS and all(op in ("attn", "swa", "ffn") for op in config.layers)
-            and (not attn or (16 <= hd <= 256 and not hd & (hd - 1))))
+            and (not attn or head_size_ok(config.attn_head_dim)))
 
 
 def enabled(model, batch_size: int, head: torch.Tensor, gemv_on: bool) -> bool:

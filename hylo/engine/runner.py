@@ -216,10 +216,10 @@ class DecodeRunner:
         if self.kernel_step:
             freqs, persistent = kernel_step.frequencies(model), pdl.persistent()
             pf_mode = kernel_step.get_step_prefetch()  # HYLO_STEP_PREFETCH: the attention kernels' L2 requests
-            plan = kernel_step.prefetch_plan(model) if pf_mode != "off" else None
-            self.step_prefetch = pf_mode if plan else "off"
+            pf_plan = kernel_step.prefetch_plan(model) if pf_mode != "off" else None
+            self.step_prefetch = pf_mode if pf_plan else "off"
             return lambda tokens: kernel_step.step(model, tokens, states, pos, head, freqs, self.pdl, persistent,
-                                                   plan, pf_mode == "late")
+                                                   pf_plan, pf_mode == "late")
         plan = [fused.fusable(b) for b in model.layers]
 
         def make(block_step):

@@ -4,10 +4,11 @@ batch that fits, memory, and the per-operator LUT (:func:`build_lut`).
 Timing (CUDA): warm up first, then per repeat time ``iters`` calls between two CUDA events and take the median
 over repeats of the mean per call. Whole-model decode steps go through :class:`hylo.engine.DecodeRunner` (one
 CUDA graph per runner; ``runner.step`` as the engine calls it; ``kernel_step`` in a result says whether the
-runner took :mod:`hylo.engine.kernel_step`, the default for attention + FFN models on CUDA). LUT entries time one piece's step captured in a
-CUDA graph over several copies of the piece (distinct weights and states, together larger than the L2 cache,
-so weights come from device memory as they do in a whole model), replayed ``iters`` times behind a GPU sleep
-so the host enqueues every replay before the GPU starts: the entry is GPU time per call.
+runner took :mod:`hylo.engine.kernel_step`, the default for attention + FFN models on CUDA). LUT entries time
+one piece's step captured in a CUDA graph over several copies of the piece (distinct weights and states,
+together larger than the L2 cache, so weights come from device memory as they do in a whole model), replayed
+``iters`` times behind a GPU sleep so the host enqueues every replay before the GPU starts: the entry is GPU time
+per call.
 
 On the CPU everything runs eagerly (no graphs, ``time.perf_counter``), slowly and meaninglessly for a GPU, but
 the same code path: tests run the whole flow on tiny models.
