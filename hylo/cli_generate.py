@@ -46,7 +46,8 @@ def generate_command(
                                               help="cache length per row (default: longest prompt + new tokens)"),
     cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="capture the decode step (CUDA)"),
     compile: bool = typer.Option(False, "--compile", help="compile the decode step (torch.compile) before capture: "
-                                 "faster steps, a slower start"),
+                                 "faster steps, a slower start; no effect on an attention + FFN model on CUDA, whose "
+                                 "step is hylo's own kernels (HYLO_KERNEL_STEP)"),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="stream the text of a single prompt"),
 ):
     """Generate text from a hylo model with its tokenizer (batched, CUDA-graphed decoding on GPUs)."""
