@@ -9,6 +9,8 @@
 #   && ln -sfn $PWD/.whl /tmp/w/.whl && cd /tmp/w && HYLO_COMMIT=<sha> LANE=0 ... bash .carry/h100.sh STAGES
 # (a fixed path keeps inductor's cache keys stable between calls), carrying .whl, .carry/h100.sh, .carry/tcache and
 # the data a stage needs (.carry/gbsmall, linked as .carry/gbpack, for tt: 4 MB; .carry/gbpack itself is 24 MB).
+# passkey carries .whl, .carry/h100.sh, .carry/gbraw (46 MB), .carry/tok16k and .carry/evaldata: ~57 MB with the
+# tree, so no .carry/tcache (its compile is ~1 min cold). decode and profile need only .whl and .carry/h100.sh.
 # Results go to /tmp/res$LANE, tarred to $OUT/res$LANE.tgz; the Triton cache comes back as $OUT/tcache$LANE.part*
 # pieces of 15 MB (the device returns files of at most 16 MiB): `cat tcache0.part* > .carry/tcache/all.tgz`.
 set -u
