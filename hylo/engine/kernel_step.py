@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from hylo.layers.attention import Attention
 from hylo.layers.ffn import SwiGLU
 from hylo.ops import decode_attention as dattn
+from hylo.ops import decode_ffn as dffn
 from hylo.ops import gemv as G
 from hylo.ops.backend import Choice
 from hylo.ops.rope import inv_freq
@@ -151,9 +152,14 @@ def gemv_launcher(pdl: bool, persistent: bool = False):
     return functools.partial(G.gemv_direct, pdl=pdl, persistent=persistent)
 
 
-def ffn_block(block, h: torch.Tensor, gemv) -> torch.Tensor:
-    """An FFN block: ``h + down(SwiGLU(gate_up(norm(h))))`` as two GEMVs (pre-norm, then SwiGLU and residual)."""
+def ffn_block(block, h: torch.Tensor, gemv, pdl: bool = False) -> torch.Tensor:
+    """An FFN block: ``h + down(SwiGLU(gate_up(norm(h))))`` as two GEMVs (pre-norm, then SwiGLU and residual),
+    or as one kernel with ``HYLO_FFN_FUSE=on`` (:func:`hylo.ops.decode_ffn.decode_ffn`) where its workspace
+    exists or can be made (not on a first call inside a graph capture)."""
     n, m = block.norm, block.mixer
+    if dffn.get_ffn_fuse() == "on" and dffn.workspace(h.device, h.dtype, h.shape[0], m.down_proj.in_features):
+        return dffn.decode_ffn(h, m.gate_up_proj.weight, m.down_proj.weight, n.weight, n.eps, m.gate_up_proj.bias,
+                               m.down_proj.bias, pdl=pdl)
     gu = gemv(h, m.gate_up_proj.weight, m.gate_up_proj.bias, n.weight, n.eps)
     return gemv(gu, m.down_proj.weight, m.down_proj.bias, residual=h, swiglu=True)
 
@@ -173,7 +179,7 @@ def attn_block(block, h: torch.Tensor, st: dict, pos: torch.Tensor, inv_freq: to
 
 def head_logits(h: torch.Tensor, head: torch.Tensor, norm, gemv) -> torch.Tensor:
     """The final norm inside the LM head's GEMV: ``[B, D] -> [B, vocab]``."""
-    return gemv(h, head, None, norm.weight, norm.eps)
+    return gemv(h, head, None, norm.weight, norm.eps, preload=False)  # bandwidth-bound: the plain GEMV
 
 
 def step(model, tokens: torch.Tensor, states, pos: torch.Tensor, head: torch.Tensor,
@@ -187,7 +193,7 @@ def step(model, tokens: torch.Tensor, states, pos: torch.Tensor, head: torch.Ten
     h = F.embedding(tokens.view(-1), model.embed_tokens.weight)  # [B, D]
     for i, (block, st) in enumerate(zip(model.layers, states)):
         if isinstance(block.mixer, SwiGLU):
-            h = ffn_block(block, h, gemv)
+            h = ffn_block(block, h, gemv, pdl)
         else:
             h = attn_block(block, h, st, pos, freqs[i], gemv, pdl, (prefetch or {}).get(i), prefetch_late)
     logits = head_logits(h, head, model.norm, gemv)

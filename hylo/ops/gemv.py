@@ -53,6 +53,9 @@ set_gemv, get_gemv, gemv_mode = _GEMV.set, _GEMV.get, _GEMV.use
 # split-K for direct launches (the kernel decode step): off until timed on a GPU
 _SPLIT = Choice("GEMV split-K", "HYLO_GEMV_SPLIT", ("off", "on"), "off")
 set_gemv_split, get_gemv_split, gemv_split_mode = _SPLIT.set, _SPLIT.get, _SPLIT.use
+# weights into registers before the PDL wait, for direct launches (the kernel decode step): off until timed
+_PRELOAD = Choice("GEMV weight preload", "HYLO_GEMV_PRELOAD", ("off", "on"), "off")
+set_gemv_preload, get_gemv_preload, gemv_preload_mode = _PRELOAD.set, _PRELOAD.get, _PRELOAD.use
 
 
 def supported(device: torch.device) -> bool:
@@ -188,6 +191,51 @@ if triton is not None:
                 out = out.to(dt).to(tl.float32) + tl.load(r + i_m * N + rows, mask=m_n, other=0.0).to(tl.float32)
             tl.store(y + i_m * N + rows, out.to(y.dtype.element_ty), mask=m_y)
 
+    def _gemv_pre_kernel(x, w, b, y, nw, r, M, N, eps, K: tl.constexpr, KP: tl.constexpr, XK: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
+                         PDL: tl.constexpr, INTERP: tl.constexpr, BN: tl.constexpr):
+        # The preloading GEMV (HYLO_GEMV_PRELOAD): one tile of BN outputs per program, whole rows (K, padded to
+        # KP), for every row of x. Its weights (and the norm's weights and the bias) are loaded into registers
+        # before the PDL wait, while the kernel before it still runs, so what follows the wait is one load of x,
+        # the products and the store: no read of W on the step's critical path. Same fusions and roundings as
+        # _gemv_kernel.
+        pid = tl.program_id(0)
+        rows = pid * BN + tl.arange(0, BN)
+        m_n = rows < N
+        cols = tl.arange(0, KP)
+        m_k = cols < K
+        dt = x.dtype.element_ty
+        wt = tl.load(w + rows[:, None].to(tl.int64) * K + cols[None, :], mask=m_n[:, None] & m_k[None, :],
+                     other=0.0)
+        if NORM:
+            nwk = tl.load(nw + cols, mask=m_k, other=0.0).to(dt).to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(b + rows, mask=m_n, other=0.0).to(tl.float32)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        mm = M
+        if INTERP:  # the interpreter keeps scalars as 1-element arrays (a tuple assignment keeps its int)
+            mm, _ = mm.handle.data.item(), 0
+        for i_m in range(0, mm):
+            xk = tl.load(x + i_m * XK + cols, mask=m_k, other=0.0).to(tl.float32)
+            if SWIGLU:
+                up = tl.load(x + i_m * XK + K + cols, mask=m_k, other=0.0).to(tl.float32)
+                xk = ((xk / (1.0 + tl.exp(-xk))).to(dt).to(tl.float32) * up).to(dt).to(tl.float32)
+            if NORM:
+                var = (tl.reduce(xk * xk, 0, tl.standard._sum_combine) / K + eps).to(tl.float32)
+                xk = ((xk * (1.0 / tl.sqrt(var))).to(dt).to(tl.float32) * nwk).to(dt).to(tl.float32)
+            out = tl.reduce(wt.to(tl.float32) * xk[None, :], 1, tl.standard._sum_combine)
+            if HAS_BIAS:
+                out += bias
+            if RESIDUAL:
+                out = out.to(dt).to(tl.float32) + tl.load(r + i_m * N + rows, mask=m_n, other=0.0).to(tl.float32)
+            tl.store(y + i_m * N + rows, out.to(y.dtype.element_ty), mask=m_n)
+
+    # preloading candidates: a tile of at most PRELOAD_ELEMS weights held in registers
+    _PRE_CONFIGS = [triton.Config({"BN": bn}, num_warps=nw) for bn in (1, 2, 4, 8, 16, 32) for nw in (4, 8, 16)]
+    _INTERP_PRE_BN = 4
+
     _CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=nw, num_stages=ns)
                 for bn in (4, 8, 16) for bk in (256, 512, 1024) for nw in (4, 8) for ns in (2, 4)
                 if bn * bk <= 8192]
@@ -204,6 +252,27 @@ def _jit(interpret: bool, split: bool = False):
                for c in _CONFIGS] + _SPLIT_CONFIGS if split else _CONFIGS
     return k if interpret else triton.autotune(configs=configs, key=["M", "N", "K", "HAS_BIAS", "NORM", "SWIGLU",
                                                                       "RESIDUAL", "PDL", "grid_cap"])(k)
+
+
+PRELOAD_ELEMS = 16384  # the preloading GEMV's tile: at most this many weights (32 KB of bf16) per program
+
+
+def _pre_prune(configs, named_args, **kwargs):
+    kp = named_args["KP"] if "KP" in named_args else kwargs["KP"]
+    return [c for c in configs if c.kwargs["BN"] * kp <= PRELOAD_ELEMS] or configs[:1]
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_pre(interpret: bool):
+    k = triton.jit(_gemv_pre_kernel)
+    return k if interpret else triton.autotune(configs=_PRE_CONFIGS, key=["M", "N", "K", "HAS_BIAS", "NORM", "SWIGLU",
+                                                                          "RESIDUAL", "PDL"],
+                                               prune_configs_by={"early_config_prune": _pre_prune})(k)
+
+
+def preload_fits(K: int) -> bool:
+    """Whether the preloading GEMV takes rows of ``K`` weights (a tile of at least one whole row)."""
+    return triton is not None and triton.next_power_of_2(K) <= PRELOAD_ELEMS
 
 
 def kernel(split: bool = False):
@@ -319,15 +388,40 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 def gemv_direct(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 norm_weight: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
                 swiglu: bool = False, pdl: bool = False, persistent: bool = False,
-                split: bool | None = None) -> torch.Tensor:
+                split: bool | None = None, preload: bool | None = None) -> torch.Tensor:
     """:func:`gemv` launched directly, outside torch's op machinery (``hylo.engine.kernel_step``): with ``pdl``
     the launch may overlap the kernel before it (Hopper and later; ignored under the interpreter), and with
     ``persistent`` too its grid is capped at :func:`max_programs` so that all of it prefetches early; ``split``
-    (default: ``HYLO_GEMV_SPLIT=on``) lets the autotuner split K, for matrices with few outputs."""
+    (default: ``HYLO_GEMV_SPLIT=on``) lets the autotuner split K, for matrices with few outputs; ``preload``
+    (default: ``HYLO_GEMV_PRELOAD=on``) takes the preloading kernel where rows fit (:func:`preload_fits`): each
+    program holds its tile of W in registers, loaded before the PDL wait."""
     if triton is None:
         raise RuntimeError("hylo.ops.gemv needs Triton")
+    preload = _PRELOAD.value == "on" if preload is None else preload
+    if preload and preload_fits(weight.shape[-1]):
+        return _launch_preload(x, weight, bias, norm_weight, eps, residual, swiglu, pdl)
     split = _SPLIT.value == "on" if split is None else split
     return _launch(x, weight, bias, norm_weight, eps, residual, swiglu, pdl, lambda k: k, persistent, split)
+
+
+def _launch_preload(x, weight, bias, norm_weight, eps, residual, swiglu, pdl: bool) -> torch.Tensor:
+    """Check, allocate and launch the preloading kernel: one program per ``BN`` outputs, all rows of ``x``."""
+    _check(x, weight, bias, norm_weight, residual, swiglu)
+    M, (N, K) = x.shape[0], weight.shape
+    x = x.contiguous()
+    y = x.new_empty(M, N)
+    interp = triton_interpreting()
+    b = x if bias is None else bias.contiguous()
+    nw = x if norm_weight is None else norm_weight.contiguous()
+    r = x if residual is None else residual.contiguous()
+    cfg = {"BN": _INTERP_PRE_BN} if interp else {}
+    if pdl and not interp:
+        cfg["launch_pdl"] = True
+    _jit_pre(interp)[lambda meta: (triton.cdiv(N, meta["BN"]),)](
+        x, weight, b, y, nw, r, M, N, float(eps), K, triton.next_power_of_2(K), 2 * K if swiglu else K,
+        HAS_BIAS=bias is not None, NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
+        PDL=pdl and not interp, INTERP=interp, **cfg)
+    return y
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
