@@ -9,8 +9,8 @@ and end from the profiler's trace. Per step it reports:
 - ``period_ms``: start of one step's first kernel to the next step's (what a token costs on the GPU's clock);
 - ``span_ms`` (first start to last end), ``busy_ms`` (union of the kernels' intervals), ``idle_ms`` = span - busy,
   ``overlap_ms`` = summed durations - busy (kernels running at once: PDL's early launches);
-- ``by_role``: per kernel role (``qkv``, ``attn``, ``combine``, ``o_proj``, ``ffn_in``, ``ffn_out``, ``ffn`` (the
-  fused block), ``head``, or the kernel's name elsewhere): calls, summed duration and summed *increment* -- how far
+- ``by_role``: per kernel role (``qkv``, ``attn``, ``combine``, ``o_proj``, ``ffn_in``, ``ffn_out``, ``head``, or
+  the kernel's name elsewhere): calls, summed duration and summed *increment* -- how far
   the kernel moved the step's last end forward (end minus the latest end before it). The increments add up to the
   span, so they say what each role costs with overlap and gaps included.
 
@@ -52,7 +52,7 @@ from hylo.profile.report import environment  # noqa: E402
 
 # a GEMV's role in the kernel step follows from the kernel before it (hylo.engine.kernel_step's order)
 _GEMV_AFTER = {"attn": "o_proj", "combine": "o_proj", "o_proj": "ffn_in", "ffn_in": "ffn_out", "ffn_out": "qkv",
-               "ffn": "qkv", "embed": "qkv"}  # ffn: the fused FFN block (HYLO_FFN_FUSE)
+               "embed": "qkv"}
 
 
 def roles(names: list[str]) -> list[str]:
@@ -67,8 +67,6 @@ def roles(names: list[str]) -> list[str]:
             r = "attn"
         elif "_combine_kernel" in n:
             r = "combine"
-        elif "_ffn_kernel" in n:
-            r = "ffn"
         elif "indexSelect" in n or "embedding" in n.lower():
             r = "embed"
         else:

@@ -353,3 +353,25 @@ def test_result_files_record_the_kernel_switches(monkeypatch):
     assert sw["HYLO_GEMV"] == "off" and sw["HYLO_PAD_HEADS"] == "0"
     assert {"HYLO_BACKEND", "HYLO_SDPA", "HYLO_DECODE_ATTN", "HYLO_LINEAR_CE", "HYLO_SSD_PAD_V"} <= set(sw)
     assert versions()["switches"]["HYLO_GEMV"] == G.get_gemv()
+
+
+@pytest.mark.parametrize("fused", ["plain", "norm+residual", "swiglu+bias"])
+@pytest.mark.parametrize("M", [1, 3])
+def test_preloading_kernel_matches_reference(interp, fused, M):
+    """HYLO_GEMV_PRELOAD's kernel (a tile of whole rows per program, every row of x): same results as gemv_ref,
+    with the fusions; K = 100 is padded to 128 in registers."""
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, 2 * K if "swiglu" in fused else K, generator=g)
+    w = torch.randn(N, K, generator=g)
+    b = torch.randn(N, generator=g) if "bias" in fused else None
+    kw = {"norm_weight": 1 + 0.1 * torch.randn(K, generator=g), "eps": 1e-6,
+          "residual": torch.randn(M, N, generator=g)} if "norm" in fused else {"swiglu": "swiglu" in fused}
+    got = G.gemv_direct(x, w, b, preload=True, **kw)
+    torch.testing.assert_close(got, G.gemv_ref(x, w, b, **kw), rtol=1e-5, atol=1e-5)
+
+
+def test_preload_modes_choose_products():
+    """on: every product whose rows fit in a tile; narrow: only those with few outputs; off: none."""
+    assert G.preload_applies(4096, 1024, "on") and not G.preload_applies(4096, 1024, "narrow")
+    assert G.preload_applies(1024, 3072, "narrow") and not G.preload_applies(1024, 3072, "off")
+    assert not G.preload_applies(1024, 2 * G.PRELOAD_ELEMS, "on")  # a row longer than a tile

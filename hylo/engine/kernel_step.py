@@ -41,10 +41,11 @@ the products with few outputs; 0.920 against 0.907 ms/token at cache 80, 0.944 a
 ``HYLO_ATTN_COMBINE=on`` (:mod:`hylo.ops.decode_attention`: no combine kernel; 0.959 at 80 and 1.353 at 2048, where
 the last split merges 64 partials alone).
 
-``HYLO_STEP_PREFETCH=early|late`` (off until timed; :func:`prefetch_plan`): each attention kernel asks L2 for the
-weights of the kernels after it (the output projection, then the next FFN block's), right after its wait or once
-its attention is done. Attention moves few bytes for ~5.6 us per layer while HBM idles; the GEMVs after it run at
-0.9-2.2 TB/s. Compiled for sm_90 in the CPU tests; untimed.
+``HYLO_STEP_PREFETCH=early|late`` (:func:`prefetch_plan`): each attention kernel asks L2 for the weights of the
+kernels after it (the output projection, then the next FFN block's), right after its wait or once its attention is
+done. Off: it made the step much slower on an H100 (``benchmarks/results/decode-timeline-h100-run3.json``: 1.446
+(early) and 1.393 (late) against 0.861 ms/token at cache 80). The attention kernels then lasted ~27 instead of ~8
+us, and the GEMVs after them got no faster: a GEMV of this step is not slow for want of its weights in L2.
 """
 
 from __future__ import annotations
@@ -57,14 +58,13 @@ import torch.nn.functional as F
 from hylo.layers.attention import Attention
 from hylo.layers.ffn import SwiGLU
 from hylo.ops import decode_attention as dattn
-from hylo.ops import decode_ffn as dffn
 from hylo.ops import gemv as G
 from hylo.ops.backend import Choice
 from hylo.ops.rope import inv_freq
 
 _SWITCH = Choice("kernel decode step", "HYLO_KERNEL_STEP", ("off", "on"), "on")
 set_kernel_step, get_kernel_step, kernel_step_mode = _SWITCH.set, _SWITCH.get, _SWITCH.use
-# the attention kernel asks L2 for the weights of the kernels after it (prefetch_plan): off until timed
+# the attention kernel asks L2 for the weights of the kernels after it (prefetch_plan): off, slower when timed
 _PREFETCH = Choice("kernel step's L2 prefetch in attention", "HYLO_STEP_PREFETCH", ("off", "early", "late"), "off")
 set_step_prefetch, get_step_prefetch, step_prefetch_mode = _PREFETCH.set, _PREFETCH.get, _PREFETCH.use
 PREFETCH_BYTES = 24 << 20  # at most half an H100's L2 per attention layer
@@ -152,14 +152,9 @@ def gemv_launcher(pdl: bool, persistent: bool = False):
     return functools.partial(G.gemv_direct, pdl=pdl, persistent=persistent)
 
 
-def ffn_block(block, h: torch.Tensor, gemv, pdl: bool = False) -> torch.Tensor:
-    """An FFN block: ``h + down(SwiGLU(gate_up(norm(h))))`` as two GEMVs (pre-norm, then SwiGLU and residual),
-    or as one kernel with ``HYLO_FFN_FUSE=on`` (:func:`hylo.ops.decode_ffn.decode_ffn`) where its workspace
-    exists or can be made (not on a first call inside a graph capture)."""
+def ffn_block(block, h: torch.Tensor, gemv) -> torch.Tensor:
+    """An FFN block: ``h + down(SwiGLU(gate_up(norm(h))))`` as two GEMVs (pre-norm, then SwiGLU and residual)."""
     n, m = block.norm, block.mixer
-    if dffn.get_ffn_fuse() == "on" and dffn.workspace(h.device, h.dtype, h.shape[0], m.down_proj.in_features):
-        return dffn.decode_ffn(h, m.gate_up_proj.weight, m.down_proj.weight, n.weight, n.eps, m.gate_up_proj.bias,
-                               m.down_proj.bias, pdl=pdl)
     gu = gemv(h, m.gate_up_proj.weight, m.gate_up_proj.bias, n.weight, n.eps)
     return gemv(gu, m.down_proj.weight, m.down_proj.bias, residual=h, swiglu=True)
 
@@ -193,7 +188,7 @@ def step(model, tokens: torch.Tensor, states, pos: torch.Tensor, head: torch.Ten
     h = F.embedding(tokens.view(-1), model.embed_tokens.weight)  # [B, D]
     for i, (block, st) in enumerate(zip(model.layers, states)):
         if isinstance(block.mixer, SwiGLU):
-            h = ffn_block(block, h, gemv, pdl)
+            h = ffn_block(block, h, gemv)
         else:
             h = attn_block(block, h, st, pos, freqs[i], gemv, pdl, (prefetch or {}).get(i), prefetch_late)
     logits = head_logits(h, head, model.norm, gemv)

@@ -11,8 +11,9 @@ fused kernel (plus a small combine when the cache is split) reads K and V once a
 - :func:`decode_qkv_attention`: the same kernels with the step's q/k/v preparation (qk-norm, RoPE, the new k/v into
   the cache; :func:`hylo.ops.decode_qkv.decode_qkv_ref`) in the split kernel's prologue, launched directly, with
   programmatic dependent launch if asked: the kernel decode step's attention (``hylo.engine.kernel_step``). With
-  ``HYLO_ATTN_COMBINE=on`` (off until timed) the last split of each KV head merges the partials, so the step has
-  no combine kernel (1.7-2.0 us per layer in ``benchmarks/results/decode-timeline-h100.json``).
+  ``HYLO_ATTN_COMBINE=on`` the last split of each KV head merges the partials, so the step has no combine kernel
+  (1.7-2.0 us per layer in ``benchmarks/results/decode-timeline-h100.json``); off, because the step was slower
+  with it (``benchmarks/results/decode-timeline-h100-run2.json``: 0.959 against 0.907 ms/token at cache 80).
 
 Inputs: ``q [B, H, 1, Dh]``, caches ``k, v [B, Hkv, L, Dh]`` (contiguous), ``pos [B]`` int >= 0: row ``b`` attends to
 slots ``s <= pos[b]`` (all ``L`` slots once ``pos[b] >= L - 1``, which is what a sliding-window ring buffer needs:
@@ -67,7 +68,7 @@ INTERP_BLOCK = 16  # the interpreter's block of slots: small, so tests cross blo
 
 _SWITCH = Choice("decode attention path", "HYLO_DECODE_ATTN", ("off", "on"), "off")
 set_decode_attn, get_decode_attn, decode_attn_mode = _SWITCH.set, _SWITCH.get, _SWITCH.use
-# the kernel decode step's attention: merge the splits in the split kernel's last program (off until timed)
+# the kernel decode step's attention: merge the splits in the split kernel's last program (off: slower when timed)
 _COMBINE = Choice("decode attention in-kernel combine", "HYLO_ATTN_COMBINE", ("off", "on"), "off")
 set_attn_combine, get_attn_combine, attn_combine_mode = _COMBINE.set, _COMBINE.get, _COMBINE.use
 

@@ -53,8 +53,9 @@ set_gemv, get_gemv, gemv_mode = _GEMV.set, _GEMV.get, _GEMV.use
 # split-K for direct launches (the kernel decode step): off until timed on a GPU
 _SPLIT = Choice("GEMV split-K", "HYLO_GEMV_SPLIT", ("off", "on"), "off")
 set_gemv_split, get_gemv_split, gemv_split_mode = _SPLIT.set, _SPLIT.get, _SPLIT.use
-# weights into registers before the PDL wait, for direct launches (the kernel decode step): off until timed
-_PRELOAD = Choice("GEMV weight preload", "HYLO_GEMV_PRELOAD", ("off", "on"), "off")
+# weights into registers before the PDL wait, for direct launches (the kernel decode step): all products that
+# fit (on), those with at most PRELOAD_NARROW outputs (narrow), none (off); see preload_applies
+_PRELOAD = Choice("GEMV weight preload", "HYLO_GEMV_PRELOAD", ("off", "narrow", "on"), "off")
 set_gemv_preload, get_gemv_preload, gemv_preload_mode = _PRELOAD.set, _PRELOAD.get, _PRELOAD.use
 
 
@@ -270,9 +271,20 @@ def _jit_pre(interpret: bool):
                                                prune_configs_by={"early_config_prune": _pre_prune})(k)
 
 
+PRELOAD_NARROW = 2048  # HYLO_GEMV_PRELOAD=narrow: products with at most this many outputs
+
+
 def preload_fits(K: int) -> bool:
     """Whether the preloading GEMV takes rows of ``K`` weights (a tile of at least one whole row)."""
     return triton is not None and triton.next_power_of_2(K) <= PRELOAD_ELEMS
+
+
+def preload_applies(N: int, K: int, mode: str | None = None) -> bool:
+    """Whether a direct launch of an ``[N, K]`` product takes the preloading kernel under ``HYLO_GEMV_PRELOAD``
+    (``mode``, default the switch's value): ``on``, wherever rows fit; ``narrow``, only for at most
+    :data:`PRELOAD_NARROW` outputs, where a tile per program is few programs (one wave) and the gain was."""
+    mode = _PRELOAD.value if mode is None else mode
+    return preload_fits(K) and (mode == "on" or (mode == "narrow" and N <= PRELOAD_NARROW))
 
 
 def kernel(split: bool = False):
@@ -393,12 +405,12 @@ def gemv_direct(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     the launch may overlap the kernel before it (Hopper and later; ignored under the interpreter), and with
     ``persistent`` too its grid is capped at :func:`max_programs` so that all of it prefetches early; ``split``
     (default: ``HYLO_GEMV_SPLIT=on``) lets the autotuner split K, for matrices with few outputs; ``preload``
-    (default: ``HYLO_GEMV_PRELOAD=on``) takes the preloading kernel where rows fit (:func:`preload_fits`): each
+    (default: :func:`preload_applies`, per ``HYLO_GEMV_PRELOAD``) takes the preloading kernel where rows fit: each
     program holds its tile of W in registers, loaded before the PDL wait."""
     if triton is None:
         raise RuntimeError("hylo.ops.gemv needs Triton")
-    preload = _PRELOAD.value == "on" if preload is None else preload
-    if preload and preload_fits(weight.shape[-1]):
+    preload = preload_applies(*weight.shape) if preload is None else preload and preload_fits(weight.shape[-1])
+    if preload:
         return _launch_preload(x, weight, bias, norm_weight, eps, residual, swiglu, pdl)
     split = _SPLIT.value == "on" if split is None else split
     return _launch(x, weight, bias, norm_weight, eps, residual, swiglu, pdl, lambda k: k, persistent, split)

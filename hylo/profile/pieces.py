@@ -142,7 +142,7 @@ class KernelBlockPiece(nn.Module):
         on = pdl.enabled(x.device)
         gemv = K.gemv_launcher(on, pdl.persistent())
         if not self.attention:
-            return K.ffn_block(self, x, gemv, on)
+            return K.ffn_block(self, x, gemv)
         if self._freq is None:
             self._freq = inv_freq(self.mixer.head_dim, self.mixer.rope_theta, x.device)
         return K.attn_block(self, x, state, pos, self._freq, gemv, on)
