@@ -31,12 +31,15 @@ def _qkv_case(dtype, qk_norm, ring, cap, B=2, H=4, Hkv=2, Dh=16, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("qk_norm", [True, False])
 @pytest.mark.parametrize("ring", [False, True])
-@pytest.mark.parametrize("cap,combine", [(8, False), (256, False), (256, True)])  # one split; 4 splits
-def test_fused_qkv_attention_matches_reference(interp, monkeypatch, dtype, qk_norm, ring, cap, combine):
+@pytest.mark.parametrize("cap,combine,early", [(8, False, "on"), (256, False, "on"), (256, True, "on"),
+                                               (256, False, "off")])  # one split; 4 splits
+def test_fused_qkv_attention_matches_reference(interp, monkeypatch, dtype, qk_norm, ring, cap, combine, early):
     """decode_qkv_attention (the split kernel with the q/k/v preparation in its prologue) against the reference
     preparation followed by the reference attention: output and both caches. ``combine``: the splits merged by
-    the split kernel's last program instead of the combine kernel (HYLO_ATTN_COMBINE)."""
+    the split kernel's last program instead of the combine kernel (HYLO_ATTN_COMBINE); ``early``: each split's
+    first K/V block loaded before the new slot is written, which is then patched in (HYLO_ATTN_EARLY_KV)."""
     monkeypatch.setattr(dattn, "MIN_SPLIT", 64)  # 4 splits of 64 slots keep the interpreter quick
+    monkeypatch.setattr(dattn._EARLY, "value", early)
     dattn._COUNTERS.clear()
     qkv, qn, kn, f, kc, vc, pos = _qkv_case(dtype, qk_norm, ring, cap)
     assert dattn.num_splits(cap, 4) == (1 if cap == 8 else 4)
@@ -222,7 +225,7 @@ def test_pdl_variants_compile_for_sm90():
                        "l_part": "*fp32", "acc_part": "*fp32", "qk_scale": "fp32", "L": "i32", "qkv": "*bf16",
                        "qw": "*bf16", "kw": "*bf16", "inv_freq": "*fp32", "eps": "fp32", "cnt": "*i32", "pf": "*i64"},
                dict(HKV=8, G=2, GP=2, D=128, BLOCK=16, NSPLIT=40, INTERP=False, PDL=True, QKV=True, QK_NORM=True,
-                    RING=False, COMBINE=True, CB=16, PF=0, PF_LATE=False, PFB=1024))
+                    RING=False, COMBINE=True, CB=16, PF=0, PF_LATE=False, PFB=1024, EARLY=False))
     assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
     assert "bar.sync" in ptx  # the prologue's new slot is stored before the program's threads read the cache
     assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx  # the in-kernel combine
@@ -233,7 +236,7 @@ def test_pdl_variants_compile_for_sm90():
                            "qw": "*bf16", "kw": "*bf16", "inv_freq": "*fp32", "eps": "fp32", "cnt": "*i32",
                            "pf": "*i64"},
                    dict(HKV=8, G=2, GP=2, D=128, BLOCK=16, NSPLIT=5, INTERP=False, PDL=True, QKV=True, QK_NORM=True,
-                        RING=False, COMBINE=False, CB=8, PF=3, PF_LATE=late, PFB=1024))
+                        RING=False, COMBINE=False, CB=8, PF=3, PF_LATE=late, PFB=1024, EARLY=False))
         lines = ptx.splitlines()
         first = {key: next(i for i, ln in enumerate(lines) if key in ln)
                  for key in ("prefetch.global.L2", "griddepcontrol.wait", "griddepcontrol.launch_dependents")}
@@ -252,6 +255,24 @@ def test_preload_gemv_compiles_for_sm90():
     lines = ptx.splitlines()
     wait = next(i for i, ln in enumerate(lines) if "griddepcontrol.wait" in ln)
     assert any("ld.global" in ln for ln in lines[:wait])  # the weights, before the wait
+
+
+def test_early_kv_loads_before_the_wait():
+    """HYLO_ATTN_EARLY_KV: the split kernel (with the q/k/v prologue) issues the first block's K and V loads before
+    its PDL wait, so more global loads precede the wait than without it (compiled for an H100, never run here)."""
+    pytest.importorskip("triton.backends.nvidia")
+    sig = {"q": "*bf16", "k": "*bf16", "v": "*bf16", "pos": "*i64", "o": "*bf16", "m_part": "*fp32",
+           "l_part": "*fp32", "acc_part": "*fp32", "qk_scale": "fp32", "L": "i32", "qkv": "*bf16", "qw": "*bf16",
+           "kw": "*bf16", "inv_freq": "*fp32", "eps": "fp32", "cnt": "*i32", "pf": "*i64"}
+    before = {}
+    for early in (False, True):
+        lines = _ptx(triton.jit(dattn._split_kernel), sig,
+                     dict(HKV=8, G=2, GP=2, D=128, BLOCK=16, NSPLIT=5, INTERP=False, PDL=True, QKV=True,
+                          QK_NORM=True, RING=False, COMBINE=False, CB=8, PF=0, PF_LATE=False, PFB=1024,
+                          EARLY=early)).splitlines()
+        wait = next(i for i, ln in enumerate(lines) if "griddepcontrol.wait" in ln)
+        before[early] = sum("ld.global" in ln for ln in lines[:wait])
+    assert before[True] > before[False] > 0, before
 
 
 def test_runner_with_prefetch_plan_same_logits(interp):

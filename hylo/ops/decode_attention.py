@@ -71,6 +71,9 @@ set_decode_attn, get_decode_attn, decode_attn_mode = _SWITCH.set, _SWITCH.get, _
 # the kernel decode step's attention: merge the splits in the split kernel's last program (off: slower when timed)
 _COMBINE = Choice("decode attention in-kernel combine", "HYLO_ATTN_COMBINE", ("off", "on"), "off")
 set_attn_combine, get_attn_combine, attn_combine_mode = _COMBINE.set, _COMBINE.get, _COMBINE.use
+# the kernel decode step's attention: each split's first block of K/V loaded before the PDL wait
+_EARLY = Choice("decode attention early K/V block", "HYLO_ATTN_EARLY_KV", ("off", "on"), "on")
+set_attn_early_kv, get_attn_early_kv, attn_early_kv_mode = _EARLY.set, _EARLY.get, _EARLY.use
 
 
 def supported(device: torch.device) -> bool:
@@ -138,7 +141,7 @@ if triton is not None:
                       HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
                       NSPLIT: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr, QKV: tl.constexpr,
                       QK_NORM: tl.constexpr, RING: tl.constexpr, COMBINE: tl.constexpr, CB: tl.constexpr,
-                      PF: tl.constexpr, PF_LATE: tl.constexpr, PFB: tl.constexpr):
+                      PF: tl.constexpr, PF_LATE: tl.constexpr, PFB: tl.constexpr, EARLY: tl.constexpr):
         # One program: the G query heads of KV head (b, kvh) over its split of the valid slots. qk_scale folds
         # log2(e) in, so the softmax runs in base 2 (exp2); the partial maxima are in that base too.
         # PDL (hylo.ops.pdl): q (or the projection) comes from the kernel before: wait before reading it.
@@ -171,6 +174,12 @@ if triton is not None:
         rows = pid * G + heads  # = b * H + kvh * G + i: the query heads' rows of q and the output
         d = tl.arange(0, D)
         kv = pid.to(tl.int64) * L * D  # this KV head's cache
+        if EARLY:  # (with QKV) the split's first block of K and V, loaded before the PDL wait: earlier steps wrote
+            # those slots, and the new one is patched in below, so the loads overlap the kernel before
+            s_first = start + tl.arange(0, BLOCK)
+            m_first = s_first < end
+            kb0 = tl.load(k + kv + s_first[:, None] * D + d[None, :], mask=m_first[:, None], other=0.0)
+            vb0 = tl.load(v + kv + s_first[:, None] * D + d[None, :], mask=m_first[:, None], other=0.0)
         if QKV:
             dt = k.dtype.element_ty
             kvh = pid % HKV
@@ -210,6 +219,10 @@ if triton is not None:
             tl.store(k + kv + slot * D + d, k_new, mask=own & (d < D))
             tl.store(v + kv + slot * D + d, v_new, mask=own & (d < D))
             tl.debug_barrier()  # the new slot's stores before this program's threads read the cache
+            if EARLY:  # the first block was loaded before the new slot was written
+                new = (s_first == slot)[:, None]
+                kb0 = tl.where(new, k_new[None, :], kb0)
+                vb0 = tl.where(new, v_new[None, :], vb0)
             qt = (qr.to(tl.float32) * qk_scale).to(tl.float32)
         else:
             # cast after scaling: inductor's launcher may hand qk_scale in as a float64 scalar, which would make
@@ -224,8 +237,16 @@ if triton is not None:
             s = s0 + tl.arange(0, BLOCK)
             m_s = s < end
             off = kv + s[:, None] * D + d[None, :]
-            kb = tl.load(k + off, mask=m_s[:, None], other=0.0).to(tl.float32)
-            vb = tl.load(v + off, mask=m_s[:, None], other=0.0).to(tl.float32)  # issued with K: both in flight
+            if EARLY:
+                if s0 == start:
+                    kb = kb0.to(tl.float32)
+                    vb = vb0.to(tl.float32)
+                else:
+                    kb = tl.load(k + off, mask=m_s[:, None], other=0.0).to(tl.float32)
+                    vb = tl.load(v + off, mask=m_s[:, None], other=0.0).to(tl.float32)
+            else:
+                kb = tl.load(k + off, mask=m_s[:, None], other=0.0).to(tl.float32)
+                vb = tl.load(v + off, mask=m_s[:, None], other=0.0).to(tl.float32)  # issued with K: both in flight
             sc = tl.reduce(qt[:, None, :] * kb[None, :, :], 2, tl.standard._sum_combine)  # [GP, BLOCK]
             sc = tl.where(m_s[None, :], sc, float("-inf"))
             m_new = tl.maximum(m_i, tl.reduce(sc, 1, tl.standard._elementwise_max))  # finite: s0 < end
@@ -367,7 +388,7 @@ def _launch(q, k, v, pos, pdl: bool, wrap, prologue: dict | None = None, combine
         PF_LATE=bool(prefetch_late), PFB=1024, HKV=Hkv, G=g, GP=gp, D=Dh, BLOCK=block,
         NSPLIT=nsplit, INTERP=interp, PDL=pdl, QKV=prologue is not None, QK_NORM=qk_norm,
         RING=bool(pro.get("ring", False)), COMBINE=cnt is not None, CB=min(16, triton.next_power_of_2(nsplit)),
-        **({} if interp else {"num_warps": warps, **extra}))
+        EARLY=prologue is not None and _EARLY.value == "on", **({} if interp else {"num_warps": warps, **extra}))
     if nsplit > 1 and cnt is None:
         nsp = triton.next_power_of_2(nsplit)
         launch = {} if interp else {"num_warps": 4 if nsp * Dh <= 4096 else 8, **extra}

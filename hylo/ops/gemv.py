@@ -53,9 +53,8 @@ set_gemv, get_gemv, gemv_mode = _GEMV.set, _GEMV.get, _GEMV.use
 # split-K for direct launches (the kernel decode step): off until timed on a GPU
 _SPLIT = Choice("GEMV split-K", "HYLO_GEMV_SPLIT", ("off", "on"), "off")
 set_gemv_split, get_gemv_split, gemv_split_mode = _SPLIT.set, _SPLIT.get, _SPLIT.use
-# weights into registers before the PDL wait, for direct launches (the kernel decode step): all products that
-# fit (on), those with at most PRELOAD_NARROW outputs (narrow), none (off); see preload_applies
-_PRELOAD = Choice("GEMV weight preload", "HYLO_GEMV_PRELOAD", ("off", "narrow", "on"), "off")
+# weights into registers before the PDL wait, for direct launches (the kernel decode step), where rows fit
+_PRELOAD = Choice("GEMV weight preload", "HYLO_GEMV_PRELOAD", ("off", "on"), "on")
 set_gemv_preload, get_gemv_preload, gemv_preload_mode = _PRELOAD.set, _PRELOAD.get, _PRELOAD.use
 
 
@@ -271,20 +270,15 @@ def _jit_pre(interpret: bool):
                                                prune_configs_by={"early_config_prune": _pre_prune})(k)
 
 
-PRELOAD_NARROW = 2048  # HYLO_GEMV_PRELOAD=narrow: products with at most this many outputs
-
-
 def preload_fits(K: int) -> bool:
     """Whether the preloading GEMV takes rows of ``K`` weights (a tile of at least one whole row)."""
     return triton is not None and triton.next_power_of_2(K) <= PRELOAD_ELEMS
 
 
-def preload_applies(N: int, K: int, mode: str | None = None) -> bool:
-    """Whether a direct launch of an ``[N, K]`` product takes the preloading kernel under ``HYLO_GEMV_PRELOAD``
-    (``mode``, default the switch's value): ``on``, wherever rows fit; ``narrow``, only for at most
-    :data:`PRELOAD_NARROW` outputs, where a tile per program is few programs (one wave) and the gain was."""
-    mode = _PRELOAD.value if mode is None else mode
-    return preload_fits(K) and (mode == "on" or (mode == "narrow" and N <= PRELOAD_NARROW))
+def preload_applies(K: int, mode: str | None = None) -> bool:
+    """Whether a direct launch of a product with rows of ``K`` takes the preloading kernel: ``HYLO_GEMV_PRELOAD``
+    (``mode``, default the switch's value) is ``on`` and the rows fit (:func:`preload_fits`)."""
+    return (_PRELOAD.value if mode is None else mode) == "on" and preload_fits(K)
 
 
 def kernel(split: bool = False):
@@ -406,13 +400,15 @@ def gemv_direct(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ``persistent`` too its grid is capped at :func:`max_programs` so that all of it prefetches early; ``split``
     (default: ``HYLO_GEMV_SPLIT=on``) lets the autotuner split K, for matrices with few outputs; ``preload``
     (default: :func:`preload_applies`, per ``HYLO_GEMV_PRELOAD``) takes the preloading kernel where rows fit: each
-    program holds its tile of W in registers, loaded before the PDL wait."""
+    program holds its tile of W in registers, loaded before the PDL wait; by default not where ``persistent`` or
+    ``split`` asks for the other kernel's grid."""
     if triton is None:
         raise RuntimeError("hylo.ops.gemv needs Triton")
-    preload = preload_applies(*weight.shape) if preload is None else preload and preload_fits(weight.shape[-1])
-    if preload:
-        return _launch_preload(x, weight, bias, norm_weight, eps, residual, swiglu, pdl)
     split = _SPLIT.value == "on" if split is None else split
+    if preload is None:
+        preload = preload_applies(weight.shape[-1]) and not persistent and not split
+    if preload and preload_fits(weight.shape[-1]):
+        return _launch_preload(x, weight, bias, norm_weight, eps, residual, swiglu, pdl)
     return _launch(x, weight, bias, norm_weight, eps, residual, swiglu, pdl, lambda k: k, persistent, split)
 
 
