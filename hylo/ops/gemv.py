@@ -53,8 +53,9 @@ set_gemv, get_gemv, gemv_mode = _GEMV.set, _GEMV.get, _GEMV.use
 # split-K for direct launches (the kernel decode step): off until timed on a GPU
 _SPLIT = Choice("GEMV split-K", "HYLO_GEMV_SPLIT", ("off", "on"), "off")
 set_gemv_split, get_gemv_split, gemv_split_mode = _SPLIT.set, _SPLIT.get, _SPLIT.use
-# weights into registers before the PDL wait, for direct launches (the kernel decode step), where rows fit
-_PRELOAD = Choice("GEMV weight preload", "HYLO_GEMV_PRELOAD", ("off", "on"), "on")
+# weights into registers before the PDL wait, for direct launches (the kernel decode step), where rows fit: off,
+# since with the attention's early K/V block (HYLO_ATTN_EARLY_KV) it gained nothing (decode-timeline-h100-run6)
+_PRELOAD = Choice("GEMV weight preload", "HYLO_GEMV_PRELOAD", ("off", "on"), "off")
 set_gemv_preload, get_gemv_preload, gemv_preload_mode = _PRELOAD.set, _PRELOAD.get, _PRELOAD.use
 
 
