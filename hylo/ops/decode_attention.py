@@ -14,6 +14,10 @@ fused kernel (plus a small combine when the cache is split) reads K and V once a
   ``HYLO_ATTN_COMBINE=on`` the last split of each KV head merges the partials, so the step has no combine kernel
   (1.7-2.0 us per layer in ``benchmarks/results/decode-timeline-h100.json``); off, because the step was slower
   with it (``benchmarks/results/decode-timeline-h100-run2.json``: 0.959 against 0.907 ms/token at cache 80).
+  With ``HYLO_ATTN_EARLY_KV=on`` (default) each split's first block of K and V is loaded before the PDL wait
+  (earlier steps wrote it; the new slot is patched in registers once computed): at an 80-slot cache, 5 splits of
+  one block each, the cache reads leave the critical path (the kernel step with preloading GEMVs: 0.809 against
+  0.846 ms/token, ``benchmarks/results/decode-timeline-h100-run6.json``).
 
 Inputs: ``q [B, H, 1, Dh]``, caches ``k, v [B, Hkv, L, Dh]`` (contiguous), ``pos [B]`` int >= 0: row ``b`` attends to
 slots ``s <= pos[b]`` (all ``L`` slots once ``pos[b] >= L - 1``, which is what a sliding-window ring buffer needs:

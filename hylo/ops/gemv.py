@@ -21,6 +21,12 @@ last program of each tile adds (:func:`workspace`). Why: in the kernel step on a
 outputs ran at 1.0-1.2 TB/s against the LM head's 3.1 (``benchmarks/results/decode-timeline-h100.json``): 64-256
 programs, each reading its rows of W block after block, keep too few bytes in flight. ``off`` (default) until timed.
 
+``HYLO_GEMV_PRELOAD`` (:func:`set_gemv_preload`, :func:`gemv_preload_mode`): ``on`` makes direct launches take
+``_gemv_pre_kernel`` where a row fits a tile (:data:`PRELOAD_ELEMS`): one tile of whole rows per program, loaded
+into registers before the PDL wait, so that only the load of x and the products follow it. On an H100 (kernel
+step, Qwen3-0.6B shape) it gained 13% alone but nothing beside the attention's early K/V block
+(``benchmarks/results/decode-timeline-h100-run5.json``, ``-run6.json``): ``off`` by default.
+
 ``HYLO_GEMV`` (:func:`set_gemv`, :func:`gemv_mode`): ``auto`` (default: a ``DecodeRunner`` on a CUDA device takes
 the kernel, see :func:`enabled`), ``on`` or ``off``. Measured on an H100 (``benchmarks/results/gemv-h100.json``):
 the kernel is as fast as cuBLAS or faster on every matrix of the Qwen3-0.6B shape (the step's products 645 vs
