@@ -38,6 +38,7 @@ also runs on CPU tensors (tests), with one fixed block config since the interpre
 from __future__ import annotations
 
 import functools
+import os
 from types import MethodType
 
 import torch
@@ -261,7 +262,9 @@ def _jit(interpret: bool, split: bool = False):
                                                                       "RESIDUAL", "PDL", "grid_cap"])(k)
 
 
-PRELOAD_ELEMS = 16384  # the preloading GEMV's tile: at most this many weights (32 KB of bf16) per program
+# the preloading GEMV's tile: at most this many weights per program (16384: 32 KB of bf16). Fewer leave more of
+# an SM's registers to the next kernel's programs, which PDL launches early (HYLO_GEMV_PRELOAD_ELEMS, a power of 2)
+PRELOAD_ELEMS = int(os.environ.get("HYLO_GEMV_PRELOAD_ELEMS", 16384))
 
 
 def _pre_prune(configs, named_args, **kwargs):
