@@ -31,7 +31,7 @@ Measured on an H100 (Qwen3-0.6B shape, random weights, batch 1, cache 80;
 against 1.443 for the compiled step of PyTorch ops in the same run, and a floor of 0.400. With the attention's
 first K/V block loaded before its PDL wait (``HYLO_ATTN_EARLY_KV``, :mod:`hylo.ops.decode_attention`): 0.802
 (0.825 at 2048) in a later run (``qwen3-vs-transformers-h100-run13.json``), where with preloading GEMVs the early
-block made 0.811 of 0.846. The timeline
+block made 0.811 of 0.846; both on, 0.738 (0.744 at 2048) on another machine (``-run14.json``). The timeline
 (``benchmarks/results/decode-timeline-h100.json``) shows why it is not faster: the GPU is busy for ~0.90 ms of the
 ~0.97-ms step, so launch gaps are not the cost; the GEMVs of the small matrices are (the 6.3 MB FFN down projection
 takes 6.3 us, ~1 TB/s, against the LM head's 3.1 TB/s)::
@@ -50,10 +50,12 @@ done. Off: it made the step much slower on an H100 (``benchmarks/results/decode-
 (early) and 1.393 (late) against 0.861 ms/token at cache 80). The attention kernels then lasted ~27 instead of ~8
 us, and the GEMVs after them got no faster: a GEMV of this step is not slow for want of its weights in L2.
 
-What did help is work before the PDL wait, while the kernel before still runs. ``HYLO_GEMV_PRELOAD=on``
-(:mod:`hylo.ops.gemv`; not for the LM head, which streams at ~3.1 TB/s) loads each GEMV program's weights into
-registers there: 0.792 against 0.909 ms/token on its own (``decode-timeline-h100-run5.json``), but 0.809 against
-0.799 beside the early K/V block (``-run6.json``), so it is off. The FFN block as one kernel with a grid barrier
+What did help is work before the PDL wait, while the kernel before still runs. ``HYLO_GEMV_PRELOAD=on`` (default;
+:mod:`hylo.ops.gemv`; not for the LM head, which streams at ~3.1 TB/s) loads each GEMV program's weights into
+registers there: 0.792 against 0.909 ms/token on its own (``decode-timeline-h100-run5.json``); beside the early K/V
+block 0.809 against 0.799 on one machine (``-run6.json``) but 0.740 against 0.819 on another
+(``-run7-elems16384.json``), where the Qwen3 benchmark gave 0.738 against 0.846
+(``qwen3-vs-transformers-h100-run14.json``). The FFN block as one kernel with a grid barrier
 between its two products was slower (1.014 against 0.916, ``-run4.json``; removed after commit ``3861173``).
 """
 

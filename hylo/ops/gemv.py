@@ -23,9 +23,11 @@ programs, each reading its rows of W block after block, keep too few bytes in fl
 
 ``HYLO_GEMV_PRELOAD`` (:func:`set_gemv_preload`, :func:`gemv_preload_mode`): ``on`` makes direct launches take
 ``_gemv_pre_kernel`` where a row fits a tile (:data:`PRELOAD_ELEMS`): one tile of whole rows per program, loaded
-into registers before the PDL wait, so that only the load of x and the products follow it. On an H100 (kernel
-step, Qwen3-0.6B shape) it gained 13% alone but nothing beside the attention's early K/V block
-(``benchmarks/results/decode-timeline-h100-run5.json``, ``-run6.json``): ``off`` by default.
+into registers before the PDL wait, so that only the load of x and the products follow it. On by default. Timed
+in the kernel step (Qwen3-0.6B shape, H100, ms/token at an 80-slot cache, with / without it; each pair from one
+run): 0.792 / 0.909 before the attention's early K/V block (``benchmarks/results/decode-timeline-h100-run5.json``);
+with the early block, 0.809 / 0.799 on one machine (``-run6.json``) and 0.740 / 0.819 on another
+(``-run7-elems16384.json``; 8192-element tiles 0.751, 4096 0.786). How much it gains depends on the machine.
 
 ``HYLO_GEMV`` (:func:`set_gemv`, :func:`gemv_mode`): ``auto`` (default: a ``DecodeRunner`` on a CUDA device takes
 the kernel, see :func:`enabled`), ``on`` or ``off``. Measured on an H100 (``benchmarks/results/gemv-h100.json``):
@@ -60,9 +62,9 @@ set_gemv, get_gemv, gemv_mode = _GEMV.set, _GEMV.get, _GEMV.use
 # split-K for direct launches (the kernel decode step): off until timed on a GPU
 _SPLIT = Choice("GEMV split-K", "HYLO_GEMV_SPLIT", ("off", "on"), "off")
 set_gemv_split, get_gemv_split, gemv_split_mode = _SPLIT.set, _SPLIT.get, _SPLIT.use
-# weights into registers before the PDL wait, for direct launches (the kernel decode step), where rows fit: off,
-# since with the attention's early K/V block (HYLO_ATTN_EARLY_KV) it gained nothing (decode-timeline-h100-run6)
-_PRELOAD = Choice("GEMV weight preload", "HYLO_GEMV_PRELOAD", ("off", "on"), "off")
+# weights into registers before the PDL wait, for direct launches (the kernel decode step), where rows fit: on
+# (faster on two H100 machines of three; see the module docstring)
+_PRELOAD = Choice("GEMV weight preload", "HYLO_GEMV_PRELOAD", ("off", "on"), "on")
 set_gemv_preload, get_gemv_preload, gemv_preload_mode = _PRELOAD.set, _PRELOAD.get, _PRELOAD.use
 
 
