@@ -57,6 +57,11 @@ block 0.809 against 0.799 on one machine (``-run6.json``) but 0.740 against 0.81
 (``-run7-elems16384.json``), where the Qwen3 benchmark gave 0.738 against 0.846
 (``qwen3-vs-transformers-h100-run14.json``). The FFN block as one kernel with a grid barrier
 between its two products was slower (1.014 against 0.916, ``-run4.json``; removed after commit ``3861173``).
+
+Where the 0.740-ms step of ``-run7-elems16384.json`` goes (each role's summed increment of the step's end, cache
+80): FFN gate/up 0.163 ms, down 0.145, attention 0.114, q/k/v 0.082, output projection 0.073, combine 0.051, LM
+head ~0.10. The floor is 0.40 ms: 1.5x of it (0.60 ms) needs ~5 us less per layer than these 5-6 dependent
+kernels take, which is what a persistent kernel (no launches, waits on flags) would have to find.
 """
 
 from __future__ import annotations
