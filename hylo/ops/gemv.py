@@ -321,6 +321,11 @@ def _check(x, weight, bias, norm_weight, residual, swiglu) -> None:
         raise ValueError(f"gemv: residual must be [{M}, {N}] {x.dtype}, got {tuple(residual.shape)} {residual.dtype}")
 
 
+def _optional_inputs(x, *inputs):
+    """The kernels' pointers for optional inputs: each contiguous, or ``x`` (never read) where it is absent."""
+    return [x if t is None else t.contiguous() for t in inputs]
+
+
 def _launch(x, weight, bias, norm_weight, eps, residual, swiglu, pdl: bool, wrap,
             persistent: bool = False, split: bool = False) -> torch.Tensor:
     """Check, allocate and launch; ``wrap`` is ``torch.library.wrap_triton`` inside the op (traceable) or the
@@ -343,9 +348,7 @@ def _launch(x, weight, bias, norm_weight, eps, residual, swiglu, pdl: bool, wrap
     if pdl and not interp:
         cfg["launch_pdl"] = True
     line = 128 // x.element_size()
-    b = x if bias is None else bias.contiguous()  # x: an unused pointer where an input is absent
-    nw = x if norm_weight is None else norm_weight.contiguous()
-    r = x if residual is None else residual.contiguous()
+    b, nw, r = _optional_inputs(x, bias, norm_weight, residual)
     cap = max_programs(x.device) if persistent and (pdl or interp) else None
 
     def grid(meta):  # a multiple of M: each program's tiles then share one row of x (the kernel relies on it)
@@ -431,9 +434,7 @@ def _launch_preload(x, weight, bias, norm_weight, eps, residual, swiglu, pdl: bo
     x = x.contiguous()
     y = x.new_empty(M, N)
     interp = triton_interpreting()
-    b = x if bias is None else bias.contiguous()
-    nw = x if norm_weight is None else norm_weight.contiguous()
-    r = x if residual is None else residual.contiguous()
+    b, nw, r = _optional_inputs(x, bias, norm_weight, residual)
     cfg = {"BN": _INTERP_PRE_BN} if interp else {}
     if pdl and not interp:
         cfg["launch_pdl"] = True
