@@ -188,7 +188,6 @@ def main():
                            "attn_splits": hylo_dattn.num_splits(L, hy.layers[0].mixer.num_kv_heads)
                            if hasattr(hy.layers[0].mixer, "num_kv_heads") else None,
                            "graphed": runner.graphed, "kernel_step": runner.kernel_step, "pdl": runner.pdl,
-                           "step_prefetch": runner.step_prefetch,
                            "gemv": runner.gemv, "switches": sw,
                            "ms_per_token": hylo_ms_per_token(runner, args.start, args.steps, 3, dev)}
                     tok = torch.zeros(1, dtype=torch.long, device=dev)

@@ -186,7 +186,6 @@ def measure_hylo(hy, prompt, n: int, graphs: bool, compile: bool, repeats: int, 
            "graphed": runner.graphed, "compiled": compile, "kv_cache_bytes": runner.cache.nbytes(),
            # what the runner took (its own decisions from the switches, the device and the model)
            "gemv": runner.gemv, "fused": runner.fused, "kernel_step": runner.kernel_step, "pdl": runner.pdl,
-           "step_prefetch": runner.step_prefetch,
            "generate_s_incl_prefill": statistics.median(wall(lambda: hylo_greedy(hy, runner, prompt, n), dev, repeats))}
     del runner
     r2 = DecodeRunner(hy, 1, 2048, cuda_graph=graphs, compile=compile)
@@ -208,15 +207,13 @@ SUFFIXES = {"gemv": ("gemv", "on"), "cublas": ("gemv", "off"),  # mode suffix ->
             "nopdl": ("pdl", "off"), "perspdl": ("pdl", "persistent"),
             "splitk": ("gemv_split", "on"), "acomb": ("attn_combine", "on"),
             "blockc": ("compile_scope", "block"), "nokstep": ("kernel_step", "off"),
-            "pf": ("step_prefetch", "early"), "pflate": ("step_prefetch", "late"),
             "pre": ("gemv_preload", "on"), "nopre": ("gemv_preload", "off"),
             "noearly": ("attn_early_kv", "off")}
 # the switches a mode may set (SUFFIXES' first field) -> their environment names (keys of Choice.registry)
 SWITCH_ENV = {"gemv": "HYLO_GEMV", "decode_attn": "HYLO_DECODE_ATTN", "fuse": "HYLO_GEMV_FUSE",
               "kernel_step": "HYLO_KERNEL_STEP", "pdl": "HYLO_PDL", "gemv_split": "HYLO_GEMV_SPLIT",
               "attn_combine": "HYLO_ATTN_COMBINE", "compile_scope": "HYLO_COMPILE_SCOPE",
-              "step_prefetch": "HYLO_STEP_PREFETCH", "gemv_preload": "HYLO_GEMV_PRELOAD",
-              "attn_early_kv": "HYLO_ATTN_EARLY_KV"}
+              "gemv_preload": "HYLO_GEMV_PRELOAD", "attn_early_kv": "HYLO_ATTN_EARLY_KV"}
 
 
 def cast_keeping_rope(model, dtype) -> None:
@@ -262,10 +259,9 @@ def parse_modes(spec: str) -> list[tuple[str, bool | str, dict[str, str]]]:
     persistent GEMV grids), ``+splitk`` (``HYLO_GEMV_SPLIT=on``: the kernel step's GEMVs may split K),
     ``+acomb`` (``HYLO_ATTN_COMBINE=on``: its attention merges the splits without a combine kernel), ``+blockc``
     (``HYLO_COMPILE_SCOPE=block``: ``default+blockc`` compiles each kind of block once instead of the whole step),
-    ``+pf`` / ``+pflate`` (``HYLO_STEP_PREFETCH=early|late``: the kernel step's attention asks L2 for the next
-    kernels' weights), ``+pre`` / ``+nopre`` (``HYLO_GEMV_PRELOAD=on|off``: the step's GEMVs hold their weights
-    in registers, loaded before the PDL wait; on by default), ``+noearly`` (``HYLO_ATTN_EARLY_KV=off``: its
-    attention loads no K/V before the wait); suffixes combine (``default+dattn+cublas``)."""
+    ``+pre`` / ``+nopre`` (``HYLO_GEMV_PRELOAD=on|off``: the step's GEMVs hold their weights in registers, loaded
+    before the PDL wait; on by default), ``+noearly`` (``HYLO_ATTN_EARLY_KV=off``: its attention loads no K/V
+    before the wait); suffixes combine (``default+dattn+cublas``)."""
     out = []
     for m in (m.strip() for m in spec.split(",")):
         if not m:

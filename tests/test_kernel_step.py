@@ -223,26 +223,12 @@ def test_pdl_variants_compile_for_sm90():
     split = triton.jit(dattn._split_kernel)
     ptx = _ptx(split, {"q": "*bf16", "k": "*bf16", "v": "*bf16", "pos": "*i64", "o": "*bf16", "m_part": "*fp32",
                        "l_part": "*fp32", "acc_part": "*fp32", "qk_scale": "fp32", "L": "i32", "qkv": "*bf16",
-                       "qw": "*bf16", "kw": "*bf16", "inv_freq": "*fp32", "eps": "fp32", "cnt": "*i32", "pf": "*i64"},
+                       "qw": "*bf16", "kw": "*bf16", "inv_freq": "*fp32", "eps": "fp32", "cnt": "*i32"},
                dict(HKV=8, G=2, GP=2, D=128, BLOCK=16, NSPLIT=40, INTERP=False, PDL=True, QKV=True, QK_NORM=True,
-                    RING=False, COMBINE=True, CB=16, PF=0, PF_LATE=False, PFB=1024, EARLY=False))
+                    RING=False, COMBINE=True, CB=16, EARLY=False))
     assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
     assert "bar.sync" in ptx  # the prologue's new slot is stored before the program's threads read the cache
     assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx  # the in-kernel combine
-    assert "prefetch.global.L2" not in ptx  # HYLO_STEP_PREFETCH off
-    for late in (False, True):  # the attention kernel's requests to L2 for the next kernels' weights
-        ptx = _ptx(split, {"q": "*bf16", "k": "*bf16", "v": "*bf16", "pos": "*i64", "o": "*bf16", "m_part": "*fp32",
-                           "l_part": "*fp32", "acc_part": "*fp32", "qk_scale": "fp32", "L": "i32", "qkv": "*bf16",
-                           "qw": "*bf16", "kw": "*bf16", "inv_freq": "*fp32", "eps": "fp32", "cnt": "*i32",
-                           "pf": "*i64"},
-                   dict(HKV=8, G=2, GP=2, D=128, BLOCK=16, NSPLIT=5, INTERP=False, PDL=True, QKV=True, QK_NORM=True,
-                        RING=False, COMBINE=False, CB=8, PF=3, PF_LATE=late, PFB=1024, EARLY=False))
-        lines = ptx.splitlines()
-        first = {key: next(i for i, ln in enumerate(lines) if key in ln)
-                 for key in ("prefetch.global.L2", "griddepcontrol.wait", "griddepcontrol.launch_dependents")}
-        assert first["griddepcontrol.wait"] < first["prefetch.global.L2"]  # never before the projection is there
-        # late: after the attention loop (past the launch of the kernels after it); early: before it
-        assert (first["prefetch.global.L2"] > first["griddepcontrol.launch_dependents"]) == late
 
 
 def test_preload_gemv_compiles_for_sm90():
@@ -263,49 +249,15 @@ def test_early_kv_loads_before_the_wait():
     pytest.importorskip("triton.backends.nvidia")
     sig = {"q": "*bf16", "k": "*bf16", "v": "*bf16", "pos": "*i64", "o": "*bf16", "m_part": "*fp32",
            "l_part": "*fp32", "acc_part": "*fp32", "qk_scale": "fp32", "L": "i32", "qkv": "*bf16", "qw": "*bf16",
-           "kw": "*bf16", "inv_freq": "*fp32", "eps": "fp32", "cnt": "*i32", "pf": "*i64"}
+           "kw": "*bf16", "inv_freq": "*fp32", "eps": "fp32", "cnt": "*i32"}
     before = {}
     for early in (False, True):
         lines = _ptx(triton.jit(dattn._split_kernel), sig,
                      dict(HKV=8, G=2, GP=2, D=128, BLOCK=16, NSPLIT=5, INTERP=False, PDL=True, QKV=True,
-                          QK_NORM=True, RING=False, COMBINE=False, CB=8, PF=0, PF_LATE=False, PFB=1024,
-                          EARLY=early)).splitlines()
+                          QK_NORM=True, RING=False, COMBINE=False, CB=8, EARLY=early)).splitlines()
         wait = next(i for i, ln in enumerate(lines) if "griddepcontrol.wait" in ln)
         before[early] = sum("ld.global" in ln for ln in lines[:wait])
     assert before[True] > before[False] > 0, before
-
-
-def test_runner_with_prefetch_plan_same_logits(interp):
-    """HYLO_STEP_PREFETCH=late: the runner builds the plan and hands it to every attention kernel, whose requests
-    the interpreter skips (they change no value on a GPU either): the logits equal the runner's without it."""
-    model = _attn_ffn_model()
-    ids = torch.tensor([[3, 4], [5, 6], [7, 1]])
-    with G.gemv_mode("on"), kernel_step.kernel_step_mode("on"):
-        ref = DecodeRunner(model, 2, 16)
-        with kernel_step.step_prefetch_mode("late"):
-            runner = DecodeRunner(model, 2, 16)
-        assert runner.kernel_step and runner.step_prefetch == "late" and ref.step_prefetch == "off"
-        for t in ids:
-            torch.testing.assert_close(runner.step(t), ref.step(t), rtol=0, atol=0)
-
-
-def test_prefetch_plan_lists_the_next_weights():
-    """Per attention layer: its output projection, then the next FFN block's two matrices, as (address, 128-byte
-    lines), cut where the byte limit would be passed; none for a layer whose attention is not followed by FFN."""
-    model = _attn_ffn_model()
-    plan = kernel_step.prefetch_plan(model)
-    att = [i for i, b in enumerate(model.layers) if b.op in ("attn", "swa")]
-    assert sorted(plan) == att
-    for i in att:
-        ws = [model.layers[i].mixer.o_proj.weight]
-        if i + 1 < len(model.layers) and model.layers[i + 1].op == "ffn":
-            ws += [model.layers[i + 1].mixer.gate_up_proj.weight, model.layers[i + 1].mixer.down_proj.weight]
-        want = [[w.data_ptr(), -(-w.numel() * w.element_size() // 128)] for w in ws]
-        assert plan[i].dtype == torch.int64 and plan[i].tolist() == want
-    i = att[0]
-    o_bytes = model.layers[i].mixer.o_proj.weight.numel() * 4
-    assert kernel_step.prefetch_plan(model, limit=o_bytes)[i].shape == (1, 2)  # only what fits
-    assert kernel_step.prefetch_plan(model, limit=o_bytes - 1) == {}
 
 
 def test_engine_with_the_kernel_step_matches_full_forwards(interp):

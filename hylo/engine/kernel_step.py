@@ -44,11 +44,11 @@ the products with few outputs; 0.920 against 0.907 ms/token at cache 80, 0.944 a
 ``HYLO_ATTN_COMBINE=on`` (:mod:`hylo.ops.decode_attention`: no combine kernel; 0.959 at 80 and 1.353 at 2048, where
 the last split merges 64 partials alone).
 
-``HYLO_STEP_PREFETCH=early|late`` (:func:`prefetch_plan`): each attention kernel asks L2 for the weights of the
-kernels after it (the output projection, then the next FFN block's), right after its wait or once its attention is
-done. Off: it made the step much slower on an H100 (``benchmarks/results/decode-timeline-h100-run3.json``: 1.446
-(early) and 1.393 (late) against 0.861 ms/token at cache 80). The attention kernels then lasted ~27 instead of ~8
-us, and the GEMVs after them got no faster: a GEMV of this step is not slow for want of its weights in L2.
+An attention kernel that asked L2 for the weights of the kernels after it (the output projection, then the next
+FFN block's), right after its wait or once its attention was done (``HYLO_STEP_PREFETCH=early|late``, removed after
+commit ``f6dfcb4``) made the step much slower on an H100 (``benchmarks/results/decode-timeline-h100-run3.json``:
+1.446 (early) and 1.393 (late) against 0.861 ms/token at cache 80). The attention kernels then lasted ~27 instead
+of ~8 us, and the GEMVs after them got no faster: a GEMV of this step is not slow for want of its weights in L2.
 
 What did help is work before the PDL wait, while the kernel before still runs. ``HYLO_GEMV_PRELOAD=on`` (default;
 :mod:`hylo.ops.gemv`; not for the LM head, which streams at ~3.1 TB/s) loads each GEMV program's weights into
@@ -80,10 +80,6 @@ from hylo.ops.rope import inv_freq
 
 _SWITCH = Choice("kernel decode step", "HYLO_KERNEL_STEP", ("off", "on"), "on")
 set_kernel_step, get_kernel_step, kernel_step_mode = _SWITCH.set, _SWITCH.get, _SWITCH.use
-# the attention kernel asks L2 for the weights of the kernels after it (prefetch_plan): off, slower when timed
-_PREFETCH = Choice("kernel step's L2 prefetch in attention", "HYLO_STEP_PREFETCH", ("off", "early", "late"), "off")
-set_step_prefetch, get_step_prefetch, step_prefetch_mode = _PREFETCH.set, _PREFETCH.get, _PREFETCH.use
-PREFETCH_BYTES = 24 << 20  # at most half an H100's L2 per attention layer
 
 
 def head_size_ok(hd: int) -> bool:
@@ -136,33 +132,6 @@ def frequencies(model) -> dict[int, torch.Tensor]:
             if isinstance(b.mixer, Attention)}
 
 
-def prefetch_plan(model, limit: int = PREFETCH_BYTES) -> dict[int, torch.Tensor]:
-    """Per attention layer index, the weights its attention kernel asks L2 for under ``HYLO_STEP_PREFETCH``: its
-    output projection, then the next block's FFN weights (gate and up, then down) while they fit in ``limit``
-    bytes, as int64 ``[R, 2]`` rows of (address, 128-byte lines) on the model's device. Why: attention moves few
-    bytes (~0.3 MB per layer at an 80-slot cache) for ~5.6 us per layer on an H100, while the GEMVs after it run
-    at 0.9-2.2 TB/s (``benchmarks/results/decode-timeline-h100-run2.json``); weights already in L2 could make
-    them faster. The addresses are those of the weights now: a runner computes this once, as its graph does."""
-    plan = {}
-    for i, block in enumerate(model.layers):
-        if not isinstance(block.mixer, Attention):
-            continue
-        ws = [block.mixer.o_proj.weight]
-        nxt = model.layers[i + 1].mixer if i + 1 < len(model.layers) else None
-        if isinstance(nxt, SwiGLU):
-            ws += [nxt.gate_up_proj.weight, nxt.down_proj.weight]
-        rows, total = [], 0
-        for w in ws:
-            n = w.numel() * w.element_size()
-            if total + n > limit:
-                break
-            rows.append((w.data_ptr(), -(-n // 128)))
-            total += n
-        if rows:
-            plan[i] = torch.tensor(rows, dtype=torch.int64, device=ws[0].device)
-    return plan
-
-
 def gemv_launcher(pdl: bool, persistent: bool = False):
     """The step's GEMV: :func:`hylo.ops.gemv.gemv_direct` launched with PDL and on persistent grids as asked."""
     return functools.partial(G.gemv_direct, pdl=pdl, persistent=persistent)
@@ -175,8 +144,8 @@ def ffn_block(block, h: torch.Tensor, gemv) -> torch.Tensor:
     return gemv(gu, m.down_proj.weight, m.down_proj.bias, residual=h, swiglu=True)
 
 
-def attn_block(block, h: torch.Tensor, st: dict, pos: torch.Tensor, inv_freq: torch.Tensor, gemv, pdl: bool,
-               prefetch: torch.Tensor | None = None, prefetch_late: bool = False) -> torch.Tensor:
+def attn_block(block, h: torch.Tensor, st: dict, pos: torch.Tensor, inv_freq: torch.Tensor, gemv,
+               pdl: bool) -> torch.Tensor:
     """An attention block: q/k/v GEMV (pre-norm), attention with its q/k/v preparation and cache write, output
     GEMV (residual). ``h [B, D]``; writes the new key and value at ``pos``."""
     n, m = block.norm, block.mixer
@@ -184,7 +153,7 @@ def attn_block(block, h: torch.Tensor, st: dict, pos: torch.Tensor, inv_freq: to
     qn, kn = (m.q_norm.weight, m.k_norm.weight) if m.qk_norm else (None, None)
     eps = m.q_norm.eps if m.qk_norm else 0.0
     o = dattn.decode_qkv_attention(qkv, m.num_heads, qn, kn, eps, inv_freq, st["k"], st["v"], pos,
-                                   ring=m.window is not None, pdl=pdl, prefetch=prefetch, prefetch_late=prefetch_late)
+                                   ring=m.window is not None, pdl=pdl)
     return gemv(o.view(h.shape[0], -1), m.o_proj.weight, m.o_proj.bias, residual=h)
 
 
@@ -194,19 +163,17 @@ def head_logits(h: torch.Tensor, head: torch.Tensor, norm, gemv) -> torch.Tensor
 
 
 def step(model, tokens: torch.Tensor, states, pos: torch.Tensor, head: torch.Tensor,
-         freqs: dict[int, torch.Tensor], pdl: bool, persistent: bool = False,
-         prefetch: dict[int, torch.Tensor] | None = None, prefetch_late: bool = False) -> torch.Tensor:
+         freqs: dict[int, torch.Tensor], pdl: bool, persistent: bool = False) -> torch.Tensor:
     """One decode step: ``tokens [B]`` -> logits ``[B, vocab]``; writes the caches and advances ``pos``. ``pdl``:
     launch every kernel with PDL; ``persistent``: the GEMVs on persistent grids (``HYLO_PDL=persistent``; under the
-    interpreter it shrinks their grids even without PDL, so CPU tests cover that indexing); ``prefetch``
-    (:func:`prefetch_plan`) and ``prefetch_late``: what each attention kernel asks L2 for, and when."""
+    interpreter it shrinks their grids even without PDL, so CPU tests cover that indexing)."""
     gemv = gemv_launcher(pdl, persistent)
     h = F.embedding(tokens.view(-1), model.embed_tokens.weight)  # [B, D]
     for i, (block, st) in enumerate(zip(model.layers, states)):
         if isinstance(block.mixer, SwiGLU):
             h = ffn_block(block, h, gemv)
         else:
-            h = attn_block(block, h, st, pos, freqs[i], gemv, pdl, (prefetch or {}).get(i), prefetch_late)
+            h = attn_block(block, h, st, pos, freqs[i], gemv, pdl)
     logits = head_logits(h, head, model.norm, gemv)
     pos.add_(1)
     return logits

@@ -209,17 +209,12 @@ class DecodeRunner:
         linear = gemv.linear if self.gemv else torch.nn.functional.linear
         # HYLO_KERNEL_STEP=on: the whole step as hylo's own Triton kernels (PDL-chained), never compiled
         self.kernel_step = kernel_step.enabled(model, self.batch_size, head, self.gemv)
-        self.step_prefetch = "off"
         self.pdl = self.kernel_step and pdl.enabled(self.device)
         self.fused = (not self.kernel_step and self.gemv and fused.enabled(model, self.batch_size)
                       and head.is_contiguous() and head.dtype == model.embed_tokens.weight.dtype)
         if self.kernel_step:
             freqs, persistent = kernel_step.frequencies(model), pdl.persistent()
-            pf_mode = kernel_step.get_step_prefetch()  # HYLO_STEP_PREFETCH: the attention kernels' L2 requests
-            pf_plan = kernel_step.prefetch_plan(model) if pf_mode != "off" else None
-            self.step_prefetch = pf_mode if pf_plan else "off"
-            return lambda tokens: kernel_step.step(model, tokens, states, pos, head, freqs, self.pdl, persistent,
-                                                   pf_plan, pf_mode == "late")
+            return lambda tokens: kernel_step.step(model, tokens, states, pos, head, freqs, self.pdl, persistent)
         plan = [fused.fusable(b) for b in model.layers]
 
         def make(block_step):

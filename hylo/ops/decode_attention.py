@@ -127,25 +127,11 @@ if triton is not None:
     # Only core ops inside the kernels: Triton's jit helpers (tl.sum, tl.max, tl.zeros, tl.cdiv) are wrapped when
     # triton is imported, and the interpreter cannot call them when TRITON_INTERPRET is set later (tests).
 
-    def _l2_prefetch_fn(pf, R: tl.constexpr, me, nprog, PFB: tl.constexpr):
-        # Ask L2 for this program's share of R regions of memory that later kernels read: pf holds (address,
-        # 128-byte lines) per region, int64; each program takes a contiguous run of each region's lines (the
-        # excess of the last run clamped to the region's last line). Fire and forget: nothing waits for it.
-        for r in range(R):
-            base, lines = tl.load(pf + 2 * r), tl.load(pf + 2 * r + 1)
-            per = (lines + nprog - 1) // nprog
-            for j0 in range(0, per, PFB):
-                j = tl.minimum(me * per + j0 + tl.arange(0, PFB), lines - 1)
-                tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [base + j * 128],
-                                          dtype=tl.int32, is_pure=False, pack=1)
-
-    _l2_prefetch = triton.jit(_l2_prefetch_fn)  # compiled kernels only: never under the interpreter (PF = 0)
-
-    def _split_kernel(q, k, v, pos, o, m_part, l_part, acc_part, qk_scale, L, qkv, qw, kw, inv_freq, eps, cnt, pf,
+    def _split_kernel(q, k, v, pos, o, m_part, l_part, acc_part, qk_scale, L, qkv, qw, kw, inv_freq, eps, cnt,
                       HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
                       NSPLIT: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr, QKV: tl.constexpr,
                       QK_NORM: tl.constexpr, RING: tl.constexpr, COMBINE: tl.constexpr, CB: tl.constexpr,
-                      PF: tl.constexpr, PF_LATE: tl.constexpr, PFB: tl.constexpr, EARLY: tl.constexpr):
+                      EARLY: tl.constexpr):
         # One program: the G query heads of KV head (b, kvh) over its split of the valid slots. qk_scale folds
         # log2(e) in, so the softmax runs in base 2 (exp2); the partial maxima are in that base too.
         # PDL (hylo.ops.pdl): q (or the projection) comes from the kernel before: wait before reading it.
@@ -158,9 +144,6 @@ if triton is not None:
         # merges the partials of its G heads, CB splits at a time, as _combine_kernel does, and resets the count.
         # With QKV, what does not come from the kernel before (pos, written by the previous step's last kernel;
         # RoPE's angles; the qk-norm weights) is read before the wait, the projection after it.
-        # PF > 0 (the kernel step's HYLO_STEP_PREFETCH): the grid asks L2 for PF regions of weights that the next
-        # kernels read (pf: address and 128-byte lines per region), HBM being nearly idle while attention runs:
-        # right after the wait (PF_LATE false) or once the program's attention is done (PF_LATE).
         if PDL and not QKV:
             tl.extra.cuda.gdc_wait()
         pid, sp = tl.program_id(0), tl.program_id(1)  # pid = b * HKV + kvh
@@ -200,8 +183,6 @@ if triton is not None:
                 wk, wk2 = tl.load(kw + d).to(tl.float32), tl.load(kw + pd).to(tl.float32)
             if PDL:
                 tl.extra.cuda.gdc_wait()
-            if PF > 0 and not PF_LATE:
-                _l2_prefetch(pf, PF, pid * NSPLIT + sp, tl.num_programs(0) * NSPLIT, PFB)
             xq = tl.load(src + hq[:, None] * D + d[None, :], mask=m_h[:, None], other=0.0).to(tl.float32)
             xq2 = tl.load(src + hq[:, None] * D + pd[None, :], mask=m_h[:, None], other=0.0).to(tl.float32)
             xk = tl.load(src + (HKV * G + kvh) * D + d).to(tl.float32)
@@ -262,8 +243,6 @@ if triton is not None:
 
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
-        if PF > 0 and PF_LATE:
-            _l2_prefetch(pf, PF, pid * NSPLIT + sp, tl.num_programs(0) * NSPLIT, PFB)
         if NSPLIT == 1:
             out = acc / l_i[:, None]
             tl.store(o + rows[:, None] * D + d[None, :], out.to(o.dtype.element_ty), mask=m_h[:, None])
@@ -355,14 +334,13 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor)
                          f"{pos.device})")
 
 
-def _launch(q, k, v, pos, pdl: bool, wrap, prologue: dict | None = None, combine_in_split: bool = False,
-            prefetch: torch.Tensor | None = None, prefetch_late: bool = False) -> torch.Tensor:
+def _launch(q, k, v, pos, pdl: bool, wrap, prologue: dict | None = None, combine_in_split: bool = False
+            ) -> torch.Tensor:
     """Check, allocate and launch; ``wrap``: ``torch.library.wrap_triton`` inside the op or the identity for a
     direct launch; ``pdl``: programmatic dependent launch (:mod:`hylo.ops.pdl`; ignored under the interpreter);
     ``prologue``: the fused q/k/v preparation (:func:`decode_qkv_attention`), ``q`` then only gives the shape;
     ``combine_in_split``: the last split of each KV head merges the partials (no combine kernel) where
-    :func:`counters` can be had; ``prefetch`` (int64 ``[R, 2]``: address, 128-byte lines): regions the grid asks L2
-    for, after the wait or (``prefetch_late``) after its attention; ignored under the interpreter."""
+    :func:`counters` can be had."""
     _check(q, k, v, pos)
     (B, H, _, Dh), (Hkv, L) = q.shape, k.shape[1:3]
     g = H // Hkv
@@ -385,11 +363,9 @@ def _launch(q, k, v, pos, pdl: bool, wrap, prologue: dict | None = None, combine
     qw, kw = (pro["q_norm"], pro["k_norm"]) if qk_norm else (out, out)
     extra = {"launch_pdl": True} if pdl else {}
     cnt = counters(q.device, B * Hkv) if combine_in_split and nsplit > 1 else None
-    n_pf = 0 if interp or prefetch is None else prefetch.shape[0]
     wrap(split)[(B * Hkv, nsplit)](
         q, k, v, pos, out, *parts, math.log2(math.e) / math.sqrt(Dh), L, qkv, qw, kw, freq,
-        float(pro.get("eps", 0.0)), out if cnt is None else cnt, prefetch if n_pf else out, PF=n_pf,
-        PF_LATE=bool(prefetch_late), PFB=1024, HKV=Hkv, G=g, GP=gp, D=Dh, BLOCK=block,
+        float(pro.get("eps", 0.0)), out if cnt is None else cnt, HKV=Hkv, G=g, GP=gp, D=Dh, BLOCK=block,
         NSPLIT=nsplit, INTERP=interp, PDL=pdl, QKV=prologue is not None, QK_NORM=qk_norm,
         RING=bool(pro.get("ring", False)), COMBINE=cnt is not None, CB=min(16, triton.next_power_of_2(nsplit)),
         EARLY=prologue is not None and _EARLY.value == "on", **({} if interp else {"num_warps": warps, **extra}))
@@ -426,15 +402,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
 def decode_qkv_attention(qkv: torch.Tensor, num_heads: int, q_norm: torch.Tensor | None,
                          k_norm: torch.Tensor | None, eps: float, inv_freq: torch.Tensor, k: torch.Tensor,
                          v: torch.Tensor, pos: torch.Tensor, ring: bool, pdl: bool = False,
-                         combine: bool | None = None, prefetch: torch.Tensor | None = None,
-                         prefetch_late: bool = False) -> torch.Tensor:
+                         combine: bool | None = None) -> torch.Tensor:
     """The decode step from the q/k/v projection to attention's output, in the split kernel (launched directly,
     outside torch's op machinery, for ``hylo.engine.kernel_step``): ``qkv [B, (H + 2 Hkv) Dh]`` -> ``[B, H, 1, Dh]``,
     writing the new key and value into ``k, v [B, Hkv, L, Dh]`` at slot ``pos`` (``pos % L`` with ``ring``).
     Equal to :func:`decode_attention` of :func:`hylo.ops.decode_qkv.decode_qkv_ref` (qk-norm with ``q_norm`` /
     ``k_norm`` if given, RoPE with ``inv_freq [Dh/2]`` float32); ``pdl``: programmatic dependent launch;
-    ``combine`` (default ``HYLO_ATTN_COMBINE=on``): the last split merges the partials, no combine kernel;
-    ``prefetch``, ``prefetch_late``: weights of the next kernels for L2 (:func:`_launch`)."""
+    ``combine`` (default ``HYLO_ATTN_COMBINE=on``): the last split merges the partials, no combine kernel."""
     if triton is None:
         raise RuntimeError("hylo.ops.decode_attention needs Triton")
     B, Hkv, _, Dh = k.shape
@@ -446,12 +420,7 @@ def decode_qkv_attention(qkv: torch.Tensor, num_heads: int, q_norm: torch.Tensor
                          f"{inv_freq.dtype}")
     if (q_norm is None) != (k_norm is None):
         raise ValueError("decode_qkv_attention: pass both q_norm and k_norm, or neither")
-    if prefetch is not None and (prefetch.dtype != torch.int64 or prefetch.dim() != 2 or prefetch.shape[1] != 2
-                                 or prefetch.device != k.device):
-        raise ValueError(f"decode_qkv_attention: prefetch must be int64 [R, 2] (address, lines) on {k.device}, got "
-                         f"{tuple(prefetch.shape)} {prefetch.dtype} on {prefetch.device}")
     q_shape = qkv.new_empty(1).expand(B, num_heads, 1, Dh)  # its shape and dtype only: never read
     return _launch(q_shape, k, v, pos, pdl, lambda kern: kern,
                    dict(qkv=qkv, q_norm=q_norm, k_norm=k_norm, eps=eps, inv_freq=inv_freq, ring=ring),
-                   combine_in_split=_COMBINE.value == "on" if combine is None else combine, prefetch=prefetch,
-                   prefetch_late=prefetch_late)
+                   combine_in_split=_COMBINE.value == "on" if combine is None else combine)
