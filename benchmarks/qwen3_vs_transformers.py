@@ -205,14 +205,12 @@ def try_profile(res: dict, make_runner, dev) -> dict | None:
 SUFFIXES = {"gemv": ("gemv", "on"), "cublas": ("gemv", "off"),  # mode suffix -> (switch, value)
             "dattn": ("decode_attn", "on"), "fuse": ("fuse", "on"), "kstep": ("kernel_step", "on"),
             "nopdl": ("pdl", "off"), "perspdl": ("pdl", "persistent"),
-            "splitk": ("gemv_split", "on"), "acomb": ("attn_combine", "on"),
             "blockc": ("compile_scope", "block"), "nokstep": ("kernel_step", "off"),
             "pre": ("gemv_preload", "on"), "nopre": ("gemv_preload", "off"),
             "noearly": ("attn_early_kv", "off")}
 # the switches a mode may set (SUFFIXES' first field) -> their environment names (keys of Choice.registry)
 SWITCH_ENV = {"gemv": "HYLO_GEMV", "decode_attn": "HYLO_DECODE_ATTN", "fuse": "HYLO_GEMV_FUSE",
-              "kernel_step": "HYLO_KERNEL_STEP", "pdl": "HYLO_PDL", "gemv_split": "HYLO_GEMV_SPLIT",
-              "attn_combine": "HYLO_ATTN_COMBINE", "compile_scope": "HYLO_COMPILE_SCOPE",
+              "kernel_step": "HYLO_KERNEL_STEP", "pdl": "HYLO_PDL", "compile_scope": "HYLO_COMPILE_SCOPE",
               "gemv_preload": "HYLO_GEMV_PRELOAD", "attn_early_kv": "HYLO_ATTN_EARLY_KV"}
 
 
@@ -256,12 +254,11 @@ def parse_modes(spec: str) -> list[tuple[str, bool | str, dict[str, str]]]:
     kernels chained with programmatic dependent launch, ``hylo.engine.kernel_step``; never compiled, so take it
     with ``eager``: ``eager+kstep``; the default where it applies, so ``+kstep`` only insists), ``+nokstep``
     (``HYLO_KERNEL_STEP=off``: the graphed step of PyTorch ops, as before it was the default), ``+nopdl`` (``HYLO_PDL=off``), ``+perspdl`` (``HYLO_PDL=persistent``: PDL with
-    persistent GEMV grids), ``+splitk`` (``HYLO_GEMV_SPLIT=on``: the kernel step's GEMVs may split K),
-    ``+acomb`` (``HYLO_ATTN_COMBINE=on``: its attention merges the splits without a combine kernel), ``+blockc``
-    (``HYLO_COMPILE_SCOPE=block``: ``default+blockc`` compiles each kind of block once instead of the whole step),
-    ``+pre`` / ``+nopre`` (``HYLO_GEMV_PRELOAD=on|off``: the step's GEMVs hold their weights in registers, loaded
-    before the PDL wait; on by default), ``+noearly`` (``HYLO_ATTN_EARLY_KV=off``: its attention loads no K/V
-    before the wait); suffixes combine (``default+dattn+cublas``)."""
+    persistent GEMV grids), ``+blockc`` (``HYLO_COMPILE_SCOPE=block``: ``default+blockc`` compiles each kind of
+    block once instead of the whole step), ``+pre`` / ``+nopre`` (``HYLO_GEMV_PRELOAD=on|off``: the step's GEMVs
+    hold their weights in registers, loaded before the PDL wait; on by default), ``+noearly``
+    (``HYLO_ATTN_EARLY_KV=off``: its attention loads no K/V before the wait); suffixes combine
+    (``default+dattn+cublas``)."""
     out = []
     for m in (m.strip() for m in spec.split(",")):
         if not m:

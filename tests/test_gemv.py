@@ -286,7 +286,7 @@ def traceable_kernel(monkeypatch):
     traces on a GPU, captured but never launched."""
     monkeypatch.setattr(G, "triton_interpreting", lambda: True)
     monkeypatch.setattr(backend, "triton_interpreting", lambda: True)  # supported(cpu), via triton_supported
-    monkeypatch.setattr(G, "kernel", lambda split=False: triton.jit(G._gemv_kernel))  # compiled kind, never run
+    monkeypatch.setattr(G, "kernel", lambda: triton.jit(G._gemv_kernel))  # compiled kind, never run
 
 
 def test_compiled_step_traces_one_graph_of_gemv(traceable_kernel, dynamo_targets):

@@ -31,23 +31,19 @@ def _qkv_case(dtype, qk_norm, ring, cap, B=2, H=4, Hkv=2, Dh=16, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("qk_norm", [True, False])
 @pytest.mark.parametrize("ring", [False, True])
-@pytest.mark.parametrize("cap,combine,early", [(8, False, "on"), (256, False, "on"), (256, True, "on"),
-                                               (256, False, "off")])  # one split; 4 splits
-def test_fused_qkv_attention_matches_reference(interp, monkeypatch, dtype, qk_norm, ring, cap, combine, early):
+@pytest.mark.parametrize("cap,early", [(8, "on"), (256, "on"), (256, "off")])  # one split; 4 splits
+def test_fused_qkv_attention_matches_reference(interp, monkeypatch, dtype, qk_norm, ring, cap, early):
     """decode_qkv_attention (the split kernel with the q/k/v preparation in its prologue) against the reference
-    preparation followed by the reference attention: output and both caches. ``combine``: the splits merged by
-    the split kernel's last program instead of the combine kernel (HYLO_ATTN_COMBINE); ``early``: each split's
-    first K/V block loaded before the new slot is written, which is then patched in (HYLO_ATTN_EARLY_KV)."""
+    preparation followed by the reference attention: output and both caches. ``early``: each split's first K/V
+    block loaded before the new slot is written, which is then patched in (HYLO_ATTN_EARLY_KV)."""
     monkeypatch.setattr(dattn, "MIN_SPLIT", 64)  # 4 splits of 64 slots keep the interpreter quick
     monkeypatch.setattr(dattn._EARLY, "value", early)
-    dattn._COUNTERS.clear()
     qkv, qn, kn, f, kc, vc, pos = _qkv_case(dtype, qk_norm, ring, cap)
     assert dattn.num_splits(cap, 4) == (1 if cap == 8 else 4)
     kc2, vc2 = kc.clone(), vc.clone()
     q_ref = decode_qkv_ref(qkv, 4, 2, qn, kn, 1e-6, f, kc, vc, pos, ring)
     o_ref = dattn.decode_attention_ref(q_ref, kc, vc, pos)
-    o = dattn.decode_qkv_attention(qkv, 4, qn, kn, 1e-6, f, kc2, vc2, pos, ring, combine=combine)
-    assert bool(dattn._COUNTERS) == combine and not any(c.any() for c in dattn._COUNTERS.values())  # reset
+    o = dattn.decode_qkv_attention(qkv, 4, qn, kn, 1e-6, f, kc2, vc2, pos, ring)
     # float32: exact up to cos/sin/sqrt implementations; bf16: the interpreter truncates float32 -> bf16 where
     # torch rounds to nearest (a bf16 ulp is 2^-8 relative), so a wider tolerance
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
@@ -110,44 +106,16 @@ def test_persistent_grid_gemv_matches_reference(interp, fuse, rows):
     torch.testing.assert_close(got, G.gemv_ref(x, w, bias, **kw), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fuse", ["plain", "norm+residual", "swiglu"])
-@pytest.mark.parametrize("persistent", [False, True])
-def test_split_k_gemv_matches_reference(interp, fuse, persistent):
-    """Split-K (HYLO_GEMV_SPLIT): 3 slices of K = 200 in blocks of 64 (128, 72 and an empty one), 2 rows; the last
-    program of each tile adds the partials and applies the epilogue. Twice, so the arrival counters must have been
-    reset by the first call; their buffer is zero afterwards, and the partials were written."""
-    g = torch.Generator().manual_seed(1)
-    K, N, rows = 200, 70, 2
-    x = torch.randn(rows, 2 * K if fuse == "swiglu" else K, generator=g)
-    w, bias = torch.randn(N, K, generator=g), torch.randn(N, generator=g)
-    kw = {"norm_weight": 1 + 0.1 * torch.randn(K, generator=g), "eps": 1e-6,
-          "residual": torch.randn(rows, N, generator=g)} if fuse == "norm+residual" else \
-        {"swiglu": True} if fuse == "swiglu" else {}
-    want = G.gemv_ref(x, w, bias, **kw)
-    G._WORKSPACES.clear()
-    with G.gemv_split_mode("on"):
-        for _ in range(2):
-            torch.testing.assert_close(G.gemv_direct(x, w, bias, persistent=persistent, **kw), want,
-                                       rtol=1e-5, atol=1e-5)
-    ws, cnt = G._WORKSPACES[(x.device, rows, N)]
-    assert not cnt.any() and ws[:G.INTERP_SPLIT - 1].abs().sum() > 0
-    G._WORKSPACES.clear()
-    G.gemv_direct(x, w, bias, split=False, **kw)
-    assert not G._WORKSPACES  # split-K off: no buffers
-
-
-@pytest.mark.parametrize("pdl_mode,split,preload", [("on", "off", "off"), ("persistent", "on", "off"),
-                                                    ("on", "off", "on")])
-def test_kernel_step_same_logits_as_the_runner_step(interp, monkeypatch, pdl_mode, split, preload):
+@pytest.mark.parametrize("pdl_mode,preload", [("on", "off"), ("persistent", "off"), ("on", "on")])
+def test_kernel_step_same_logits_as_the_runner_step(interp, monkeypatch, pdl_mode, preload):
     """A model of attention, sliding-window attention (window 4, so the ring buffer wraps) and FFN blocks, with
     meta tokens: 7 steps of the kernel step give the logits of the usual step (GEMV and split-KV attention on, so
-    both compute the same algorithm), float32, rows at different positions; also with split-K GEMVs and the
-    attention's splits merged in the split kernel (16 slots: 2 splits of 8), and with the preloading GEMVs."""
+    both compute the same algorithm), float32, rows at different positions, the attention split (16 slots: 2
+    splits of 8); also on persistent GEMV grids and with the preloading GEMVs."""
     monkeypatch.setattr(dattn, "MIN_SPLIT", 8)
     model = _attn_ffn_model()
     ids = torch.tensor([[3, 4], [5, 6], [7, 1], [2, 2], [9, 8], [1, 0], [4, 4]])
-    with G.gemv_mode("on"), dattn.decode_attn_mode("on"), pdl.pdl_mode(pdl_mode), G.gemv_split_mode(split), \
-            dattn.attn_combine_mode(split), G.gemv_preload_mode(preload):
+    with G.gemv_mode("on"), dattn.decode_attn_mode("on"), pdl.pdl_mode(pdl_mode), G.gemv_preload_mode(preload):
         with kernel_step.kernel_step_mode("off"):
             ref_runner = DecodeRunner(model, 2, 16)
         ref_runner.set_positions([0, 3])
@@ -209,26 +177,22 @@ def test_pdl_variants_compile_for_sm90():
     """The PDL branches are never run on the CPU: compile them for an H100 (Triton's own compiler and ptxas, no
     GPU needed) and check the instructions are there -- and absent without PDL."""
     pytest.importorskip("triton.backends.nvidia")
-    gemv_sig = {"x": "*bf16", "w": "*bf16", "b": "*bf16", "y": "*bf16", "nw": "*bf16", "r": "*bf16", "ws": "*fp32",
-                "cnt": "*i32", "M": "i32", "N": "i32", "eps": "fp32", "pf_rows": "i32", "grid_cap": "i32"}
-    for on, split in ((True, 1), (False, 1), (True, 4)):
+    gemv_sig = {"x": "*bf16", "w": "*bf16", "b": "*bf16", "y": "*bf16", "nw": "*bf16", "r": "*bf16", "M": "i32",
+                "N": "i32", "eps": "fp32", "pf_rows": "i32", "grid_cap": "i32"}
+    for on in (True, False):
         ptx = _ptx(triton.jit(G._gemv_kernel), gemv_sig,
                    dict(K=3072, XK=6144, HAS_BIAS=False, NORM=False, SWIGLU=True, RESIDUAL=True, PDL=on,
-                        INTERP=False, LINE=64, NL=64, BN=8, BK=256, SPLIT=split))
+                        INTERP=False, LINE=64, NL=64, BN=8, BK=256))
         assert ("griddepcontrol.wait" in ptx) == on and ("griddepcontrol.launch_dependents" in ptx) == on
         assert ("prefetch.global.L2" in ptx) == on
-        # split-K: the arrival count is a GPU-scope acquire-release atomic, the partials are read past L1
-        assert ("atom.global.gpu.acq_rel.add" in ptx) == (split > 1), [ln for ln in ptx.splitlines() if "atom" in ln]
-        assert ("ld.global.cg" in ptx) == (split > 1)
     split = triton.jit(dattn._split_kernel)
     ptx = _ptx(split, {"q": "*bf16", "k": "*bf16", "v": "*bf16", "pos": "*i64", "o": "*bf16", "m_part": "*fp32",
                        "l_part": "*fp32", "acc_part": "*fp32", "qk_scale": "fp32", "L": "i32", "qkv": "*bf16",
-                       "qw": "*bf16", "kw": "*bf16", "inv_freq": "*fp32", "eps": "fp32", "cnt": "*i32"},
+                       "qw": "*bf16", "kw": "*bf16", "inv_freq": "*fp32", "eps": "fp32"},
                dict(HKV=8, G=2, GP=2, D=128, BLOCK=16, NSPLIT=40, INTERP=False, PDL=True, QKV=True, QK_NORM=True,
-                    RING=False, COMBINE=True, CB=16, EARLY=False))
+                    RING=False, EARLY=False))
     assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
     assert "bar.sync" in ptx  # the prologue's new slot is stored before the program's threads read the cache
-    assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx  # the in-kernel combine
 
 
 def test_preload_gemv_compiles_for_sm90():
@@ -249,12 +213,12 @@ def test_early_kv_loads_before_the_wait():
     pytest.importorskip("triton.backends.nvidia")
     sig = {"q": "*bf16", "k": "*bf16", "v": "*bf16", "pos": "*i64", "o": "*bf16", "m_part": "*fp32",
            "l_part": "*fp32", "acc_part": "*fp32", "qk_scale": "fp32", "L": "i32", "qkv": "*bf16", "qw": "*bf16",
-           "kw": "*bf16", "inv_freq": "*fp32", "eps": "fp32", "cnt": "*i32"}
+           "kw": "*bf16", "inv_freq": "*fp32", "eps": "fp32"}
     before = {}
     for early in (False, True):
         lines = _ptx(triton.jit(dattn._split_kernel), sig,
                      dict(HKV=8, G=2, GP=2, D=128, BLOCK=16, NSPLIT=5, INTERP=False, PDL=True, QKV=True,
-                          QK_NORM=True, RING=False, COMBINE=False, CB=8, EARLY=early)).splitlines()
+                          QK_NORM=True, RING=False, EARLY=early)).splitlines()
         wait = next(i for i, ln in enumerate(lines) if "griddepcontrol.wait" in ln)
         before[early] = sum("ld.global" in ln for ln in lines[:wait])
     assert before[True] > before[False] > 0, before

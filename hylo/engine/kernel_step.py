@@ -38,11 +38,10 @@ takes 6.3 us, ~1 TB/s, against the LM head's 3.1 TB/s)::
 
     python benchmarks/decode_timeline.py --configs eager,eager+nopdl --out X.json
 
-Two options aimed at what the timeline found, CPU-tested, off by default because neither won on the H100
-(``benchmarks/results/decode-timeline-h100-run2.json``): ``HYLO_GEMV_SPLIT=on`` (:mod:`hylo.ops.gemv`: split-K for
-the products with few outputs; 0.920 against 0.907 ms/token at cache 80, 0.944 against 0.950 at 2048) and
-``HYLO_ATTN_COMBINE=on`` (:mod:`hylo.ops.decode_attention`: no combine kernel; 0.959 at 80 and 1.353 at 2048, where
-the last split merges 64 partials alone).
+Two options aimed at what the timeline found won nothing on the H100 and were removed after commit ``d7c3722``
+(``benchmarks/results/decode-timeline-h100-run2.json``): ``HYLO_GEMV_SPLIT=on`` (split-K for the products with few
+outputs; 0.920 against 0.907 ms/token at cache 80, 0.944 against 0.950 at 2048) and ``HYLO_ATTN_COMBINE=on`` (no
+combine kernel; 0.959 at 80 and 1.353 at 2048, where the last split merges 64 partials alone).
 
 An attention kernel that asked L2 for the weights of the kernels after it (the output projection, then the next
 FFN block's), right after its wait or once its attention was done (``HYLO_STEP_PREFETCH=early|late``, removed after

@@ -10,10 +10,10 @@ fused kernel (plus a small combine when the cache is split) reads K and V once a
 - :func:`use_kernel`: whether ``Attention.step`` takes the op (``HYLO_DECODE_ATTN=on`` where :func:`supported`).
 - :func:`decode_qkv_attention`: the same kernels with the step's q/k/v preparation (qk-norm, RoPE, the new k/v into
   the cache; :func:`hylo.ops.decode_qkv.decode_qkv_ref`) in the split kernel's prologue, launched directly, with
-  programmatic dependent launch if asked: the kernel decode step's attention (``hylo.engine.kernel_step``). With
-  ``HYLO_ATTN_COMBINE=on`` the last split of each KV head merges the partials, so the step has no combine kernel
-  (1.7-2.0 us per layer in ``benchmarks/results/decode-timeline-h100.json``); off, because the step was slower
-  with it (``benchmarks/results/decode-timeline-h100-run2.json``: 0.959 against 0.907 ms/token at cache 80).
+  programmatic dependent launch if asked: the kernel decode step's attention (``hylo.engine.kernel_step``). A
+  merge of the partials by each KV head's last split instead of the combine kernel (``HYLO_ATTN_COMBINE``) was
+  timed on an H100 and removed after ``d7c3722``, where the code remains: 0.959 vs 0.907 ms/token at an 80-slot
+  cache, 1.353 vs 0.950 at 2048 (``benchmarks/results/decode-timeline-h100-run2.json``).
   With ``HYLO_ATTN_EARLY_KV=on`` (default) each split's first block of K and V is loaded before the PDL wait
   (earlier steps wrote it; the new slot is patched in registers once computed): at an 80-slot cache, 5 splits of
   one block each, the cache reads leave the critical path (the kernel step with preloading GEMVs: 0.809 against
@@ -72,9 +72,6 @@ INTERP_BLOCK = 16  # the interpreter's block of slots: small, so tests cross blo
 
 _SWITCH = Choice("decode attention path", "HYLO_DECODE_ATTN", ("off", "on"), "off")
 set_decode_attn, get_decode_attn, decode_attn_mode = _SWITCH.set, _SWITCH.get, _SWITCH.use
-# the kernel decode step's attention: merge the splits in the split kernel's last program (off: slower when timed)
-_COMBINE = Choice("decode attention in-kernel combine", "HYLO_ATTN_COMBINE", ("off", "on"), "off")
-set_attn_combine, get_attn_combine, attn_combine_mode = _COMBINE.set, _COMBINE.get, _COMBINE.use
 # the kernel decode step's attention: each split's first block of K/V loaded before the PDL wait
 _EARLY = Choice("decode attention early K/V block", "HYLO_ATTN_EARLY_KV", ("off", "on"), "on")
 set_attn_early_kv, get_attn_early_kv, attn_early_kv_mode = _EARLY.set, _EARLY.get, _EARLY.use
@@ -127,11 +124,10 @@ if triton is not None:
     # Only core ops inside the kernels: Triton's jit helpers (tl.sum, tl.max, tl.zeros, tl.cdiv) are wrapped when
     # triton is imported, and the interpreter cannot call them when TRITON_INTERPRET is set later (tests).
 
-    def _split_kernel(q, k, v, pos, o, m_part, l_part, acc_part, qk_scale, L, qkv, qw, kw, inv_freq, eps, cnt,
+    def _split_kernel(q, k, v, pos, o, m_part, l_part, acc_part, qk_scale, L, qkv, qw, kw, inv_freq, eps,
                       HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
                       NSPLIT: tl.constexpr, INTERP: tl.constexpr, PDL: tl.constexpr, QKV: tl.constexpr,
-                      QK_NORM: tl.constexpr, RING: tl.constexpr, COMBINE: tl.constexpr, CB: tl.constexpr,
-                      EARLY: tl.constexpr):
+                      QK_NORM: tl.constexpr, RING: tl.constexpr, EARLY: tl.constexpr):
         # One program: the G query heads of KV head (b, kvh) over its split of the valid slots. qk_scale folds
         # log2(e) in, so the softmax runs in base 2 (exp2); the partial maxima are in that base too.
         # PDL (hylo.ops.pdl): q (or the projection) comes from the kernel before: wait before reading it.
@@ -139,9 +135,6 @@ if triton is not None:
         # from the projection qkv [B, (H + 2 HKV) D], RMS-normed (QK_NORM, weights qw/kw) and rotated in
         # registers; the program whose share holds the new slot (pos, or pos % L for a ring buffer: RING) writes the
         # new key and value there and syncs its threads before reading the cache. Roundings as the model's.
-        # COMBINE (with NSPLIT > 1): no second kernel; each program counts itself in cnt[pid] (GPU-scope
-        # acquire-release atomic, after its partials are stored) and the last of the NSPLIT programs of (b, kvh)
-        # merges the partials of its G heads, CB splits at a time, as _combine_kernel does, and resets the count.
         # With QKV, what does not come from the kernel before (pos, written by the previous step's last kernel;
         # RoPE's angles; the qk-norm weights) is read before the wait, the projection after it.
         if PDL and not QKV:
@@ -251,31 +244,6 @@ if triton is not None:
             tl.store(m_part + part, m_i, mask=m_h)
             tl.store(l_part + part, l_i, mask=m_h)
             tl.store(acc_part + part[:, None] * D + d[None, :], acc, mask=m_h[:, None])
-            if COMBINE:
-                tl.debug_barrier()  # every thread's partials are stored before the count (release, GPU scope)
-                if tl.atomic_add(cnt + pid, 1, sem="acq_rel", scope="gpu") == NSPLIT - 1:
-                    cs = tl.arange(0, CB)
-                    for h in range(G):
-                        row = pid * G + h
-                        m_all = tl.full([CB], float("-inf"), dtype=tl.float32)
-                        for c0 in range(0, NSPLIT, CB):  # the running maximum over all splits first
-                            m_all = tl.maximum(m_all, tl.load(m_part + row * NSPLIT + c0 + cs, mask=c0 + cs < NSPLIT,
-                                                              other=float("-inf"), cache_modifier=".cg"))
-                        mx = tl.reduce(m_all, 0, tl.standard._elementwise_max)  # finite: split 0 has slot 0
-                        num = tl.full([D], 0.0, dtype=tl.float32)
-                        den = tl.full([CB], 0.0, dtype=tl.float32)
-                        for c0 in range(0, NSPLIT, CB):
-                            ok = c0 + cs < NSPLIT
-                            pr = row * NSPLIT + c0 + cs
-                            w8 = tl.exp2(tl.load(m_part + pr, mask=ok, other=float("-inf"), cache_modifier=".cg")
-                                         - mx)
-                            den += w8 * tl.load(l_part + pr, mask=ok, other=0.0, cache_modifier=".cg")
-                            a = tl.load(acc_part + pr[:, None] * D + d[None, :], mask=ok[:, None], other=0.0,
-                                        cache_modifier=".cg")
-                            num += tl.reduce(w8[:, None] * a, 0, tl.standard._sum_combine)
-                        out = num / tl.reduce(den, 0, tl.standard._sum_combine)
-                        tl.store(o + row * D + d, out.to(o.dtype.element_ty))
-                    tl.store(cnt + pid, 0)
 
     def _combine_kernel(m_part, l_part, acc_part, o, NSPLIT: tl.constexpr, NSP: tl.constexpr, D: tl.constexpr,
                         PDL: tl.constexpr):
@@ -334,13 +302,10 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor)
                          f"{pos.device})")
 
 
-def _launch(q, k, v, pos, pdl: bool, wrap, prologue: dict | None = None, combine_in_split: bool = False
-            ) -> torch.Tensor:
+def _launch(q, k, v, pos, pdl: bool, wrap, prologue: dict | None = None) -> torch.Tensor:
     """Check, allocate and launch; ``wrap``: ``torch.library.wrap_triton`` inside the op or the identity for a
     direct launch; ``pdl``: programmatic dependent launch (:mod:`hylo.ops.pdl`; ignored under the interpreter);
-    ``prologue``: the fused q/k/v preparation (:func:`decode_qkv_attention`), ``q`` then only gives the shape;
-    ``combine_in_split``: the last split of each KV head merges the partials (no combine kernel) where
-    :func:`counters` can be had."""
+    ``prologue``: the fused q/k/v preparation (:func:`decode_qkv_attention`), ``q`` then only gives the shape."""
     _check(q, k, v, pos)
     (B, H, _, Dh), (Hkv, L) = q.shape, k.shape[1:3]
     g = H // Hkv
@@ -362,34 +327,16 @@ def _launch(q, k, v, pos, pdl: bool, wrap, prologue: dict | None = None, combine
     qkv, freq = pro.get("qkv", out), pro.get("inv_freq", out)  # out: an unused pointer where an input is absent
     qw, kw = (pro["q_norm"], pro["k_norm"]) if qk_norm else (out, out)
     extra = {"launch_pdl": True} if pdl else {}
-    cnt = counters(q.device, B * Hkv) if combine_in_split and nsplit > 1 else None
     wrap(split)[(B * Hkv, nsplit)](
         q, k, v, pos, out, *parts, math.log2(math.e) / math.sqrt(Dh), L, qkv, qw, kw, freq,
-        float(pro.get("eps", 0.0)), out if cnt is None else cnt, HKV=Hkv, G=g, GP=gp, D=Dh, BLOCK=block,
-        NSPLIT=nsplit, INTERP=interp, PDL=pdl, QKV=prologue is not None, QK_NORM=qk_norm,
-        RING=bool(pro.get("ring", False)), COMBINE=cnt is not None, CB=min(16, triton.next_power_of_2(nsplit)),
+        float(pro.get("eps", 0.0)), HKV=Hkv, G=g, GP=gp, D=Dh, BLOCK=block, NSPLIT=nsplit, INTERP=interp, PDL=pdl,
+        QKV=prologue is not None, QK_NORM=qk_norm, RING=bool(pro.get("ring", False)),
         EARLY=prologue is not None and _EARLY.value == "on", **({} if interp else {"num_warps": warps, **extra}))
-    if nsplit > 1 and cnt is None:
+    if nsplit > 1:
         nsp = triton.next_power_of_2(nsplit)
         launch = {} if interp else {"num_warps": 4 if nsp * Dh <= 4096 else 8, **extra}
         wrap(combine)[(B * H,)](*parts, out, NSPLIT=nsplit, NSP=nsp, D=Dh, PDL=pdl, **launch)
     return out
-
-
-_COUNTERS: dict[tuple, torch.Tensor] = {}
-
-
-def counters(device: torch.device, kv_rows: int) -> torch.Tensor | None:
-    """The in-kernel combine's arrival counters, one int32 per (row, KV head), zero between calls (the last split
-    resets its count), made on first use and kept; None while a CUDA graph is capturing and they do not exist yet
-    (made inside the capture they would belong to its memory pool: the launch then takes the combine kernel).
-    Shared by every launch with as many KV rows, so such launches must not run concurrently (one stream)."""
-    key = (device, kv_rows)
-    if key not in _COUNTERS:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        _COUNTERS[key] = torch.zeros(kv_rows, dtype=torch.int32, device=device)
-    return _COUNTERS[key]
 
 
 @torch.library.triton_op("hylo::decode_attention", mutates_args=())
@@ -401,14 +348,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
 
 def decode_qkv_attention(qkv: torch.Tensor, num_heads: int, q_norm: torch.Tensor | None,
                          k_norm: torch.Tensor | None, eps: float, inv_freq: torch.Tensor, k: torch.Tensor,
-                         v: torch.Tensor, pos: torch.Tensor, ring: bool, pdl: bool = False,
-                         combine: bool | None = None) -> torch.Tensor:
+                         v: torch.Tensor, pos: torch.Tensor, ring: bool, pdl: bool = False) -> torch.Tensor:
     """The decode step from the q/k/v projection to attention's output, in the split kernel (launched directly,
     outside torch's op machinery, for ``hylo.engine.kernel_step``): ``qkv [B, (H + 2 Hkv) Dh]`` -> ``[B, H, 1, Dh]``,
     writing the new key and value into ``k, v [B, Hkv, L, Dh]`` at slot ``pos`` (``pos % L`` with ``ring``).
     Equal to :func:`decode_attention` of :func:`hylo.ops.decode_qkv.decode_qkv_ref` (qk-norm with ``q_norm`` /
-    ``k_norm`` if given, RoPE with ``inv_freq [Dh/2]`` float32); ``pdl``: programmatic dependent launch;
-    ``combine`` (default ``HYLO_ATTN_COMBINE=on``): the last split merges the partials, no combine kernel."""
+    ``k_norm`` if given, RoPE with ``inv_freq [Dh/2]`` float32); ``pdl``: programmatic dependent launch."""
     if triton is None:
         raise RuntimeError("hylo.ops.decode_attention needs Triton")
     B, Hkv, _, Dh = k.shape
@@ -422,5 +367,4 @@ def decode_qkv_attention(qkv: torch.Tensor, num_heads: int, q_norm: torch.Tensor
         raise ValueError("decode_qkv_attention: pass both q_norm and k_norm, or neither")
     q_shape = qkv.new_empty(1).expand(B, num_heads, 1, Dh)  # its shape and dtype only: never read
     return _launch(q_shape, k, v, pos, pdl, lambda kern: kern,
-                   dict(qkv=qkv, q_norm=q_norm, k_norm=k_norm, eps=eps, inv_freq=inv_freq, ring=ring),
-                   combine_in_split=_COMBINE.value == "on" if combine is None else combine)
+                   dict(qkv=qkv, q_norm=q_norm, k_norm=k_norm, eps=eps, inv_freq=inv_freq, ring=ring))

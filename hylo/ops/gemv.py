@@ -15,11 +15,9 @@ over ``K``) beat cuBLAS in a first H100 test (``benchmarks/gemv.py``). This modu
 - :class:`gemv_linears`: while active, the switch is on and the ``nn.Linear`` modules of a model compute through
   :func:`linear` (``DecodeRunner`` built with the switch on enters it around each call of its step).
 
-``HYLO_GEMV_SPLIT`` (:func:`set_gemv_split`, :func:`gemv_split_mode`): ``on`` lets the autotuner of
-:func:`gemv_direct` (the kernel decode step's launches) also split K into 2 or 4 slices, whose partial sums the
-last program of each tile adds (:func:`workspace`). Why: in the kernel step on an H100 the products with 1,024
-outputs ran at 1.0-1.2 TB/s against the LM head's 3.1 (``benchmarks/results/decode-timeline-h100.json``): 64-256
-programs, each reading its rows of W block after block, keep too few bytes in flight. ``off`` (default) until timed.
+Split-K for the kernel step's launches (``HYLO_GEMV_SPLIT``) was timed on an H100 and removed after ``d7c3722``,
+where the code remains: 0.920 vs 0.907 ms/token at an 80-slot cache, 0.944 vs 0.950 at 2048
+(``benchmarks/results/decode-timeline-h100-run2.json``).
 
 ``HYLO_GEMV_PRELOAD`` (:func:`set_gemv_preload`, :func:`gemv_preload_mode`): ``on`` makes direct launches take
 ``_gemv_pre_kernel`` where a row fits a tile (:data:`PRELOAD_ELEMS`): one tile of whole rows per program, loaded
@@ -59,9 +57,6 @@ MAX_ROWS = 4  # decode batch buckets up to this size take the GEMV; larger ones 
 
 _GEMV = Choice("GEMV path", "HYLO_GEMV", ("auto", "off", "on"), "auto")
 set_gemv, get_gemv, gemv_mode = _GEMV.set, _GEMV.get, _GEMV.use
-# split-K for direct launches (the kernel decode step): off until timed on a GPU
-_SPLIT = Choice("GEMV split-K", "HYLO_GEMV_SPLIT", ("off", "on"), "off")
-set_gemv_split, get_gemv_split, gemv_split_mode = _SPLIT.set, _SPLIT.get, _SPLIT.use
 # weights into registers before the PDL wait, for direct launches (the kernel decode step), where rows fit: on
 # (faster on two H100 machines of three; see the module docstring)
 _PRELOAD = Choice("GEMV weight preload", "HYLO_GEMV_PRELOAD", ("off", "on"), "on")
@@ -104,10 +99,10 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
 # ----------------------------------------------------------------------------------------- Triton
 if triton is not None:
 
-    def _gemv_kernel(x, w, b, y, nw, r, ws, cnt, M, N, eps, pf_rows, grid_cap, K: tl.constexpr, XK: tl.constexpr,
+    def _gemv_kernel(x, w, b, y, nw, r, M, N, eps, pf_rows, grid_cap, K: tl.constexpr, XK: tl.constexpr,
                      HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
                      PDL: tl.constexpr, INTERP: tl.constexpr, LINE: tl.constexpr, NL: tl.constexpr,
-                     BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr):
+                     BN: tl.constexpr, BK: tl.constexpr):
         # A tile: BN outputs of one row of x. Tiles are numbered with the row index fastest, so the M tiles
         # reading one block of W run side by side and all but the first find it in L2 (W crosses HBM once).
         # W is [N, K] row-major: each output's K weights are contiguous. Programs stride over the tiles: one tile
@@ -124,25 +119,17 @@ if triton is not None:
         # or writes y, and at once lets the next kernel launch (which waits in turn for this one to complete).
         # Without a PDL launch the wait returns at once. grid_cap (the persistent grid's size, 0 for one program
         # per tile) is only part of the autotuner's key: the best blocks differ between the two grids.
-        # SPLIT > 1 (split-K, direct launches only): a tile is BN outputs of one row over one of SPLIT slices of K,
-        # so a matrix with few output rows still has enough programs to keep its bytes in flight. Each writes its
-        # float32 partial sums to ws [SPLIT, M, N] and counts itself in cnt (one int32 per row and BN outputs,
-        # zero between calls); the program that counts last adds the SPLIT partials in slice order (the result does
-        # not depend on which program came last), applies the epilogue, writes y and sets the counter back to 0.
         pid, nprog = tl.program_id(0), tl.num_programs(0)
-        n_tiles = (N + BN - 1) // BN
-        total = M * n_tiles * SPLIT
-        KS: tl.constexpr = ((K + SPLIT - 1) // SPLIT + BK - 1) // BK * BK  # K per slice, whole blocks
+        total = M * ((N + BN - 1) // BN)
         t_lo, t_hi, t_st = pid, total, nprog
         if INTERP:  # never compiled: the interpreter keeps scalars as 1-element arrays, which numpy >= 2.4 refuses
             t_lo, t_hi, t_st = t_lo.handle.data.item(), t_hi.handle.data.item(), t_st.handle.data.item()  # in range()
         dt = x.dtype.element_ty
         if PDL:
             pf_tiles = tl.maximum(pf_rows // (BN * nprog), 1)
+            line = tl.minimum(tl.arange(0, NL) * LINE, K - 1)
             for t in range(t_lo, tl.minimum(t_hi, t_lo + pf_tiles * t_st), t_st):
-                p_lo = ((t // M) % SPLIT) * KS  # this tile's slice of K (all of it without split-K)
-                line = tl.minimum(p_lo + tl.arange(0, NL) * LINE, tl.minimum(p_lo + KS, K) - 1)
-                prow = tl.minimum((t // (M * SPLIT)) * BN + tl.arange(0, BN), N - 1).to(tl.int64) * K
+                prow = tl.minimum((t // M) * BN + tl.arange(0, BN), N - 1).to(tl.int64) * K
                 tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l",
                                           [w + prow[:, None] + line[None, :]], dtype=tl.int32, is_pure=False, pack=1)
             tl.extra.cuda.gdc_wait()
@@ -159,15 +146,11 @@ if triton is not None:
             var = (tl.reduce(ss, 0, tl.standard._sum_combine) / K + eps).to(tl.float32)  # eps may come in float64
             rstd = 1.0 / tl.sqrt(var)
         for t in range(t_lo, t_hi, t_st):
-            i_n = t // (M * SPLIT)  # tiles: row fastest, then slice, then block of outputs
-            sl = (t // M) % SPLIT
+            i_n = t // M
             rows = i_n * BN + tl.arange(0, BN)
             m_n = rows < N
             acc = tl.full([BN, BK], 0.0, dtype=tl.float32)  # core op (tl.zeros is a jit helper)
-            k_lo, k_hi = sl * KS, tl.minimum(sl * KS + KS, K)
-            if INTERP:
-                k_lo, k_hi = k_lo.handle.data.item(), k_hi.handle.data.item()
-            for k0 in range(k_lo, k_hi, BK):
+            for k0 in range(0, K, BK):
                 cols = k0 + tl.arange(0, BK)
                 m_k = cols < K
                 b_x = tl.load(x + i_m * XK + cols, mask=m_k, other=0.0).to(tl.float32)
@@ -183,23 +166,11 @@ if triton is not None:
                               mask=m_n[:, None] & m_k[None, :], other=0.0)
                 acc += b_w.to(tl.float32) * b_x[None, :]
             out = tl.reduce(acc, 1, tl.standard._sum_combine)  # tl.sum's own reduction (tl.sum is a jit helper)
-            m_y = m_n
-            if SPLIT > 1:
-                tl.store(ws + (sl * M + i_m) * N + rows, out, mask=m_n)
-                tl.debug_barrier()  # every thread's partial is written before the count (release, GPU scope)
-                c = cnt + i_m * n_tiles + i_n
-                last = tl.atomic_add(c, 1, sem="acq_rel", scope="gpu") == SPLIT - 1
-                if last:
-                    out = tl.load(ws + i_m * N + rows, mask=m_n, other=0.0, cache_modifier=".cg")
-                    for s2 in range(1, SPLIT):
-                        out += tl.load(ws + (s2 * M + i_m) * N + rows, mask=m_n, other=0.0, cache_modifier=".cg")
-                    tl.store(c, 0)
-                m_y = m_n & last
             if HAS_BIAS:
                 out += tl.load(b + rows, mask=m_n, other=0.0).to(tl.float32)
             if RESIDUAL:
                 out = out.to(dt).to(tl.float32) + tl.load(r + i_m * N + rows, mask=m_n, other=0.0).to(tl.float32)
-            tl.store(y + i_m * N + rows, out.to(y.dtype.element_ty), mask=m_y)
+            tl.store(y + i_m * N + rows, out.to(y.dtype.element_ty), mask=m_n)
 
     def _gemv_pre_kernel(x, w, b, y, nw, r, M, N, eps, K: tl.constexpr, KP: tl.constexpr, XK: tl.constexpr,
                          HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
@@ -249,18 +220,13 @@ if triton is not None:
     _CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=nw, num_stages=ns)
                 for bn in (4, 8, 16) for bk in (256, 512, 1024) for nw in (4, 8) for ns in (2, 4)
                 if bn * bk <= 8192]
-    # split-K candidates (direct launches with HYLO_GEMV_SPLIT=on): fewer, larger tiles per slice
-    _SPLIT_CONFIGS = [triton.Config({"BN": bn, "BK": bk, "SPLIT": sp}, num_warps=4, num_stages=2)
-                      for bn in (8, 16) for bk in (256, 512) for sp in (2, 4)]
     _INTERP_CONFIG = {"BN": 32, "BK": 64}  # the interpreter cannot autotune; small blocks keep tests quick
 
 
 @functools.lru_cache(maxsize=None)
-def _jit(interpret: bool, split: bool = False):
+def _jit(interpret: bool):
     k = triton.jit(_gemv_kernel)
-    configs = [triton.Config({**c.kwargs, "SPLIT": 1}, num_warps=c.num_warps, num_stages=c.num_stages)
-               for c in _CONFIGS] + _SPLIT_CONFIGS if split else _CONFIGS
-    return k if interpret else triton.autotune(configs=configs, key=["M", "N", "K", "HAS_BIAS", "NORM", "SWIGLU",
+    return k if interpret else triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "HAS_BIAS", "NORM", "SWIGLU",
                                                                       "RESIDUAL", "PDL", "grid_cap"])(k)
 
 
@@ -293,13 +259,12 @@ def preload_applies(K: int, mode: str | None = None) -> bool:
     return (_PRELOAD.value if mode is None else mode) == "on" and preload_fits(K)
 
 
-def kernel(split: bool = False):
+def kernel():
     """The kernel, JIT-wrapped on first use and keyed on TRITON_INTERPRET (read by ``triton.jit`` when it wraps):
-    autotuned over block sizes normally (``kernel().best_config`` after a call), plain under the interpreter;
-    ``split``: the variant whose autotuner also tries split-K (:data:`SPLIT_MAX` slices at most)."""
+    autotuned over block sizes normally (``kernel().best_config`` after a call), plain under the interpreter."""
     if triton is None:
         raise RuntimeError("hylo.ops.gemv needs Triton (HYLO_GEMV=on on a machine without it)")
-    return _jit(triton_interpreting(), split)
+    return _jit(triton_interpreting())
 
 
 def _check(x, weight, bias, norm_weight, residual, swiglu) -> None:
@@ -327,24 +292,17 @@ def _optional_inputs(x, *inputs):
 
 
 def _launch(x, weight, bias, norm_weight, eps, residual, swiglu, pdl: bool, wrap,
-            persistent: bool = False, split: bool = False) -> torch.Tensor:
+            persistent: bool = False) -> torch.Tensor:
     """Check, allocate and launch; ``wrap`` is ``torch.library.wrap_triton`` inside the op (traceable) or the
     identity for a direct launch; ``pdl`` launches with programmatic dependent launch (:mod:`hylo.ops.pdl`) and
     ``persistent`` then caps the grid at :func:`max_programs` (each program striding over several tiles, all of
-    whose weights it prefetches before the wait); under the interpreter ``persistent`` alone shrinks the grid;
-    ``split``: the autotuner may also split K (:func:`workspace`; direct launches only, and not while a CUDA graph
-    captures a first call for this shape, whose workspace could not outlive the graph)."""
+    whose weights it prefetches before the wait); under the interpreter ``persistent`` alone shrinks the grid."""
     _check(x, weight, bias, norm_weight, residual, swiglu)
     M, (N, K) = x.shape[0], weight.shape
     x = x.contiguous()
     y = x.new_empty(M, N)
     interp = triton_interpreting()
-    ws_cnt = workspace(x.device, M, N) if split else None
-    split = ws_cnt is not None
-    cfg = dict(_INTERP_CONFIG) if interp else {}  # else the autotuner picks BN, BK (and SPLIT with ``split``)
-    if interp or not split:
-        cfg["SPLIT"] = INTERP_SPLIT if split else 1
-    ws, cnt = ws_cnt or (x, x)  # x: unused pointers without split-K
+    cfg = dict(_INTERP_CONFIG) if interp else {}  # else the autotuner picks BN, BK
     if pdl and not interp:
         cfg["launch_pdl"] = True
     line = 128 // x.element_size()
@@ -352,10 +310,10 @@ def _launch(x, weight, bias, norm_weight, eps, residual, swiglu, pdl: bool, wrap
     cap = max_programs(x.device) if persistent and (pdl or interp) else None
 
     def grid(meta):  # a multiple of M: each program's tiles then share one row of x (the kernel relies on it)
-        tiles = M * triton.cdiv(N, meta["BN"]) * meta["SPLIT"]
+        tiles = M * triton.cdiv(N, meta["BN"])
         return (tiles if cap is None else min(tiles, max(cap // M, 1) * M),)
-    wrap(kernel(split))[grid](
-        x, weight, b, y, nw, r, ws, cnt, M, N, float(eps), PREFETCH_BYTES // (K * x.element_size()), cap or 0, K,
+    wrap(kernel())[grid](
+        x, weight, b, y, nw, r, M, N, float(eps), PREFETCH_BYTES // (K * x.element_size()), cap or 0, K,
         2 * K if swiglu else K, HAS_BIAS=bias is not None, NORM=norm_weight is not None, SWIGLU=swiglu,
         RESIDUAL=residual is not None, PDL=pdl and not interp, INTERP=interp, LINE=line,
         NL=triton.next_power_of_2(triton.cdiv(K, line)), **cfg)
@@ -364,25 +322,6 @@ def _launch(x, weight, bias, norm_weight, eps, residual, swiglu, pdl: bool, wrap
 
 PREFETCH_BYTES = 24 << 20  # a PDL launch asks L2 (50 MB on an H100) for at most this much of W before its wait
 INTERP_PROGRAMS = 3  # the persistent grid under the interpreter (tests): few programs, several tiles each
-SPLIT_MAX = 4  # split-K slices at most (the workspace holds this many partial sums per output)
-MIN_SPLIT_BN = 4  # the smallest block of outputs a split-K config may take (sizes the counters)
-INTERP_SPLIT = 3  # split-K slices under the interpreter (tests): uneven, so a slice ends mid-block
-_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def workspace(device: torch.device, M: int, N: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Split-K's buffers for ``M`` rows of ``N`` outputs on ``device``, made on first use and kept: float32 partial
-    sums ``[SPLIT_MAX, M, N]`` and int32 arrival counters (zero between calls: the kernel resets each one it
-    completes). None while a CUDA graph is capturing and the buffers do not exist yet: made inside the capture
-    they would belong to that graph's memory pool (the caller then launches without split-K). Shared by every
-    product of that shape: split-K launches must not run concurrently (one stream, as the decode engine runs)."""
-    key = (device, M, N)
-    if key not in _WORKSPACES:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        _WORKSPACES[key] = (torch.empty(SPLIT_MAX, M, N, dtype=torch.float32, device=device),
-                            torch.zeros(M * -(-N // MIN_SPLIT_BN), dtype=torch.int32, device=device))
-    return _WORKSPACES[key]
 
 
 def max_programs(device: torch.device) -> int:
@@ -409,22 +348,20 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 def gemv_direct(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 norm_weight: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
                 swiglu: bool = False, pdl: bool = False, persistent: bool = False,
-                split: bool | None = None, preload: bool | None = None) -> torch.Tensor:
+                preload: bool | None = None) -> torch.Tensor:
     """:func:`gemv` launched directly, outside torch's op machinery (``hylo.engine.kernel_step``): with ``pdl``
     the launch may overlap the kernel before it (Hopper and later; ignored under the interpreter), and with
-    ``persistent`` too its grid is capped at :func:`max_programs` so that all of it prefetches early; ``split``
-    (default: ``HYLO_GEMV_SPLIT=on``) lets the autotuner split K, for matrices with few outputs; ``preload``
+    ``persistent`` too its grid is capped at :func:`max_programs` so that all of it prefetches early; ``preload``
     (default: :func:`preload_applies`, per ``HYLO_GEMV_PRELOAD``) takes the preloading kernel where rows fit: each
-    program holds its tile of W in registers, loaded before the PDL wait; by default not where ``persistent`` or
-    ``split`` asks for the other kernel's grid."""
+    program holds its tile of W in registers, loaded before the PDL wait; by default not where ``persistent`` asks
+    for the other kernel's grid."""
     if triton is None:
         raise RuntimeError("hylo.ops.gemv needs Triton")
-    split = _SPLIT.value == "on" if split is None else split
     if preload is None:
-        preload = preload_applies(weight.shape[-1]) and not persistent and not split
+        preload = preload_applies(weight.shape[-1]) and not persistent
     if preload and preload_fits(weight.shape[-1]):
         return _launch_preload(x, weight, bias, norm_weight, eps, residual, swiglu, pdl)
-    return _launch(x, weight, bias, norm_weight, eps, residual, swiglu, pdl, lambda k: k, persistent, split)
+    return _launch(x, weight, bias, norm_weight, eps, residual, swiglu, pdl, lambda k: k, persistent)
 
 
 def _launch_preload(x, weight, bias, norm_weight, eps, residual, swiglu, pdl: bool) -> torch.Tensor:
