@@ -4,8 +4,9 @@
 
 1. Builds the per-operator LUT (``hylo.profile.measure.build_lut``) for the pieces of the models measured at a
    LUT width, over contexts 1K..32K and batches 1..1024 (points whose state exceeds half the free memory are
-   skipped), bf16. ``--lut PATH`` starts from an earlier table (only what it lacks is measured); the table used is
-   written to ``OUT/lut.json``; ``--skip-lut`` measures nothing (predicts from ``--lut`` as it is).
+   skipped), bf16. ``--lut PATH`` starts from an earlier table (only what it lacks is measured, and what it measured
+   with a ``HYLO_*`` switch set otherwise, unless ``--keep-stale``); the table used is written to ``OUT/lut.json``;
+   ``--skip-lut`` measures nothing (predicts from ``--lut`` as it is).
 2. Profiles each model with random weights in bf16 (``hylo.profile.report.profile_model``): ms/token at batch 1
    (CUDA graph) at contexts 1K and 32K; the time to generate 8K tokens at batch 1 from an empty context (step
    time sampled at 3 positions of an 8K cache and integrated: the step of PyTorch ops reads attention's whole
@@ -126,6 +127,8 @@ def main():
                                                 "exists): only the entries it lacks are measured; the table used "
                                                 "is written to OUT/lut.json")
     ap.add_argument("--skip-lut", action="store_true", help="measure no LUT entry: predict from --lut as it is")
+    ap.add_argument("--keep-stale", action="store_true",
+                    help="keep --lut's entries measured with HYLO_* switches set otherwise (default: measure again)")
     ap.add_argument("--lut-time-limit", type=float, default=150.0, help="seconds at most for the LUT build")
     ap.add_argument("--models", default="", help="comma-separated subset of the model names (default: all)")
     ap.add_argument("--recompute", default=None, metavar="PROFILE_JSON",
@@ -177,7 +180,8 @@ def main():
     if not args.skip_lut:
         lut = build_lut([c for _, c, in_lut in specs if in_lut], lut_ctx, lut_b, device=device, dtype=dtype,
                         lut=lut, repeats=3, target_ms=10.0, time_limit_s=args.lut_time_limit,
-                        log=lambda s: print(s, flush=True) if args.smoke else None)
+                        keep_stale=args.keep_stale,  # summaries ("LUT: ...") always, each point with --smoke
+                        log=lambda s: print(s, flush=True) if args.smoke or s.startswith("LUT:") else None)
     lut_path = out / "lut.json"
     lut.save(lut_path)
     n_err = sum("error" in e for e in lut.entries)

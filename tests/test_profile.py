@@ -439,6 +439,32 @@ def test_build_lut_extends_without_remeasuring():
     assert all(e in lut.entries for e in before)  # kept as they were
 
 
+def test_build_lut_measures_again_what_other_switches_measured():
+    """Entries record the switches they ran under; a build under a switch set otherwise measures them again
+    (unless keep_stale), one that only adds a switch keeps them, and entries with no record are kept."""
+    from hylo.ops import gemv as G
+    from hylo.profile.lut import switch_key
+    from hylo.profile.measure import build_lut
+
+    cfg = preset("tiny-all")
+    kw = dict(device="cpu", dtype=torch.float32, repeats=1)
+    lut = build_lut([cfg], [8], [1], **kw)
+    key = lut.entries[0]["switches"]
+    assert all(e["switches"] == key for e in lut.entries) and lut.meta["switch_sets"][key]["HYLO_GEMV_PRELOAD"]
+    first = [dict(e) for e in lut.entries]
+    with G.gemv_preload_mode("off" if G.get_gemv_preload() == "on" else "on"):
+        kept = build_lut([cfg], [8], [1], lut=LUT(first, dict(lut.meta)), keep_stale=True, **kw)
+        assert kept.entries == first  # nothing measured
+        again = build_lut([cfg], [8], [1], lut=LUT(first, dict(lut.meta)), **kw)
+    assert len(again) == len(first) and all(e["switches"] != key for e in again.entries)
+    # a set that lacks a switch the current one has is no evidence; neither is an entry with no record
+    sets = {key: {k: v for k, v in lut.meta["switch_sets"][key].items() if k != "HYLO_GEMV_PRELOAD"}}
+    older = [{**e, "switches": key} for e in first[:2]] + [{k: v for k, v in e.items() if k != "switches"}
+                                                          for e in first[2:]]
+    same = build_lut([cfg], [8], [1], lut=LUT(older, {"switch_sets": sets}), **kw)
+    assert same.entries[:len(older)] == older and switch_key({}) != key
+
+
 def test_cli_bad_inputs(tmp_path):
     r = CliRunner().invoke(app, ["profile", str(tmp_path / "nope"), "--device", "cpu", "--out", str(tmp_path)])
     assert r.exit_code == 1 and "nope" in "".join(r.output.split())

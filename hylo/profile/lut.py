@@ -50,6 +50,7 @@ Every lookup says how it was obtained (``exact``, ``interpolated``, ``scaled``; 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -183,6 +184,13 @@ class Lookup:
     sources: list = field(default_factory=list)  # the signatures used
 
 
+def switch_key(switches: dict) -> str:
+    """A short name for a set of hylo's switches (``HYLO_*`` -> value): each entry :func:`hylo.profile.measure.
+    build_lut` measures records the set it ran under (the sets themselves are in ``meta["switch_sets"]``), since a
+    switch such as ``HYLO_GEMV_PRELOAD`` changes what a piece costs."""
+    return hashlib.sha1(json.dumps(sorted(switches.items())).encode()).hexdigest()[:10]
+
+
 # ----------------------------------------------------------------------------- the table
 class LUT:
     """Entries ``{"op", "sig", "context", "batch", "ms", ...}`` plus ``meta`` (device, versions, dtype, memory).
@@ -212,6 +220,13 @@ class LUT:
         self.entries.append(dict(entry))
         self._groups = None
         self._cache = {}
+
+    def remove(self, drop: Callable[[dict], bool]) -> int:
+        """Remove the entries for which ``drop(entry)`` is true; returns how many went."""
+        kept = [e for e in self.entries if not drop(e)]
+        n, self.entries = len(self.entries) - len(kept), kept
+        self._groups, self._cache = None, {}
+        return n
 
     def has(self, op: str, sig: dict, context: int, batch: int) -> bool:
         g = self.groups().get(sig_key(op, sig))

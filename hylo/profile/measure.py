@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..engine.runner import DecodeRunner, reset_cache
-from .lut import LUT, effective_context, model_pieces
+from .lut import LUT, effective_context, model_pieces, switch_key
 from .pieces import make_piece, state_bytes, weight_bytes
 from .predict import integrate_steps, max_batch
 
@@ -353,17 +353,36 @@ def build_lut(configs, contexts: Iterable[int], batches: Iterable[int], device="
               dtype: torch.dtype = torch.bfloat16, lut: LUT | None = None, repeats: int = 3,
               mem_fraction: float = 0.5, l2_multiple: float = 4.0, max_copies: int = 16, target_ms: float = 20.0,
               log: Callable[[str], None] | None = None, time_limit_s: float | None = None,
-              kernel_step: bool | None = None) -> LUT:
+              kernel_step: bool | None = None, keep_stale: bool = False) -> LUT:
     """Measure the LUT entries the pieces of ``configs`` need over ``contexts`` x ``batches`` (those already in
     ``lut`` are kept). A point whose state would exceed ``mem_fraction`` of free memory is recorded as skipped;
     a failing point is recorded with its error; neither stops the build. ``time_limit_s`` stops early (the
     table is usable as it is). ``kernel_step`` (default: where a runner on ``device`` would take it): also the
-    kernel decode step's pieces (``kattn``, ``kswa``, ``kffn``, ``khead``)."""
+    kernel decode step's pieces (``kattn``, ``kswa``, ``kffn``, ``khead``).
+
+    Each measured entry records the switches it ran under (:func:`hylo.profile.lut.switch_key`) and the commit.
+    Entries of ``lut`` measured with a switch set otherwise (say ``HYLO_GEMV_PRELOAD``) are measured again unless
+    ``keep_stale``; entries that record no switches (tables from before) are kept."""
     from .report import environment
 
     lut = lut if lut is not None else LUT()
     cuda = is_cuda(device)
     env = environment(device)
+    switches = env["versions"].get("switches", {})
+    skey = switch_key(switches)
+    sets = lut.meta.setdefault("switch_sets", {})
+    sets[skey] = switches
+
+    def stale(e: dict) -> bool:  # a switch both sets name differs (one the entry's set lacks is no evidence)
+        old = sets.get(e.get("switches", skey), switches)
+        return any(old[n] != v for n, v in switches.items() if n in old)
+    if not keep_stale:
+        n = lut.remove(stale)
+        if n and log:
+            log(f"LUT: {n} entries measured under other switches are measured again")
+
+    def record(entry: dict) -> None:
+        lut.add({**entry, "switches": skey, "commit": env["versions"].get("commit")})
     lut.meta.setdefault("created", env["date"])
     lut.meta.update({"device": env["device"], "versions": env["versions"],
                      "dtype": str(dtype).replace("torch.", ""), "updated": env["date"],
@@ -394,7 +413,7 @@ def build_lut(configs, contexts: Iterable[int], batches: Iterable[int], device="
             op, sig = pts[0][0], pts[0][1]
             if op == "overhead":
                 ms = _measure_overhead(device, iters=200 if cuda else 20, repeats=repeats)
-                lut.add({"op": op, "sig": {}, "context": 0, "batch": 1, "ms": ms})
+                record({"op": op, "sig": {}, "context": 0, "batch": 1, "ms": ms})
                 done += 1
                 continue
             wb = weight_bytes(op, sig, db)
@@ -406,8 +425,8 @@ def build_lut(configs, contexts: Iterable[int], batches: Iterable[int], device="
                     mods = [make_piece(op, sig).to(dtype).eval() for _ in range(k_max)]
             except Exception as e:  # noqa: BLE001
                 for _, _, c, b in pts:
-                    lut.add({"op": op, "sig": sig, "context": c, "batch": b,
-                             "error": f"{type(e).__name__}: {e}"[:300]})
+                    record({"op": op, "sig": sig, "context": c, "batch": b,
+                            "error": f"{type(e).__name__}: {e}"[:300]})
                 cleanup(device)
                 continue
             for _, _, c, b in pts:
@@ -420,7 +439,7 @@ def build_lut(configs, contexts: Iterable[int], batches: Iterable[int], device="
                     return lut
                 entry = _measure_point(mods, op, sig, c, b, device, dtype, wb, target, max_copies, mem_fraction,
                                        repeats, target_ms)
-                lut.add(entry)
+                record(entry)
                 done += 1
                 if log:
                     msg = f"{entry['ms']:.4f} ms" if "ms" in entry else entry["error"][:80]
