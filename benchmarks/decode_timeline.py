@@ -14,11 +14,13 @@ and end from the profiler's trace. Per step it reports:
   the kernel moved the step's last end forward (end minus the latest end before it). The increments add up to the
   span, so they say what each role costs with overlap and gaps included.
 
-Also the wall-clock ms/token of the same runner (median of timed passes), and with ``--min-split`` the decode
-attention's ``MIN_SPLIT`` (cache slots per split at least) for the configs that name it.
+Also the wall-clock ms/token of the same runner (median of timed passes), and the decode attention's
+``MIN_SPLIT`` (cache slots per split at least) and ``BLOCK_SLOTS`` (slots per block) for the configs that set them.
 
 Configs (``--configs``): the Qwen3 benchmark's modes (``eager+kstep``, ``eager+kstep+nopdl``, ``default``, ...), each
-optionally suffixed ``@S`` to set the attention's ``MIN_SPLIT`` to ``S`` (``eager+kstep+nopdl@16``); each at every
+optionally suffixed ``@S`` to set the attention's ``MIN_SPLIT`` to ``S`` (``eager+kstep+nopdl@16``), or ``@S/B`` to
+set its block of slots to ``B`` too (``eager@128/64``: one split and no combine kernel at an 80-slot cache, the
+first 64 slots loaded before the PDL wait); each at every
 ``--caches`` length. One call on an H100 (Qwen3-0.6B shape, random weights, bf16, batch 1):
 
     HYLO_COMMIT=$(git rev-parse HEAD) python benchmarks/decode_timeline.py \
@@ -134,17 +136,22 @@ def step_stats(ks: list[dict], replays: int) -> dict:
                         for r, b in sorted(by_role.items(), key=lambda kv: -statistics.median(kv[1]["incr_ms"]))}}
 
 
-def parse_configs(spec: str) -> list[tuple[str, bool | str, dict[str, str], int | None]]:
-    """``--configs`` -> ``(key, compile, switches, min_split)``: the Qwen3 benchmark's modes plus ``@S``."""
+def parse_configs(spec: str) -> list[tuple[str, bool | str, dict[str, str], int | None, int | None]]:
+    """``--configs`` -> ``(key, compile, switches, min_split, block)``: the Qwen3 benchmark's modes plus ``@S``
+    or ``@S/B`` (the attention's ``MIN_SPLIT`` and ``BLOCK_SLOTS``)."""
     out = []
     for c in (c.strip() for c in spec.split(",")):
         if not c:
             continue
-        mode, _, split = c.partition("@")
-        if split and not split.isdigit():
-            raise SystemExit(f"--configs: {c!r}: the part after '@' must be a number of cache slots")
+        mode, _, at = c.partition("@")
+        split, _, block = at.partition("/")
+        if (at and not split.isdigit()) or (block and (not block.isdigit() or int(block) < 16
+                                                        or int(block) & (int(block) - 1))):
+            raise SystemExit(f"--configs: {c!r}: after '@' give cache slots per split, optionally '/B' with B the "
+                             "slots per block (a power of two >= 16)")
         (key, compile, switches), = parse_modes(mode)
-        out.append((key + (f"_split{split}" if split else ""), compile, switches, int(split) if split else None))
+        key += (f"_split{split}" if split else "") + (f"_block{block}" if block else "")
+        out.append((key, compile, switches, int(split) if split else None, int(block) if block else None))
     return out
 
 
@@ -176,15 +183,16 @@ def main():
     hy = from_transformers(tf.to(dtype).eval(), dtype=dtype).to(dev).eval()
     del tf
     default_split = hylo_dattn.MIN_SPLIT
-    for key, compile, switches, split in configs:
+    for key, compile, switches, split, block in configs:
         sw = mode_switches(switches)
         for L in args.caches:
             name = f"{key}_cache{L}"
             hylo_dattn.MIN_SPLIT = split or default_split
+            hylo_dattn.BLOCK_SLOTS = block
             try:
                 with switched(sw), torch.no_grad():
                     runner = DecodeRunner(hy, 1, L, cuda_graph=graphs, compile=compile)
-                    rec = {"cache_len": L, "min_split": hylo_dattn.MIN_SPLIT,
+                    rec = {"cache_len": L, "min_split": hylo_dattn.MIN_SPLIT, "block_slots": block,
                            "attn_splits": hylo_dattn.num_splits(L, hy.layers[0].mixer.num_kv_heads)
                            if hasattr(hy.layers[0].mixer, "num_kv_heads") else None,
                            "graphed": runner.graphed, "kernel_step": runner.kernel_step, "pdl": runner.pdl,
@@ -205,7 +213,7 @@ def main():
                                       "trace": traceback.format_exc()[-1500:]})
                 continue
             finally:
-                hylo_dattn.MIN_SPLIT = default_split
+                hylo_dattn.MIN_SPLIT, hylo_dattn.BLOCK_SLOTS = default_split, None
             res["configs"][name] = rec
             tl = rec["timeline"]
             print(f"{name}: {rec['ms_per_token']:.3f} ms/token wall; GPU period {tl.get('period_ms')} ms, busy "

@@ -152,8 +152,11 @@ def test_decode_timeline_step_figures():
     assert sum(r["incr_ms"] for r in s["by_role"].values()) == pytest.approx(s["span_ms"])
     assert "error" in dt.step_stats(ks[:-1], 3)  # not one equal share per step
     assert dt.parse_configs("eager+kstep+nopdl@16")[0][::3] == ("hylo_kstep_nopdl_split16", 16)
-    with pytest.raises(SystemExit):
-        dt.parse_configs("eager+kstep@x")
+    assert dt.parse_configs("eager@128/64")[0][::3] == ("hylo_split128_block64", 128)
+    assert dt.parse_configs("eager@128/64")[0][4] == 64 and dt.parse_configs("eager")[0][3:] == (None, None)
+    for bad in ("eager+kstep@x", "eager@128/48", "eager@128/8"):
+        with pytest.raises(SystemExit):
+            dt.parse_configs(bad)
 
 
 def test_mqar_separation_leaves_out_models_that_did_not_learn():

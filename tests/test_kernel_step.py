@@ -56,6 +56,26 @@ def test_fused_qkv_attention_matches_reference(interp, monkeypatch, dtype, qk_no
     assert changed.sum() == 2 and changed[torch.arange(2), slots].all()
 
 
+@pytest.mark.parametrize("ring", [False, True])
+def test_fused_qkv_attention_with_larger_blocks(interp, monkeypatch, ring):
+    """BLOCK_SLOTS = 32 (the block a GPU timing may pick; the interpreter's own is 16): 4 splits of 64 slots in 2
+    blocks each, the first loaded early and patched with the new slot; and one split over the whole cache (no
+    combine kernel). Output and caches equal the reference's."""
+    monkeypatch.setattr(dattn, "BLOCK_SLOTS", 32)
+    assert dattn._launch_config(2, 16)[0] == 32
+    for min_split in (64, 512):
+        monkeypatch.setattr(dattn, "MIN_SPLIT", min_split)
+        qkv, qn, kn, f, kc, vc, pos = _qkv_case(torch.float32, True, ring, 256)
+        kc2, vc2 = kc.clone(), vc.clone()
+        o_ref = dattn.decode_attention_ref(decode_qkv_ref(qkv, 4, 2, qn, kn, 1e-6, f, kc, vc, pos, ring), kc, vc, pos)
+        o = dattn.decode_qkv_attention(qkv, 4, qn, kn, 1e-6, f, kc2, vc2, pos, ring)
+        torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(kc2, kc, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(dattn, "BLOCK_SLOTS", 48)
+    with pytest.raises(ValueError, match="power of two"):
+        dattn._launch_config(2, 16)
+
+
 def test_qkv_reference_is_the_layers_own_step():
     """decode_qkv_ref reproduces Attention._heads and step_heads' cache write (bf16, qk-norm, GQA)."""
     torch.manual_seed(0)

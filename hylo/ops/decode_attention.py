@@ -69,6 +69,10 @@ TARGET_PROGRAMS = 528  # about four resident programs per SM of an H100 (132 SMs
 MAX_SPLITS = 64  # the combine kernel holds [splits, Dh] partials of one head in registers
 MIN_SPLIT = 16  # cache slots per split at least: a cache shorter than 32 slots is not split
 INTERP_BLOCK = 16  # the interpreter's block of slots: small, so tests cross block edges
+# the split kernel's block of slots when set (a power of two >= 16), else _launch_config's choice. For timing:
+# with HYLO_ATTN_EARLY_KV a larger block moves more of each split's cache reads before the PDL wait, and with a
+# larger MIN_SPLIT too a short cache needs no combine kernel (benchmarks/decode_timeline.py, ``@S/B``)
+BLOCK_SLOTS: int | None = None
 
 _SWITCH = Choice("decode attention path", "HYLO_DECODE_ATTN", ("off", "on"), "off")
 set_decode_attn, get_decode_attn, decode_attn_mode = _SWITCH.set, _SWITCH.get, _SWITCH.use
@@ -113,9 +117,14 @@ def _launch_config(gp: int, dh: int) -> tuple[int, int]:
     about 2K elements, with 4 warps up to 4K elements, else 8. Compiled for sm_90 (ptxas -v), this keeps the
     kernel at 72-128 registers without spills for g <= 4, Dh <= 128 (200 at g = 8, Dh = 128): several programs
     per SM, whose loads in flight hide the latency Triton does not pipeline here (no tl.dot: no async copies)."""
-    if triton_interpreting():
+    if BLOCK_SLOTS is not None:
+        if BLOCK_SLOTS < 16 or BLOCK_SLOTS & (BLOCK_SLOTS - 1):
+            raise ValueError(f"decode_attention.BLOCK_SLOTS must be a power of two >= 16, got {BLOCK_SLOTS}")
+        block = BLOCK_SLOTS
+    elif triton_interpreting():
         return INTERP_BLOCK, 4
-    block = max(16, min(64, 2048 // (gp * dh)))
+    else:
+        block = max(16, min(64, 2048 // (gp * dh)))
     return block, 4 if gp * block * dh <= 4096 else 8
 
 
