@@ -224,13 +224,9 @@ if triton is not None:
             s = s0 + tl.arange(0, BLOCK)
             m_s = s < end
             off = kv + s[:, None] * D + d[None, :]
-            if EARLY:
-                if s0 == start:
-                    kb = kb0.to(tl.float32)
-                    vb = vb0.to(tl.float32)
-                else:
-                    kb = tl.load(k + off, mask=m_s[:, None], other=0.0).to(tl.float32)
-                    vb = tl.load(v + off, mask=m_s[:, None], other=0.0).to(tl.float32)
+            if EARLY and s0 == start:  # the block loaded before the wait
+                kb = kb0.to(tl.float32)
+                vb = vb0.to(tl.float32)
             else:
                 kb = tl.load(k + off, mask=m_s[:, None], other=0.0).to(tl.float32)
                 vb = tl.load(v + off, mask=m_s[:, None], other=0.0).to(tl.float32)  # issued with K: both in flight
