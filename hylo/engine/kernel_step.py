@@ -73,6 +73,7 @@ import torch.nn.functional as F
 from hylo.layers.attention import Attention
 from hylo.layers.ffn import SwiGLU
 from hylo.ops import decode_attention as dattn
+from hylo.ops import decode_block as DB
 from hylo.ops import gemv as G
 from hylo.ops.backend import Choice
 from hylo.ops.rope import inv_freq
@@ -131,6 +132,23 @@ def frequencies(model) -> dict[int, torch.Tensor]:
             if isinstance(b.mixer, Attention)}
 
 
+def workspaces(model, states, batch_size: int) -> dict[int, DB.Workspace]:
+    """The block kernels' workspaces (:mod:`hylo.ops.decode_block`) per layer index, for the blocks that
+    ``HYLO_STEP_BLOCKS`` makes one kernel (``ffn``: FFN blocks; ``on``: attention blocks too); empty when off.
+    Made once per runner, outside graph capture."""
+    mode = DB.get_step_blocks()
+    out = {}
+    for i, (block, st) in enumerate(zip(model.layers, states)):
+        m = block.mixer
+        dev, dt = block.norm.weight.device, block.norm.weight.dtype
+        if isinstance(m, SwiGLU) and mode in ("ffn", "on"):
+            out[i] = DB.ffn_workspace(dev, dt, batch_size, m.down_proj.weight.shape[1])
+        elif isinstance(m, Attention) and mode == "on":
+            out[i] = DB.attn_workspace(dev, dt, batch_size, m.num_heads, st["k"].shape[1], m.head_dim,
+                                       st["k"].shape[2])
+    return out
+
+
 def gemv_launcher(pdl: bool, persistent: bool = False):
     """The step's GEMV: :func:`hylo.ops.gemv.gemv_direct` launched with PDL and on persistent grids as asked."""
     return functools.partial(G.gemv_direct, pdl=pdl, persistent=persistent)
@@ -161,15 +179,38 @@ def head_logits(h: torch.Tensor, head: torch.Tensor, norm, gemv) -> torch.Tensor
     return gemv(h, head, None, norm.weight, norm.eps, preload=False)  # bandwidth-bound: the plain GEMV
 
 
+def ffn_block_kernel(block, h: torch.Tensor, ws: DB.Workspace, pdl: bool) -> torch.Tensor:
+    """An FFN block as one kernel (:func:`hylo.ops.decode_block.decode_ffn_block`)."""
+    n, m = block.norm, block.mixer
+    return DB.decode_ffn_block(h, m.gate_up_proj.weight, m.down_proj.weight, n.weight, n.eps, ws,
+                               m.gate_up_proj.bias, m.down_proj.bias, pdl=pdl)
+
+
+def attn_block_kernel(block, h: torch.Tensor, st: dict, pos: torch.Tensor, inv_freq: torch.Tensor,
+                      ws: DB.Workspace, pdl: bool) -> torch.Tensor:
+    """An attention block as one kernel (:func:`hylo.ops.decode_block.decode_attn_block`)."""
+    n, m = block.norm, block.mixer
+    qn, kn = (m.q_norm.weight, m.k_norm.weight) if m.qk_norm else (None, None)
+    return DB.decode_attn_block(h, m.qkv_proj.weight, m.o_proj.weight, n.weight, n.eps, m.num_heads, qn, kn,
+                                m.q_norm.eps if m.qk_norm else 0.0, inv_freq, st["k"], st["v"], pos,
+                                m.window is not None, ws, m.qkv_proj.bias, m.o_proj.bias, pdl=pdl)
+
+
 def step(model, tokens: torch.Tensor, states, pos: torch.Tensor, head: torch.Tensor,
-         freqs: dict[int, torch.Tensor], pdl: bool, persistent: bool = False) -> torch.Tensor:
+         freqs: dict[int, torch.Tensor], pdl: bool, persistent: bool = False,
+         blocks: dict[int, DB.Workspace] | None = None) -> torch.Tensor:
     """One decode step: ``tokens [B]`` -> logits ``[B, vocab]``; writes the caches and advances ``pos``. ``pdl``:
     launch every kernel with PDL; ``persistent``: the GEMVs on persistent grids (``HYLO_PDL=persistent``; under the
-    interpreter it shrinks their grids even without PDL, so CPU tests cover that indexing)."""
+    interpreter it shrinks their grids even without PDL, so CPU tests cover that indexing); ``blocks``: the
+    layers computed as one kernel each, with their workspaces (:func:`workspaces`)."""
     gemv = gemv_launcher(pdl, persistent)
+    blocks = blocks or {}
     h = F.embedding(tokens.view(-1), model.embed_tokens.weight)  # [B, D]
     for i, (block, st) in enumerate(zip(model.layers, states)):
-        if isinstance(block.mixer, SwiGLU):
+        if i in blocks:
+            h = (ffn_block_kernel(block, h, blocks[i], pdl) if isinstance(block.mixer, SwiGLU)
+                 else attn_block_kernel(block, h, st, pos, freqs[i], blocks[i], pdl))
+        elif isinstance(block.mixer, SwiGLU):
             h = ffn_block(block, h, gemv)
         else:
             h = attn_block(block, h, st, pos, freqs[i], gemv, pdl)

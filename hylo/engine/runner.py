@@ -214,7 +214,9 @@ class DecodeRunner:
                       and head.is_contiguous() and head.dtype == model.embed_tokens.weight.dtype)
         if self.kernel_step:
             freqs, persistent = kernel_step.frequencies(model), pdl.persistent()
-            return lambda tokens: kernel_step.step(model, tokens, states, pos, head, freqs, self.pdl, persistent)
+            blocks = kernel_step.workspaces(model, states, self.batch_size)
+            return lambda tokens: kernel_step.step(model, tokens, states, pos, head, freqs, self.pdl, persistent,
+                                                   blocks)
         plan = [fused.fusable(b) for b in model.layers]
 
         def make(block_step):
