@@ -9,8 +9,9 @@ are the programs of one kernel, in stage order, each taking its place from a tic
 1. a program takes a ticket (an atomic add): tickets follow the order in which programs start, so every program
    of an earlier stage has started (is resident or done) before any program of a later one;
 2. it loads its tile of weights into registers (nothing it waits for is needed for that);
-3. it waits for the kernel before (PDL), then, in a later stage, until the stage before has counted all its
-   programs done (a spin on a counter in global memory);
+3. it waits for the kernel before (PDL) and lets the next kernel launch (which happens once every program of
+   this one has started), then, in a later stage, waits until the stage before has counted all its programs done
+   (a spin on a counter in global memory);
 4. it computes and stores its outputs, then counts itself done in its stage (a release).
 
 So the boundary between two stages is a counter, not a grid's drain and the next grid's launch, and a stage's
@@ -96,6 +97,7 @@ if triton is not None:
                 bu = tl.load(bgu + I + r, mask=m_r, other=0.0).to(tl.float32)
             if PDL:
                 tl.extra.cuda.gdc_wait()
+                tl.extra.cuda.gdc_launch_dependents()
             for m in range(0, mm):
                 xk = tl.load(x + m * D + c, mask=m_c, other=0.0).to(tl.float32)
                 var = (tl.reduce(xk * xk, 0, tl.standard._sum_combine) / D + eps).to(tl.float32)
@@ -121,7 +123,7 @@ if triton is not None:
                 bias = tl.load(bd + n, mask=m_n, other=0.0).to(tl.float32)
             if PDL:
                 tl.extra.cuda.gdc_wait()
-                tl.extra.cuda.gdc_launch_dependents()  # every program has started: the next kernel may launch
+                tl.extra.cuda.gdc_launch_dependents()
             if not INTERP:  # (the interpreter ran every stage-1 program already)
                 seen = tl.load(cnt + 1, volatile=True)
                 while seen < n_a:
@@ -183,6 +185,7 @@ if triton is not None:
                 bias = tl.load(bqkv + r, mask=m_r, other=0.0).to(tl.float32)
             if PDL:
                 tl.extra.cuda.gdc_wait()
+                tl.extra.cuda.gdc_launch_dependents()
             for m in range(0, mm):
                 xk = tl.load(x + m * D + c, mask=m_c, other=0.0).to(tl.float32)
                 var = (tl.reduce(xk * xk, 0, tl.standard._sum_combine) / D + eps).to(tl.float32)
@@ -226,6 +229,7 @@ if triton is not None:
                 wk, wk2 = tl.load(kw + d).to(tl.float32), tl.load(kw + pd).to(tl.float32)
             if PDL:
                 tl.extra.cuda.gdc_wait()
+                tl.extra.cuda.gdc_launch_dependents()
             if not INTERP:
                 seen = tl.load(cnt + 1, volatile=True)
                 while seen < n_q:
@@ -293,6 +297,7 @@ if triton is not None:
             row = vid - n_q - n_at  # = b * H + query head
             if PDL:
                 tl.extra.cuda.gdc_wait()
+                tl.extra.cuda.gdc_launch_dependents()
             if not INTERP:
                 seen = tl.load(cnt + 2, volatile=True)
                 while seen < n_at:
@@ -322,7 +327,7 @@ if triton is not None:
                 bias = tl.load(bo + r, mask=m_r, other=0.0).to(tl.float32)
             if PDL:
                 tl.extra.cuda.gdc_wait()
-                tl.extra.cuda.gdc_launch_dependents()  # every program has started: the next kernel may launch
+                tl.extra.cuda.gdc_launch_dependents()
             if not INTERP:
                 if NSPLIT > 1:
                     seen = tl.load(cnt + 3, volatile=True)
