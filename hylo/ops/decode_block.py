@@ -29,7 +29,7 @@ spin is compiled only for the GPU (tests compile it for sm_90).
 
 ``HYLO_STEP_BLOCKS`` (:func:`set_step_blocks`, :func:`step_blocks_mode`): ``off`` (default until timed) or
 ``ffn`` (the kernel step's FFN blocks as this kernel). ``HYLO_BLOCK_TILE`` (weights per program, 16384) and
-``HYLO_BLOCK_WARPS`` (4) are for timing.
+``HYLO_BLOCK_WARPS`` (4) and ``HYLO_BLOCK_NAP`` (1: sleep 64 ns between polls of a counter; 0) are for timing.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ set_step_blocks, get_step_blocks, step_blocks_mode = _BLOCKS.set, _BLOCKS.get, _
 
 TILE_ELEMS = int(os.environ.get("HYLO_BLOCK_TILE", 16384))  # weights per program (a power of two)
 WARPS = int(os.environ.get("HYLO_BLOCK_WARPS", 4))
+NAP = os.environ.get("HYLO_BLOCK_NAP", "0") == "1"  # a 64-ns sleep between polls of a stage counter
 N_COUNTERS = 8  # ticket, one per stage done, programs finished (the attention block uses 5)
 
 
@@ -70,7 +71,7 @@ if triton is not None:
 
     def _ffn_block_kernel(x, wgu, bgu, wd, bd, nw, y, hbuf, cnt, M, eps, D: tl.constexpr, DP: tl.constexpr,
                           I: tl.constexpr, IP: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
-                          INTERP: tl.constexpr, BI: tl.constexpr, BN: tl.constexpr):
+                          INTERP: tl.constexpr, BI: tl.constexpr, BN: tl.constexpr, NAP: tl.constexpr):
         # Stage 1: BI gate rows and the BI up rows I further of wgu [2I, D], each program its tile; x RMS-normed
         # as the GEMV's NORM does; silu(gate) * up rounded as the model rounds it, to hbuf [M, I].
         # Stage 2: BN rows of wd [D, I]; hbuf from L2 (.cg: other programs wrote it); bias, rounding, residual x.
@@ -127,7 +128,11 @@ if triton is not None:
             if not INTERP:  # (the interpreter ran every stage-1 program already)
                 seen = tl.load(cnt + 1, volatile=True)
                 while seen < n_a:
-                    seen = tl.load(cnt + 1, volatile=True)
+                    if NAP:  # back off before polling again (HYLO_BLOCK_NAP)
+                        seen = tl.inline_asm_elementwise("nanosleep.u32 64; ld.volatile.global.b32 $0, [$1];", "=r,l",
+                                                         [cnt + 1], dtype=tl.int32, is_pure=False, pack=1)
+                    else:
+                        seen = tl.load(cnt + 1, volatile=True)
                 tl.atomic_add(cnt + 1, 0, sem="acquire", scope="gpu")
                 tl.debug_barrier()
             for m in range(0, mm):
@@ -152,7 +157,7 @@ if triton is not None:
                            HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr,
                            HAS_BIAS: tl.constexpr, QK_NORM: tl.constexpr, RING: tl.constexpr, PDL: tl.constexpr,
                            INTERP: tl.constexpr, BQ: tl.constexpr, BO: tl.constexpr, BLOCK: tl.constexpr,
-                           NSPLIT: tl.constexpr, NSP: tl.constexpr, HOP: tl.constexpr):
+                           NSPLIT: tl.constexpr, NSP: tl.constexpr, HOP: tl.constexpr, NAP: tl.constexpr):
         # Stages, in ticket order:
         # 1. q/k/v: BQ rows of wqkv [(H + 2 HKV) HD, D] per program, x RMS-normed (the GEMV's NORM) -> qkv_buf [M, .].
         # 2. attention: one program per (row b, KV head, split): the split kernel of hylo.ops.decode_attention with
@@ -233,7 +238,11 @@ if triton is not None:
             if not INTERP:
                 seen = tl.load(cnt + 1, volatile=True)
                 while seen < n_q:
-                    seen = tl.load(cnt + 1, volatile=True)
+                    if NAP:  # back off before polling again (HYLO_BLOCK_NAP)
+                        seen = tl.inline_asm_elementwise("nanosleep.u32 64; ld.volatile.global.b32 $0, [$1];", "=r,l",
+                                                         [cnt + 1], dtype=tl.int32, is_pure=False, pack=1)
+                    else:
+                        seen = tl.load(cnt + 1, volatile=True)
                 tl.atomic_add(cnt + 1, 0, sem="acquire", scope="gpu")
                 tl.debug_barrier()
             src = qkv_buf + b.to(tl.int64) * NQKV
@@ -301,7 +310,11 @@ if triton is not None:
             if not INTERP:
                 seen = tl.load(cnt + 2, volatile=True)
                 while seen < n_at:
-                    seen = tl.load(cnt + 2, volatile=True)
+                    if NAP:  # back off before polling again (HYLO_BLOCK_NAP)
+                        seen = tl.inline_asm_elementwise("nanosleep.u32 64; ld.volatile.global.b32 $0, [$1];", "=r,l",
+                                                         [cnt + 2], dtype=tl.int32, is_pure=False, pack=1)
+                    else:
+                        seen = tl.load(cnt + 2, volatile=True)
                 tl.atomic_add(cnt + 2, 0, sem="acquire", scope="gpu")
                 tl.debug_barrier()
             spi = tl.arange(0, NSP)
@@ -332,12 +345,20 @@ if triton is not None:
                 if NSPLIT > 1:
                     seen = tl.load(cnt + 3, volatile=True)
                     while seen < n_c:
-                        seen = tl.load(cnt + 3, volatile=True)
+                        if NAP:  # back off before polling again (HYLO_BLOCK_NAP)
+                            seen = tl.inline_asm_elementwise("nanosleep.u32 64; ld.volatile.global.b32 $0, [$1];", "=r,l",
+                                                             [cnt + 3], dtype=tl.int32, is_pure=False, pack=1)
+                        else:
+                            seen = tl.load(cnt + 3, volatile=True)
                     tl.atomic_add(cnt + 3, 0, sem="acquire", scope="gpu")
                 else:
                     seen = tl.load(cnt + 2, volatile=True)
                     while seen < n_at:
-                        seen = tl.load(cnt + 2, volatile=True)
+                        if NAP:  # back off before polling again (HYLO_BLOCK_NAP)
+                            seen = tl.inline_asm_elementwise("nanosleep.u32 64; ld.volatile.global.b32 $0, [$1];", "=r,l",
+                                                             [cnt + 2], dtype=tl.int32, is_pure=False, pack=1)
+                        else:
+                            seen = tl.load(cnt + 2, volatile=True)
                     tl.atomic_add(cnt + 2, 0, sem="acquire", scope="gpu")
                 tl.debug_barrier()
             for m in range(0, mm):
@@ -437,7 +458,7 @@ def decode_ffn_block(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Ten
     _jit(interp)[0][grid](x, w_gate_up, b_gate_up if has_bias else x, w_down, b_down if has_bias else x, norm_weight,
                        y, h, ws.counters, M, float(eps), D=D, DP=triton.next_power_of_2(D), I=I,
                        IP=triton.next_power_of_2(I), HAS_BIAS=has_bias, PDL=pdl and not interp, INTERP=interp,
-                       BI=bi, BN=bn, **launch)
+                       BI=bi, BN=bn, NAP=NAP, **launch)
     return y
 
 
@@ -489,5 +510,5 @@ def decode_attn_block(x: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor, n
         float(eps), float(qk_eps), math.log2(math.e) / math.sqrt(Dh), D=D, DP=triton.next_power_of_2(D), HKV=Hkv,
         G=g, GP=gp, HD=Dh, HAS_BIAS=has_bias, QK_NORM=qk, RING=ring, PDL=pdl and not interp, INTERP=interp, BQ=bq,
         BO=bo, BLOCK=block, NSPLIT=nsplit, NSP=triton.next_power_of_2(nsplit), HOP=triton.next_power_of_2(H * Dh),
-        **launch)
+        NAP=NAP, **launch)
     return y
