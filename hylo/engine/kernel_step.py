@@ -61,6 +61,12 @@ Where the 0.740-ms step of ``-run7-elems16384.json`` goes (each role's summed in
 80): FFN gate/up 0.163 ms, down 0.145, attention 0.114, q/k/v 0.082, output projection 0.073, combine 0.051, LM
 head ~0.10. The floor is 0.40 ms: 1.5x of it (0.60 ms) needs ~5 us less per layer than these 5-6 dependent
 kernels take, which is what a persistent kernel (no launches, waits on flags) would have to find.
+
+``HYLO_STEP_BLOCKS=ffn|on`` (off by default) is that attempt: each FFN block, or every block, as one kernel whose
+stages are its programs in ticket order, each loading its weights before it waits on the stage before's counter
+(:mod:`hylo.ops.decode_block`; :func:`workspaces` makes their counters and buffers once per runner). It equals the
+chain of kernels bit for bit under the interpreter; it has not been timed on a GPU yet (no device could be had in
+the session that wrote it): ``python benchmarks/decode_timeline.py --configs eager,eager+ffnblk,eager+blk``.
 """
 
 from __future__ import annotations
