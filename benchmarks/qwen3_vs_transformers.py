@@ -207,12 +207,11 @@ SUFFIXES = {"gemv": ("gemv", "on"), "cublas": ("gemv", "off"),  # mode suffix ->
             "nopdl": ("pdl", "off"), "perspdl": ("pdl", "persistent"),
             "blockc": ("compile_scope", "block"), "nokstep": ("kernel_step", "off"),
             "pre": ("gemv_preload", "on"), "nopre": ("gemv_preload", "off"),
-            "noearly": ("attn_early_kv", "off"), "ffnblk": ("step_blocks", "ffn"), "blk": ("step_blocks", "on")}
+            "noearly": ("attn_early_kv", "off")}
 # the switches a mode may set (SUFFIXES' first field) -> their environment names (keys of Choice.registry)
 SWITCH_ENV = {"gemv": "HYLO_GEMV", "decode_attn": "HYLO_DECODE_ATTN", "fuse": "HYLO_GEMV_FUSE",
               "kernel_step": "HYLO_KERNEL_STEP", "pdl": "HYLO_PDL", "compile_scope": "HYLO_COMPILE_SCOPE",
-              "gemv_preload": "HYLO_GEMV_PRELOAD", "attn_early_kv": "HYLO_ATTN_EARLY_KV",
-              "step_blocks": "HYLO_STEP_BLOCKS"}
+              "gemv_preload": "HYLO_GEMV_PRELOAD", "attn_early_kv": "HYLO_ATTN_EARLY_KV"}
 
 
 def cast_keeping_rope(model, dtype) -> None:
@@ -258,9 +257,7 @@ def parse_modes(spec: str) -> list[tuple[str, bool | str, dict[str, str]]]:
     persistent GEMV grids), ``+blockc`` (``HYLO_COMPILE_SCOPE=block``: ``default+blockc`` compiles each kind of
     block once instead of the whole step), ``+pre`` / ``+nopre`` (``HYLO_GEMV_PRELOAD=on|off``: the step's GEMVs
     hold their weights in registers, loaded before the PDL wait; on by default), ``+noearly``
-    (``HYLO_ATTN_EARLY_KV=off``: its attention loads no K/V before the wait), ``+ffnblk`` / ``+blk``
-    (``HYLO_STEP_BLOCKS=ffn|on``: the FFN blocks, or every block, as one kernel whose stages wait on counters);
-    suffixes combine
+    (``HYLO_ATTN_EARLY_KV=off``: its attention loads no K/V before the wait); suffixes combine
     (``default+dattn+cublas``)."""
     out = []
     for m in (m.strip() for m in spec.split(",")):

@@ -95,8 +95,7 @@ def test_qwen3_vs_transformers_smoke(tmp_path):
     assert not res["errors"] and res["hylo"]["ms_per_token"] > 0 and res["transformers"]["ms_per_token"] > 0
     assert res["hylo_cublas"]["switches"] == {"HYLO_GEMV": "off", "HYLO_DECODE_ATTN": "off", "HYLO_GEMV_FUSE": "off",
                                               "HYLO_KERNEL_STEP": "on", "HYLO_PDL": "on", "HYLO_COMPILE_SCOPE": "step",
-                                              "HYLO_GEMV_PRELOAD": "on", "HYLO_ATTN_EARLY_KV": "on",
-                                              "HYLO_STEP_BLOCKS": "off"}
+                                              "HYLO_GEMV_PRELOAD": "on", "HYLO_ATTN_EARLY_KV": "on"}
     assert not res["hylo_cublas"]["gemv"] and not res["hylo"]["kernel_step"] and not res["hylo"]["pdl"]
     assert {"hylo_compiled_gemv", "hylo_dattn", "hylo_fuse", "hylo_kstep"} <= set(res["skipped"])  # +gemv needs CUDA or the Triton interpreter
     assert res["best_mode"] in ("hylo", "hylo_cublas") and set(res["goals"]) == {"hylo_30x_faster",

@@ -62,11 +62,16 @@ Where the 0.740-ms step of ``-run7-elems16384.json`` goes (each role's summed in
 head ~0.10. The floor is 0.40 ms: 1.5x of it (0.60 ms) needs ~5 us less per layer than these 5-6 dependent
 kernels take, which is what a persistent kernel (no launches, waits on flags) would have to find.
 
-``HYLO_STEP_BLOCKS=ffn|on`` (off by default) is that attempt: each FFN block, or every block, as one kernel whose
-stages are its programs in ticket order, each loading its weights before it waits on the stage before's counter
-(:mod:`hylo.ops.decode_block`; :func:`workspaces` makes their counters and buffers once per runner). It equals the
-chain of kernels bit for bit under the interpreter; it has not been timed on a GPU yet (no device could be had in
-the session that wrote it): ``python benchmarks/decode_timeline.py --configs eager,eager+ffnblk,eager+blk``.
+That attempt lost on an H100 and was removed after commit ``175b3ae`` (``hylo/ops/decode_block.py``,
+``HYLO_STEP_BLOCKS``): each FFN block, or every block, as one kernel whose stages were its programs in ticket order,
+each loading its weights into registers before waiting on the stage before's counter in memory. It was correct
+(bit-equal to this chain under the interpreter; the engine check's float32 case on the H100,
+``benchmarks/results/engine-check-kstep-h100-blocks.json``) but slower: 0.857 ms/token (FFN blocks) and 0.877 (all
+blocks) against 0.744 at an 80-slot cache (``decode-timeline-h100-run8-blocks.json``); an FFN block took 14.8 us
+against 10.5 for the two GEMVs, an attention block 16.0 against 12.1 for its four kernels. A 64-ns back-off between
+polls (0.855, ``-run8-blocks-nap.json``) and 8192-weight tiles (0.832 / 0.884, ``-run8-blocks-tile8192.json``) did
+not change that. Compiled for sm_90 the kernels held 186 registers per thread (4 warps), two programs per SM, so a
+stage's programs could not all hold their weights while the stage before ran.
 """
 
 from __future__ import annotations
@@ -79,7 +84,6 @@ import torch.nn.functional as F
 from hylo.layers.attention import Attention
 from hylo.layers.ffn import SwiGLU
 from hylo.ops import decode_attention as dattn
-from hylo.ops import decode_block as DB
 from hylo.ops import gemv as G
 from hylo.ops.backend import Choice
 from hylo.ops.rope import inv_freq
@@ -138,23 +142,6 @@ def frequencies(model) -> dict[int, torch.Tensor]:
             if isinstance(b.mixer, Attention)}
 
 
-def workspaces(model, states, batch_size: int) -> dict[int, DB.Workspace]:
-    """The block kernels' workspaces (:mod:`hylo.ops.decode_block`) per layer index, for the blocks that
-    ``HYLO_STEP_BLOCKS`` makes one kernel (``ffn``: FFN blocks; ``on``: attention blocks too); empty when off.
-    Made once per runner, outside graph capture."""
-    mode = DB.get_step_blocks()
-    out = {}
-    for i, (block, st) in enumerate(zip(model.layers, states)):
-        m = block.mixer
-        dev, dt = block.norm.weight.device, block.norm.weight.dtype
-        if isinstance(m, SwiGLU) and mode in ("ffn", "on"):
-            out[i] = DB.ffn_workspace(dev, dt, batch_size, m.down_proj.weight.shape[1])
-        elif isinstance(m, Attention) and mode == "on":
-            out[i] = DB.attn_workspace(dev, dt, batch_size, m.num_heads, st["k"].shape[1], m.head_dim,
-                                       st["k"].shape[2])
-    return out
-
-
 def gemv_launcher(pdl: bool, persistent: bool = False):
     """The step's GEMV: :func:`hylo.ops.gemv.gemv_direct` launched with PDL and on persistent grids as asked."""
     return functools.partial(G.gemv_direct, pdl=pdl, persistent=persistent)
@@ -185,38 +172,15 @@ def head_logits(h: torch.Tensor, head: torch.Tensor, norm, gemv) -> torch.Tensor
     return gemv(h, head, None, norm.weight, norm.eps, preload=False)  # bandwidth-bound: the plain GEMV
 
 
-def ffn_block_kernel(block, h: torch.Tensor, ws: DB.Workspace, pdl: bool) -> torch.Tensor:
-    """An FFN block as one kernel (:func:`hylo.ops.decode_block.decode_ffn_block`)."""
-    n, m = block.norm, block.mixer
-    return DB.decode_ffn_block(h, m.gate_up_proj.weight, m.down_proj.weight, n.weight, n.eps, ws,
-                               m.gate_up_proj.bias, m.down_proj.bias, pdl=pdl)
-
-
-def attn_block_kernel(block, h: torch.Tensor, st: dict, pos: torch.Tensor, inv_freq: torch.Tensor,
-                      ws: DB.Workspace, pdl: bool) -> torch.Tensor:
-    """An attention block as one kernel (:func:`hylo.ops.decode_block.decode_attn_block`)."""
-    n, m = block.norm, block.mixer
-    qn, kn = (m.q_norm.weight, m.k_norm.weight) if m.qk_norm else (None, None)
-    return DB.decode_attn_block(h, m.qkv_proj.weight, m.o_proj.weight, n.weight, n.eps, m.num_heads, qn, kn,
-                                m.q_norm.eps if m.qk_norm else 0.0, inv_freq, st["k"], st["v"], pos,
-                                m.window is not None, ws, m.qkv_proj.bias, m.o_proj.bias, pdl=pdl)
-
-
 def step(model, tokens: torch.Tensor, states, pos: torch.Tensor, head: torch.Tensor,
-         freqs: dict[int, torch.Tensor], pdl: bool, persistent: bool = False,
-         blocks: dict[int, DB.Workspace] | None = None) -> torch.Tensor:
+         freqs: dict[int, torch.Tensor], pdl: bool, persistent: bool = False) -> torch.Tensor:
     """One decode step: ``tokens [B]`` -> logits ``[B, vocab]``; writes the caches and advances ``pos``. ``pdl``:
     launch every kernel with PDL; ``persistent``: the GEMVs on persistent grids (``HYLO_PDL=persistent``; under the
-    interpreter it shrinks their grids even without PDL, so CPU tests cover that indexing); ``blocks``: the
-    layers computed as one kernel each, with their workspaces (:func:`workspaces`)."""
+    interpreter it shrinks their grids even without PDL, so CPU tests cover that indexing)."""
     gemv = gemv_launcher(pdl, persistent)
-    blocks = blocks or {}
     h = F.embedding(tokens.view(-1), model.embed_tokens.weight)  # [B, D]
     for i, (block, st) in enumerate(zip(model.layers, states)):
-        if i in blocks:
-            h = (ffn_block_kernel(block, h, blocks[i], pdl) if isinstance(block.mixer, SwiGLU)
-                 else attn_block_kernel(block, h, st, pos, freqs[i], blocks[i], pdl))
-        elif isinstance(block.mixer, SwiGLU):
+        if isinstance(block.mixer, SwiGLU):
             h = ffn_block(block, h, gemv)
         else:
             h = attn_block(block, h, st, pos, freqs[i], gemv, pdl)

@@ -214,9 +214,7 @@ class DecodeRunner:
                       and head.is_contiguous() and head.dtype == model.embed_tokens.weight.dtype)
         if self.kernel_step:
             freqs, persistent = kernel_step.frequencies(model), pdl.persistent()
-            blocks = kernel_step.workspaces(model, states, self.batch_size)
-            return lambda tokens: kernel_step.step(model, tokens, states, pos, head, freqs, self.pdl, persistent,
-                                                   blocks)
+            return lambda tokens: kernel_step.step(model, tokens, states, pos, head, freqs, self.pdl, persistent)
         plan = [fused.fusable(b) for b in model.layers]
 
         def make(block_step):

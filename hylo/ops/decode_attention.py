@@ -69,9 +69,11 @@ TARGET_PROGRAMS = 528  # about four resident programs per SM of an H100 (132 SMs
 MAX_SPLITS = 64  # the combine kernel holds [splits, Dh] partials of one head in registers
 MIN_SPLIT = 16  # cache slots per split at least: a cache shorter than 32 slots is not split
 INTERP_BLOCK = 16  # the interpreter's block of slots: small, so tests cross block edges
-# the split kernel's block of slots when set (a power of two >= 16), else _launch_config's choice. For timing:
-# with HYLO_ATTN_EARLY_KV a larger block moves more of each split's cache reads before the PDL wait, and with a
-# larger MIN_SPLIT too a short cache needs no combine kernel (benchmarks/decode_timeline.py, ``@S/B``)
+# the split kernel's block of slots when set (a power of two >= 16), else _launch_config's choice. For timing
+# (benchmarks/decode_timeline.py, ``@S/B``): with HYLO_ATTN_EARLY_KV a larger block moves more of each split's cache
+# reads before the PDL wait, and with a larger MIN_SPLIT a short cache needs no combine kernel. Both lost on an
+# H100 (benchmarks/results/decode-timeline-h100-run8-slots.json, Qwen3-0.6B shape, cache 80): one split in blocks
+# of 64 or 32 slots 0.897 / 0.858 ms/token, MIN_SPLIT 64 with 64-slot blocks 0.896, against 0.742 (5 splits of 16)
 BLOCK_SLOTS: int | None = None
 
 _SWITCH = Choice("decode attention path", "HYLO_DECODE_ATTN", ("off", "on"), "off")

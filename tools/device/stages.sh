@@ -39,12 +39,12 @@ for stage in "$@"; do
     retrieval) lim ${RT_LIMIT:-200} python3 -m hylo.cli eval retrieval /tmp/gruns/wn-on/run --lengths ${RT_LENGTHS:-1024,2048,4096} --haystack .carry/evaldata/gutenberg_val.txt.gz --out $R/retrieval 2>&1 | tail -30;;
     tt) lim ${TT_LIMIT:-400} python3 benchmarks/train_throughput.py --data .carry/gbpack --out $R/tt.json $TT_ARGS 2>&1 | tail -${TT_TAIL:-50};;
     qwen3) lim ${Q_LIMIT:-420} python3 benchmarks/qwen3_vs_transformers.py --out $R/qwen3.json $Q_ARGS 2>&1 | tail -40;;
-    decode) # issue 4's kernel step (the default): the timeline of its options (preloading GEMVs; the attention's
-      # splits and blocks, @S/B: larger early K/V blocks, no combine kernel at short caches), then against
+    decode) # issue 4's kernel step (the default): the timeline of its options (preloading GEMVs; TL_CONFIGS may add
+      # the attention's splits and blocks, @S/B, which lost in decode-timeline-h100-run8-slots.json), then against
       # transformers: ~6 min, at most 460 s (limits TL_LIMIT, QD_LIMIT); EC_LIMIT=S first runs the engine check
       # of the kernel step for S seconds
       [ -n "${EC_LIMIT:-}" ] && lim $EC_LIMIT python3 benchmarks/engine_check.py --models attn-swa-d512 --no-compile --out $R/engine_check_kstep.json 2>&1 | tail -4
-      lim ${TL_LIMIT:-260} python3 benchmarks/decode_timeline.py --configs "${TL_CONFIGS:-eager,eager+nopre,eager@64/64,eager@128/64,eager@128/32}" --caches 80 2048 --out $R/timeline.json 2>&1 | grep "ms/token\|rror" | tail -12
+      lim ${TL_LIMIT:-260} python3 benchmarks/decode_timeline.py --configs "${TL_CONFIGS:-eager,eager+nopre}" --caches 80 2048 --out $R/timeline.json 2>&1 | grep "ms/token\|rror" | tail -12
       lim ${QD_LIMIT:-200} python3 benchmarks/qwen3_vs_transformers.py --out $R/qwen3.json --modes "${Q_MODES:-eager,eager+nopre}" 2>&1 | grep "ms/token\|30x\|floor\|rror" | tail -12;;
     passkey) # issue 5: tokenize the carried Gutenberg shards (.carry/gbraw, .carry/tok16k) into .carry/gbfull, train
       # the passkey checkpoint (benchmarks/configs/passkey-attn-125m.yaml), then the retrieval heat map (carry also
