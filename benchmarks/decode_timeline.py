@@ -53,7 +53,7 @@ from hylo.ops import decode_attention as hylo_dattn  # noqa: E402
 from hylo.profile.report import environment  # noqa: E402
 
 # a GEMV's role in the kernel step follows from the kernel before it (hylo.engine.kernel_step's order)
-_GEMV_AFTER = {"attn": "o_proj", "combine": "o_proj", "o_proj": "ffn_in", "ffn_in": "ffn_out", "ffn_out": "qkv",
+_GEMV_AFTER = {"attn_out": "ffn_in", "attn": "o_proj", "combine": "o_proj", "o_proj": "ffn_in", "ffn_in": "ffn_out", "ffn_out": "qkv",
                "embed": "qkv"}
 
 
@@ -67,6 +67,8 @@ def roles(names: list[str]) -> list[str]:
             r = "head" if i == last_gemv else _GEMV_AFTER.get(prev, "gemv")
         elif "_split_kernel" in n:
             r = "attn"
+        elif "_attn_out_kernel" in n:
+            r = "attn_out"
         elif "_combine_kernel" in n:
             r = "combine"
         elif "indexSelect" in n or "embedding" in n.lower():

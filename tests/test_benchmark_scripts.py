@@ -95,7 +95,8 @@ def test_qwen3_vs_transformers_smoke(tmp_path):
     assert not res["errors"] and res["hylo"]["ms_per_token"] > 0 and res["transformers"]["ms_per_token"] > 0
     assert res["hylo_cublas"]["switches"] == {"HYLO_GEMV": "off", "HYLO_DECODE_ATTN": "off", "HYLO_GEMV_FUSE": "off",
                                               "HYLO_KERNEL_STEP": "on", "HYLO_PDL": "on", "HYLO_COMPILE_SCOPE": "step",
-                                              "HYLO_GEMV_PRELOAD": "on", "HYLO_ATTN_EARLY_KV": "on"}
+                                              "HYLO_GEMV_PRELOAD": "on", "HYLO_ATTN_EARLY_KV": "on",
+                                              "HYLO_STEP_ATTN_OUT": "off"}
     assert not res["hylo_cublas"]["gemv"] and not res["hylo"]["kernel_step"] and not res["hylo"]["pdl"]
     assert {"hylo_compiled_gemv", "hylo_dattn", "hylo_fuse", "hylo_kstep"} <= set(res["skipped"])  # +gemv needs CUDA or the Triton interpreter
     assert res["best_mode"] in ("hylo", "hylo_cublas") and set(res["goals"]) == {"hylo_30x_faster",
@@ -107,6 +108,17 @@ def test_qwen3_vs_transformers_smoke(tmp_path):
     assert res["floor_ms_per_token"] > 0 and "prompt_argmax_agree" in res
     g = res["greedy_fp32"]  # each model's own generate in float32: the same tokens
     assert g["compared"] > 0 and g["agree"] == g["compared"] and g["first_mismatch"] is None
+
+
+def test_attn_out_check_smoke(tmp_path):
+    """The fused attention + output projection's GPU check, on the CPU (interpreter): checked against the chain."""
+    out = tmp_path / "ao.json"
+    _run(["benchmarks/attn_out_check.py", "--smoke", "--out", str(out), "--variants", "64/16384/8"])
+    res = json.loads(out.read_text())
+    assert not res["errors"] and set(res["results"]) == {"chain_cache24", "attn_out_64_16384_8_cache24"}
+    rec = res["results"]["attn_out_64_16384_8_cache24"]
+    assert rec["attn_out"] and rec["kernel_step"] and not res["results"]["chain_cache24"]["attn_out"]
+    assert rec["check"]["max_abs_logit_diff"] < 1e-4 and rec["check"]["argmax_agrees"]
 
 
 def test_cast_keeping_rope_keeps_exact_frequencies():

@@ -84,12 +84,16 @@ import torch.nn.functional as F
 from hylo.layers.attention import Attention
 from hylo.layers.ffn import SwiGLU
 from hylo.ops import decode_attention as dattn
+from hylo.ops import decode_attn_out as dao
 from hylo.ops import gemv as G
 from hylo.ops.backend import Choice
 from hylo.ops.rope import inv_freq
 
 _SWITCH = Choice("kernel decode step", "HYLO_KERNEL_STEP", ("off", "on"), "on")
 set_kernel_step, get_kernel_step, kernel_step_mode = _SWITCH.set, _SWITCH.get, _SWITCH.use
+# attention and the output projection in one kernel (hylo.ops.decode_attn_out) instead of split, combine, GEMV
+_ATTN_OUT = Choice("kernel step's attention with its output projection", "HYLO_STEP_ATTN_OUT", ("off", "on"), "off")
+set_step_attn_out, get_step_attn_out, step_attn_out_mode = _ATTN_OUT.set, _ATTN_OUT.get, _ATTN_OUT.use
 
 
 def head_size_ok(hd: int) -> bool:
@@ -142,6 +146,19 @@ def frequencies(model) -> dict[int, torch.Tensor]:
             if isinstance(b.mixer, Attention)}
 
 
+def workspace(model, batch_size: int) -> dict | None:
+    """The buffers of :func:`hylo.ops.decode_attn_out.decode_attn_out` for ``model``'s attention layers at
+    ``batch_size`` where ``HYLO_STEP_ATTN_OUT=on`` (read here, when a runner builds its step), else ``None``."""
+    attn = [b.mixer for b in model.layers if isinstance(b.mixer, Attention)]
+    if _ATTN_OUT.value != "on" or not attn:
+        return None
+    shapes = {(m.num_heads, m.o_proj.weight.shape[0], m.head_dim) for m in attn}
+    if len(shapes) > 1:
+        raise ValueError(f"HYLO_STEP_ATTN_OUT: attention layers of several shapes {sorted(shapes)}")
+    (h, n, hd), = shapes
+    return dao.workspace(batch_size, h, n, hd, model.embed_tokens.weight.device)
+
+
 def gemv_launcher(pdl: bool, persistent: bool = False):
     """The step's GEMV: :func:`hylo.ops.gemv.gemv_direct` launched with PDL and on persistent grids as asked."""
     return functools.partial(G.gemv_direct, pdl=pdl, persistent=persistent)
@@ -155,13 +172,17 @@ def ffn_block(block, h: torch.Tensor, gemv) -> torch.Tensor:
 
 
 def attn_block(block, h: torch.Tensor, st: dict, pos: torch.Tensor, inv_freq: torch.Tensor, gemv,
-               pdl: bool) -> torch.Tensor:
+               pdl: bool, ws: dict | None = None) -> torch.Tensor:
     """An attention block: q/k/v GEMV (pre-norm), attention with its q/k/v preparation and cache write, output
-    GEMV (residual). ``h [B, D]``; writes the new key and value at ``pos``."""
+    GEMV (residual). ``h [B, D]``; writes the new key and value at ``pos``. With ``ws`` (:func:`workspace`)
+    everything after the q/k/v GEMV is one kernel (:func:`hylo.ops.decode_attn_out.decode_attn_out`)."""
     n, m = block.norm, block.mixer
     qkv = gemv(h, m.qkv_proj.weight, m.qkv_proj.bias, n.weight, n.eps)
     qn, kn = (m.q_norm.weight, m.k_norm.weight) if m.qk_norm else (None, None)
     eps = m.q_norm.eps if m.qk_norm else 0.0
+    if ws is not None:
+        return dao.decode_attn_out(qkv, m.num_heads, qn, kn, eps, inv_freq, st["k"], st["v"], pos,
+                                   m.window is not None, m.o_proj.weight, m.o_proj.bias, h, ws, pdl)
     o = dattn.decode_qkv_attention(qkv, m.num_heads, qn, kn, eps, inv_freq, st["k"], st["v"], pos,
                                    ring=m.window is not None, pdl=pdl)
     return gemv(o.view(h.shape[0], -1), m.o_proj.weight, m.o_proj.bias, residual=h)
@@ -173,17 +194,18 @@ def head_logits(h: torch.Tensor, head: torch.Tensor, norm, gemv) -> torch.Tensor
 
 
 def step(model, tokens: torch.Tensor, states, pos: torch.Tensor, head: torch.Tensor,
-         freqs: dict[int, torch.Tensor], pdl: bool, persistent: bool = False) -> torch.Tensor:
+         freqs: dict[int, torch.Tensor], pdl: bool, persistent: bool = False, ws: dict | None = None) -> torch.Tensor:
     """One decode step: ``tokens [B]`` -> logits ``[B, vocab]``; writes the caches and advances ``pos``. ``pdl``:
     launch every kernel with PDL; ``persistent``: the GEMVs on persistent grids (``HYLO_PDL=persistent``; under the
-    interpreter it shrinks their grids even without PDL, so CPU tests cover that indexing)."""
+    interpreter it shrinks their grids even without PDL, so CPU tests cover that indexing); ``ws``: attention and
+    output projection as one kernel (:func:`workspace`)."""
     gemv = gemv_launcher(pdl, persistent)
     h = F.embedding(tokens.view(-1), model.embed_tokens.weight)  # [B, D]
     for i, (block, st) in enumerate(zip(model.layers, states)):
         if isinstance(block.mixer, SwiGLU):
             h = ffn_block(block, h, gemv)
         else:
-            h = attn_block(block, h, st, pos, freqs[i], gemv, pdl)
+            h = attn_block(block, h, st, pos, freqs[i], gemv, pdl, ws)
     logits = head_logits(h, head, model.norm, gemv)
     pos.add_(1)
     return logits

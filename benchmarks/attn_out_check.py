@@ -1,0 +1,158 @@
+r"""The kernel step's attention with its output projection in one kernel (``HYLO_STEP_ATTN_OUT``,
+``hylo.ops.decode_attn_out``) against the chain of kernels it replaces: checked and timed in one process.
+
+For a Qwen3-0.6B-shaped model (random weights, bf16, batch 1) at each ``--caches`` length: the default kernel step
+(split attention, combine, output GEMV), then each ``--variants`` entry ``BLOCK/TILE/WARPS`` of the fused kernel
+(slots per block, weights per tile, warps). Per entry:
+
+- check: ``--check-steps`` steps fed the same tokens from position 0, logits against the chain's (max abs
+  difference, and whether the argmax agrees at every step), and greedy decoding from the same start (the steps
+  until the first differing token: bf16 summation orders differ, so an eventual divergence is expected);
+- time: wall-clock ms/token (median of passes of ``--steps`` greedy steps from ``--start``, graph replay + argmax,
+  as ``qwen3_vs_transformers.py``), and the profiler's timeline (``decode_timeline.step_stats``: per-role time).
+
+    HYLO_COMMIT=$(git rev-parse HEAD) python benchmarks/attn_out_check.py --caches 80 2048 \
+        --out benchmarks/results/attn-out-h100.json
+
+``--smoke`` runs the tiny shape on the CPU under Triton's interpreter, without graphs (a check of the script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+if "--smoke" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from decode_timeline import step_stats, trace_kernels  # noqa: E402
+from qwen3_vs_transformers import device_and_shape, hylo_ms_per_token, switched, sync  # noqa: E402
+
+from hylo.convert import from_transformers  # noqa: E402
+from hylo.engine.runner import DecodeRunner  # noqa: E402
+from hylo.ops import decode_attn_out as dao  # noqa: E402
+from hylo.profile.report import environment  # noqa: E402
+
+ON = {"HYLO_KERNEL_STEP": "on", "HYLO_GEMV": "on"}
+
+
+def parse_variants(spec: str) -> list[tuple[int, int, int]]:
+    out = []
+    for v in (v.strip() for v in spec.split(",") if v.strip()):
+        try:
+            block, tile, warps = (int(x) for x in v.split("/"))
+        except ValueError:
+            raise SystemExit(f"--variants: {v!r} is not BLOCK/TILE/WARPS (e.g. 64/16384/8)") from None
+        if block < 16 or block & (block - 1) or tile & (tile - 1) or warps not in (1, 2, 4, 8, 16):
+            raise SystemExit(f"--variants: {v!r}: BLOCK and TILE powers of two (BLOCK >= 16), WARPS in 1..16")
+        out.append((block, tile, warps))
+    return out
+
+
+def logits_run(runner, tokens: list[int], dev) -> list[torch.Tensor]:
+    runner.set_positions(0)
+    return [runner.step(torch.tensor([t], device=dev)).float().clone() for t in tokens]
+
+
+def greedy(runner, n: int, dev) -> list[int]:
+    runner.set_positions(0)
+    t, out = torch.zeros(1, dtype=torch.long, device=dev), []
+    for _ in range(n):
+        t = runner.step(t).argmax(-1)
+        out.append(int(t))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/results/attn-out.json")
+    ap.add_argument("--caches", type=int, nargs="+", default=[80, 2048])
+    ap.add_argument("--variants", default="64/16384/8,128/16384/8,64/8192/8,64/16384/4")
+    ap.add_argument("--start", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--check-steps", type=int, default=16)
+    ap.add_argument("--greedy-steps", type=int, default=64)
+    ap.add_argument("--replays", type=int, default=12)
+    ap.add_argument("--smoke", action="store_true", help="tiny shape on the CPU (interpreter, no graphs)")
+    args = ap.parse_args()
+    variants = parse_variants(args.variants)
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    dev, dtype, shape, graphs = device_and_shape(args.smoke, "attn_out_check.py")
+    if args.smoke:  # the interpreter: few, short steps
+        args.caches, args.steps, args.check_steps, args.greedy_steps, args.replays = [24], 2, 3, 4, 2
+        args.start = 4
+    env = environment(dev)
+    res: dict = {"date": env["date"], "device": env["device"], "versions": env["versions"],
+                 "commit": os.environ.get("HYLO_COMMIT", "unknown"), "shape": shape,
+                 "dtype": str(dtype).replace("torch.", ""), "batch": 1, "start": args.start, "steps": args.steps,
+                 "errors": [], "results": {}}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        tf = Qwen3ForCausalLM(Qwen3Config(**shape))
+    hy = from_transformers(tf.to(dtype).eval(), dtype=dtype).to(dev).eval()
+    del tf
+    g = torch.Generator().manual_seed(1)
+    feed = torch.randint(0, shape["vocab_size"], (args.check_steps,), generator=g).tolist()
+    saved = dao.BLOCK, dao.TILE_ELEMS, dao.WARPS
+    for L in args.caches:
+        base = None
+        for name, var in [("chain", None)] + [(f"attn_out_{b}_{t}_{w}", (b, t, w)) for b, t, w in variants]:
+            key = f"{name}_cache{L}"
+            try:
+                if var:
+                    dao.BLOCK, dao.TILE_ELEMS, dao.WARPS = var
+                with switched({**ON, "HYLO_STEP_ATTN_OUT": "on" if var else "off"}), torch.no_grad():
+                    runner = DecodeRunner(hy, 1, L, cuda_graph=graphs)
+                    rec = {"cache_len": L, "variant": dict(zip(("block", "tile", "warps"), var)) if var else None,
+                           "kernel_step": runner.kernel_step, "attn_out": runner.attn_out_ws is not None,
+                           "pdl": runner.pdl, "graphed": runner.graphed}
+                    lg = logits_run(runner, feed, dev)
+                    gr = greedy(runner, args.greedy_steps, dev)
+                    if base is None:
+                        base = (lg, gr)
+                    else:
+                        rec["check"] = {
+                            "max_abs_logit_diff": max(float((a - b).abs().max()) for a, b in zip(lg, base[0])),
+                            "argmax_agrees": all(bool(a.argmax() == b.argmax()) for a, b in zip(lg, base[0])),
+                            "greedy_same_steps": next((i for i, (a, b) in enumerate(zip(gr, base[1])) if a != b),
+                                                      len(gr))}
+                    rec["ms_per_token"] = hylo_ms_per_token(runner, args.start, args.steps, 3, dev)
+                    tok = {"t": torch.zeros(1, dtype=torch.long, device=dev)}
+                    runner.set_positions(args.start)
+
+                    def one():
+                        tok["t"] = runner.step(tok["t"]).argmax(-1)
+                    one()
+                    sync(dev)
+                    rec["timeline"] = step_stats(trace_kernels(one, args.replays, dev.type == "cuda"), args.replays)
+                    del runner
+            except Exception as e:  # noqa: BLE001  (one entry's failure must not lose the others)
+                res["errors"].append({"what": key, "error": f"{type(e).__name__}: {e}"[:500],
+                                      "trace": traceback.format_exc()[-1500:]})
+                print(f"{key}: {type(e).__name__}: {e}"[:300], flush=True)
+                continue
+            finally:
+                dao.BLOCK, dao.TILE_ELEMS, dao.WARPS = saved
+            res["results"][key] = rec
+            tl = rec["timeline"]
+            roles = {r: v["incr_ms"] for r, v in list(tl.get("by_role", {}).items())[:7]}
+            print(f"{key}: {rec['ms_per_token']:.3f} ms/token; check {rec.get('check')}; GPU period "
+                  f"{tl.get('period_ms')}; {roles}", flush=True)
+            out.write_text(json.dumps(res, indent=1))
+    out.write_text(json.dumps(res, indent=1))
+    print(f"→ {out}")
+
+
+if __name__ == "__main__":
+    main()

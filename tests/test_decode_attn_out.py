@@ -1,0 +1,105 @@
+"""Attention with its output projection in one kernel (hylo.ops.decode_attn_out, HYLO_STEP_ATTN_OUT): against
+the chain's reference computation under Triton's interpreter, inside the kernel step against the runner's usual
+step, and compiled for sm_90 with PDL on the CPU."""
+
+import pytest
+import torch
+
+from hylo.engine import DecodeRunner, kernel_step
+from hylo.ops import decode_attention as dattn
+from hylo.ops import decode_attn_out as dao
+from hylo.ops import gemv as G
+from hylo.ops.rope import inv_freq
+
+triton = pytest.importorskip("triton")
+
+
+def _case(dtype, qk_norm, ring, bias, B=2, H=4, Hkv=2, Dh=16, L=40, N=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, (H + 2 * Hkv) * Dh, generator=g).to(dtype)
+    qn, kn = ((1 + 0.3 * torch.randn(2, Dh, generator=g)).to(dtype) if qk_norm else (None, None))
+    kc = torch.randn(B, Hkv, L, Dh, generator=g).to(dtype)
+    vc = torch.randn(B, Hkv, L, Dh, generator=g).to(dtype)
+    pos = torch.tensor([3, L + 5 if ring else 37])  # row 1: three blocks of 16 slots (wrapped with a ring)
+    w = (torch.randn(N, H * Dh, generator=g) / 8).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    r = torch.randn(B, N, generator=g).to(dtype)
+    return qkv, qn, kn, inv_freq(Dh, 10000.0), kc, vc, pos, w, b, r
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("qk_norm,ring,bias", [(True, False, False), (False, True, True), (True, True, False)])
+def test_attn_out_matches_reference(interp, dtype, qk_norm, ring, bias):
+    """Output and both caches equal the reference's (q/k/v preparation, attention, output projection with the
+    residual) over three output tiles (the last one partial: 20 outputs in tiles of 8) and, for row 1, three
+    blocks of slots; twice in a row: the tickets are back at zero after each call."""
+    qkv, qn, kn, f, kc, vc, pos, w, b, r = _case(dtype, qk_norm, ring, bias)
+    k_ref, v_ref = kc.clone(), vc.clone()
+    ref = dao.decode_attn_out_ref(qkv, 4, qn, kn, 1e-6, f, k_ref, v_ref, pos, ring, w, b, r)
+    ws = dao.workspace(2, 4, 20, 16, "cpu")
+    assert dao.tile_rows(16) == 8 and ws["tickets"].numel() == 2 * 3
+    for _ in range(2):
+        k2, v2 = kc.clone(), vc.clone()
+        got = dao.decode_attn_out(qkv, 4, qn, kn, 1e-6, f, k2, v2, pos, ring, w, b, r, ws)
+        assert not ws["tickets"].any()
+        # float32: summation order only; bf16: the interpreter truncates float32 -> bf16 where torch rounds
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=6e-2)
+        torch.testing.assert_close(got.float(), ref.float(), **tol)
+        torch.testing.assert_close(k2.float(), k_ref.float(), **tol)
+        torch.testing.assert_close(v2, v_ref)  # v is copied, not rounded
+    changed = (k2 != kc).any(-1).any(1)  # [B, L]: one slot per row written
+    slots = pos % kc.shape[2] if ring else pos
+    assert changed.sum() == 2 and changed[torch.arange(2), slots].all()
+
+
+def test_attn_out_checks_its_inputs(interp):
+    qkv, qn, kn, f, kc, vc, pos, w, b, r = _case(torch.float32, True, False, False)
+    ws = dao.workspace(2, 4, 20, 16, "cpu")
+    with pytest.raises(ValueError, match="w_o"):
+        dao.decode_attn_out(qkv, 4, qn, kn, 1e-6, f, kc, vc, pos, False, w[:, :32], b, r, ws)
+    with pytest.raises(ValueError, match="workspace"):
+        dao.decode_attn_out(qkv, 4, qn, kn, 1e-6, f, kc, vc, pos, False, w, b, r, dao.workspace(1, 4, 20, 16, "cpu"))
+    with pytest.raises(ValueError, match="both"):
+        dao.decode_attn_out(qkv, 4, qn, None, 1e-6, f, kc, vc, pos, False, w, b, r, ws)
+
+
+def test_kernel_step_with_attn_out_same_logits_as_the_runner_step(interp, monkeypatch):
+    """The kernel step with HYLO_STEP_ATTN_OUT=on (attention, a wrapping sliding window, FFN, meta tokens; rows
+    at different positions): 7 steps give the usual step's logits and caches (float32)."""
+    from test_kernel_step import _attn_ffn_model
+
+    monkeypatch.setattr(dattn, "MIN_SPLIT", 8)
+    model = _attn_ffn_model()
+    ids = torch.tensor([[3, 4], [5, 6], [7, 1], [2, 2], [9, 8], [1, 0], [4, 4]])
+    with G.gemv_mode("on"), dattn.decode_attn_mode("on"):
+        with kernel_step.kernel_step_mode("off"):
+            ref_runner = DecodeRunner(model, 2, 40)
+        ref_runner.set_positions([0, 20])
+        ref = [ref_runner.step(t) for t in ids]
+        with kernel_step.kernel_step_mode("on"), kernel_step.step_attn_out_mode("on"):
+            runner = DecodeRunner(model, 2, 40)
+        assert runner.kernel_step and runner.attn_out_ws is not None
+        runner.set_positions([0, 20])
+        got = [runner.step(t) for t in ids]
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for st, st_ref in zip(runner.cache.states, ref_runner.cache.states):
+        for name in st:
+            torch.testing.assert_close(st[name], st_ref[name], rtol=1e-5, atol=1e-5)
+        with kernel_step.kernel_step_mode("on"):
+            assert DecodeRunner(model, 2, 40).attn_out_ws is None  # off by default
+
+
+def test_attn_out_compiles_for_sm90_with_pdl():
+    """The PDL wait and signal, the tickets' atomics and the L2-only reads of the partials are in the sm_90 code."""
+    pytest.importorskip("triton.backends.nvidia")
+    from test_kernel_step import _ptx
+
+    sig = {"qkv": "*bf16", "k": "*bf16", "v": "*bf16", "pos": "*i64", "qw": "*bf16", "kw": "*bf16",
+           "inv_freq": "*fp32", "eps": "fp32", "qk_scale": "fp32", "L": "i32", "w": "*bf16", "bias": "*bf16",
+           "r": "*bf16", "y": "*bf16", "part": "*fp32", "tickets": "*i32", "N": "i32"}
+    ce = dict(H=16, HKV=8, D=128, HP=16, BLOCK=64, BN=128, TILES=8, HAS_BIAS=False, QK_NORM=True, RING=False,
+              PDL=True, INTERP=False)
+    ptx = _ptx(dao._jit(False), sig, ce)
+    assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
+    assert "atom.global.gpu.acq_rel.add" in ptx and ".cg." in ptx
