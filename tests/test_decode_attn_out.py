@@ -30,46 +30,65 @@ def _case(dtype, qk_norm, ring, bias, B=2, H=4, Hkv=2, Dh=16, L=40, N=20, seed=0
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("qk_norm,ring,bias", [(True, False, False), (False, True, True), (True, True, False)])
 def test_attn_out_matches_reference(interp, dtype, qk_norm, ring, bias):
-    """Output and both caches equal the reference's (q/k/v preparation, attention, output projection with the
-    residual) over three output tiles (the last one partial: 20 outputs in tiles of 8) and, for row 1, three
-    blocks of slots; twice in a row: the tickets are back at zero after each call."""
-    qkv, qn, kn, f, kc, vc, pos, w, b, r = _case(dtype, qk_norm, ring, bias)
+    """The float32 sum and both caches equal the reference's (q/k/v preparation, attention, output projection)
+    over three output tiles (the last one partial: 20 outputs in tiles of 8) and, for row 1, three blocks of slots;
+    a second call adds the same again (the sum is left for the caller to zero)."""
+    qkv, qn, kn, f, kc, vc, pos, w, b, _ = _case(dtype, qk_norm, ring, bias)
     k_ref, v_ref = kc.clone(), vc.clone()
-    ref = dao.decode_attn_out_ref(qkv, 4, qn, kn, 1e-6, f, k_ref, v_ref, pos, ring, w, b, r)
-    ws = dao.workspace(2, 4, 20, 16, "cpu")
-    assert dao.tile_rows(16) == 8 and ws["tickets"].numel() == 2 * 3
-    for _ in range(2):
-        k2, v2 = kc.clone(), vc.clone()
-        got = dao.decode_attn_out(qkv, 4, qn, kn, 1e-6, f, k2, v2, pos, ring, w, b, r, ws)
-        assert not ws["tickets"].any()
-        # float32: summation order only; bf16: the interpreter truncates float32 -> bf16 where torch rounds
-        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=6e-2)
-        torch.testing.assert_close(got.float(), ref.float(), **tol)
-        torch.testing.assert_close(k2.float(), k_ref.float(), **tol)
-        torch.testing.assert_close(v2, v_ref)  # v is copied, not rounded
+    ref = dao.decode_attn_out_ref(qkv, 4, qn, kn, 1e-6, f, k_ref, v_ref, pos, ring, w, b)
+    assert dao.tile_rows(16) == 8
+    acc = torch.zeros(2, 20)
+    k2, v2 = kc.clone(), vc.clone()
+    assert dao.decode_attn_out(qkv, 4, qn, kn, 1e-6, f, k2, v2, pos, ring, w, b, acc) is acc
+    # float32: summation order only; bf16: the interpreter truncates float32 -> bf16 where torch rounds
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=6e-2)
+    torch.testing.assert_close(acc, ref, **tol)
+    torch.testing.assert_close(k2.float(), k_ref.float(), **tol)
+    torch.testing.assert_close(v2, v_ref)  # v is copied, not rounded
     changed = (k2 != kc).any(-1).any(1)  # [B, L]: one slot per row written
     slots = pos % kc.shape[2] if ring else pos
     assert changed.sum() == 2 and changed[torch.arange(2), slots].all()
+    dao.decode_attn_out(qkv, 4, qn, kn, 1e-6, f, k2, v2, pos, ring, w, b, acc)
+    torch.testing.assert_close(acc, 2 * ref, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_adds_the_pending_sum_first(interp, dtype):
+    """The preloading GEMV with ``acc``: its input is ``x + acc`` rounded as a GEMV's residual add, written to
+    ``h_out``, then normed and multiplied as usual."""
+    g = torch.Generator().manual_seed(3)
+    x, acc = torch.randn(2, 24, generator=g).to(dtype), torch.randn(2, 24, generator=g)
+    w, nw = torch.randn(40, 24, generator=g).to(dtype), (1 + 0.1 * torch.randn(24, generator=g)).to(dtype)
+    h_out = torch.empty_like(x)
+    y = G.gemv_direct(x, w, None, nw, 1e-6, acc=acc, h_out=h_out)
+    h = (acc.to(dtype).float() + x.float()).to(dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=6e-2)
+    torch.testing.assert_close(h_out, h, **tol)
+    torch.testing.assert_close(y.float(), G.gemv_ref(h, w, None, nw, 1e-6).float(), **tol)
+    with pytest.raises(ValueError, match="acc"):
+        G.gemv_direct(x, w, None, nw, 1e-6, acc=acc[:1], h_out=h_out)
 
 
 def test_attn_out_checks_its_inputs(interp):
-    qkv, qn, kn, f, kc, vc, pos, w, b, r = _case(torch.float32, True, False, False)
-    ws = dao.workspace(2, 4, 20, 16, "cpu")
+    qkv, qn, kn, f, kc, vc, pos, w, b, _ = _case(torch.float32, True, False, False)
+    acc = torch.zeros(2, 20)
     with pytest.raises(ValueError, match="w_o"):
-        dao.decode_attn_out(qkv, 4, qn, kn, 1e-6, f, kc, vc, pos, False, w[:, :32], b, r, ws)
-    with pytest.raises(ValueError, match="workspace"):
-        dao.decode_attn_out(qkv, 4, qn, kn, 1e-6, f, kc, vc, pos, False, w, b, r, dao.workspace(1, 4, 20, 16, "cpu"))
+        dao.decode_attn_out(qkv, 4, qn, kn, 1e-6, f, kc, vc, pos, False, w[:, :32], b, acc)
+    with pytest.raises(ValueError, match="acc"):
+        dao.decode_attn_out(qkv, 4, qn, kn, 1e-6, f, kc, vc, pos, False, w, b, acc[:, :8])
     with pytest.raises(ValueError, match="both"):
-        dao.decode_attn_out(qkv, 4, qn, None, 1e-6, f, kc, vc, pos, False, w, b, r, ws)
+        dao.decode_attn_out(qkv, 4, qn, None, 1e-6, f, kc, vc, pos, False, w, b, acc)
 
 
-def test_kernel_step_with_attn_out_same_logits_as_the_runner_step(interp, monkeypatch):
+@pytest.mark.parametrize("layers", ["a f swa f", "a swa f a"])
+def test_kernel_step_with_attn_out_same_logits_as_the_runner_step(interp, monkeypatch, layers):
     """The kernel step with HYLO_STEP_ATTN_OUT=on (attention, a wrapping sliding window, FFN, meta tokens; rows
-    at different positions): 7 steps give the usual step's logits and caches (float32)."""
+    at different positions): 7 steps give the usual step's logits and caches (float32). In ``a swa f a`` the
+    sliding window's q/k/v GEMV adds attention's sum, and the last block (attention) is the chain's."""
     from test_kernel_step import _attn_ffn_model
 
     monkeypatch.setattr(dattn, "MIN_SPLIT", 8)
-    model = _attn_ffn_model()
+    model = _attn_ffn_model(layers)
     ids = torch.tensor([[3, 4], [5, 6], [7, 1], [2, 2], [9, 8], [1, 0], [4, 4]])
     with G.gemv_mode("on"), dattn.decode_attn_mode("on"):
         with kernel_step.kernel_step_mode("off"):
@@ -91,15 +110,15 @@ def test_kernel_step_with_attn_out_same_logits_as_the_runner_step(interp, monkey
 
 
 def test_attn_out_compiles_for_sm90_with_pdl():
-    """The PDL wait and signal, the tickets' atomics and the L2-only reads of the partials are in the sm_90 code."""
+    """The PDL wait and signal and the float32 atomic adds are in the sm_90 code."""
     pytest.importorskip("triton.backends.nvidia")
     from test_kernel_step import _ptx
 
     sig = {"qkv": "*bf16", "k": "*bf16", "v": "*bf16", "pos": "*i64", "qw": "*bf16", "kw": "*bf16",
            "inv_freq": "*fp32", "eps": "fp32", "qk_scale": "fp32", "L": "i32", "w": "*bf16", "bias": "*bf16",
-           "r": "*bf16", "y": "*bf16", "part": "*fp32", "tickets": "*i32", "N": "i32"}
-    ce = dict(H=16, HKV=8, D=128, HP=16, BLOCK=64, BN=128, TILES=8, HAS_BIAS=False, QK_NORM=True, RING=False,
-              PDL=True, INTERP=False)
+           "acc": "*fp32", "N": "i32"}
+    ce = dict(H=16, HKV=8, D=128, BLOCK=64, BN=128, HAS_BIAS=True, QK_NORM=True, RING=False, PDL=True,
+              INTERP=False)
     ptx = _ptx(dao._jit(False), sig, ce)
     assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
-    assert "atom.global.gpu.acq_rel.add" in ptx and ".cg." in ptx
+    assert "red.global.gpu.relaxed.add.f32" in ptx or "atom.global.gpu.relaxed.add.f32" in ptx

@@ -146,17 +146,15 @@ def frequencies(model) -> dict[int, torch.Tensor]:
             if isinstance(b.mixer, Attention)}
 
 
-def workspace(model, batch_size: int) -> dict | None:
-    """The buffers of :func:`hylo.ops.decode_attn_out.decode_attn_out` for ``model``'s attention layers at
-    ``batch_size`` where ``HYLO_STEP_ATTN_OUT=on`` (read here, when a runner builds its step), else ``None``."""
-    attn = [b.mixer for b in model.layers if isinstance(b.mixer, Attention)]
-    if _ATTN_OUT.value != "on" or not attn:
+def workspace(model, batch_size: int) -> torch.Tensor | None:
+    """Where ``HYLO_STEP_ATTN_OUT=on`` (read here, when a runner builds its step) and the preloading GEMV takes
+    rows of the hidden size (it adds the sums in): one float32 sum ``[B, hidden]`` per layer, for
+    :func:`hylo.ops.decode_attn_out.decode_attn_out`, zeroed at the start of each step; else ``None``."""
+    D = model.embed_tokens.weight.shape[1]
+    if _ATTN_OUT.value != "on" or not G.preload_applies(D) or not any(isinstance(b.mixer, Attention)
+                                                                     for b in model.layers[:-1]):
         return None
-    shapes = {(m.num_heads, m.o_proj.weight.shape[0], m.head_dim) for m in attn}
-    if len(shapes) > 1:
-        raise ValueError(f"HYLO_STEP_ATTN_OUT: attention layers of several shapes {sorted(shapes)}")
-    (h, n, hd), = shapes
-    return dao.workspace(batch_size, h, n, hd, model.embed_tokens.weight.device)
+    return torch.zeros(len(model.layers), batch_size, D, dtype=torch.float32, device=model.embed_tokens.weight.device)
 
 
 def gemv_launcher(pdl: bool, persistent: bool = False):
@@ -164,25 +162,37 @@ def gemv_launcher(pdl: bool, persistent: bool = False):
     return functools.partial(G.gemv_direct, pdl=pdl, persistent=persistent)
 
 
-def ffn_block(block, h: torch.Tensor, gemv) -> torch.Tensor:
-    """An FFN block: ``h + down(SwiGLU(gate_up(norm(h))))`` as two GEMVs (pre-norm, then SwiGLU and residual)."""
+def first_gemv(gemv, h: torch.Tensor, acc: torch.Tensor | None, lin, norm):
+    """A block's first GEMV (pre-norm): ``(output, block input)``. With ``acc``, the attention block before left
+    its output projection as that float32 sum: the GEMV adds it to ``h`` first and returns the sum as the input."""
+    if acc is None:
+        return gemv(h, lin.weight, lin.bias, norm.weight, norm.eps), h
+    h_in = torch.empty_like(h)
+    return gemv(h, lin.weight, lin.bias, norm.weight, norm.eps, acc=acc, h_out=h_in), h_in
+
+
+def ffn_block(block, h: torch.Tensor, gemv, acc: torch.Tensor | None = None) -> torch.Tensor:
+    """An FFN block: ``h + down(SwiGLU(gate_up(norm(h))))`` as two GEMVs (pre-norm, then SwiGLU and residual);
+    ``acc``: see :func:`first_gemv`."""
     n, m = block.norm, block.mixer
-    gu = gemv(h, m.gate_up_proj.weight, m.gate_up_proj.bias, n.weight, n.eps)
+    gu, h = first_gemv(gemv, h, acc, m.gate_up_proj, n)
     return gemv(gu, m.down_proj.weight, m.down_proj.bias, residual=h, swiglu=True)
 
 
 def attn_block(block, h: torch.Tensor, st: dict, pos: torch.Tensor, inv_freq: torch.Tensor, gemv,
-               pdl: bool, ws: dict | None = None) -> torch.Tensor:
+               pdl: bool, acc: torch.Tensor | None = None, out_acc: torch.Tensor | None = None):
     """An attention block: q/k/v GEMV (pre-norm), attention with its q/k/v preparation and cache write, output
-    GEMV (residual). ``h [B, D]``; writes the new key and value at ``pos``. With ``ws`` (:func:`workspace`)
-    everything after the q/k/v GEMV is one kernel (:func:`hylo.ops.decode_attn_out.decode_attn_out`)."""
+    GEMV (residual). ``h [B, D]``; writes the new key and value at ``pos``. ``acc``: see :func:`first_gemv`.
+    With ``out_acc`` (a zero float32 ``[B, D]``) everything after the q/k/v GEMV is one kernel
+    (:func:`hylo.ops.decode_attn_out.decode_attn_out`) that leaves the output projection in ``out_acc``: returns
+    ``(block input, out_acc)`` for the next block's first GEMV to add; else the block's output."""
     n, m = block.norm, block.mixer
-    qkv = gemv(h, m.qkv_proj.weight, m.qkv_proj.bias, n.weight, n.eps)
+    qkv, h = first_gemv(gemv, h, acc, m.qkv_proj, n)
     qn, kn = (m.q_norm.weight, m.k_norm.weight) if m.qk_norm else (None, None)
     eps = m.q_norm.eps if m.qk_norm else 0.0
-    if ws is not None:
-        return dao.decode_attn_out(qkv, m.num_heads, qn, kn, eps, inv_freq, st["k"], st["v"], pos,
-                                   m.window is not None, m.o_proj.weight, m.o_proj.bias, h, ws, pdl)
+    if out_acc is not None:
+        return h, dao.decode_attn_out(qkv, m.num_heads, qn, kn, eps, inv_freq, st["k"], st["v"], pos,
+                                      m.window is not None, m.o_proj.weight, m.o_proj.bias, out_acc, pdl)
     o = dattn.decode_qkv_attention(qkv, m.num_heads, qn, kn, eps, inv_freq, st["k"], st["v"], pos,
                                    ring=m.window is not None, pdl=pdl)
     return gemv(o.view(h.shape[0], -1), m.o_proj.weight, m.o_proj.bias, residual=h)
@@ -194,18 +204,26 @@ def head_logits(h: torch.Tensor, head: torch.Tensor, norm, gemv) -> torch.Tensor
 
 
 def step(model, tokens: torch.Tensor, states, pos: torch.Tensor, head: torch.Tensor,
-         freqs: dict[int, torch.Tensor], pdl: bool, persistent: bool = False, ws: dict | None = None) -> torch.Tensor:
+         freqs: dict[int, torch.Tensor], pdl: bool, persistent: bool = False,
+         ws: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step: ``tokens [B]`` -> logits ``[B, vocab]``; writes the caches and advances ``pos``. ``pdl``:
     launch every kernel with PDL; ``persistent``: the GEMVs on persistent grids (``HYLO_PDL=persistent``; under the
-    interpreter it shrinks their grids even without PDL, so CPU tests cover that indexing); ``ws``: attention and
-    output projection as one kernel (:func:`workspace`)."""
+    interpreter it shrinks their grids even without PDL, so CPU tests cover that indexing); ``ws``
+    (:func:`workspace`): each attention block but a last one as its q/k/v GEMV and one kernel of attention and
+    output projection, whose sum the next block's first GEMV adds."""
     gemv = gemv_launcher(pdl, persistent)
+    if ws is not None:
+        ws.zero_()
     h = F.embedding(tokens.view(-1), model.embed_tokens.weight)  # [B, D]
+    acc = None  # the float32 output projection an attention block left for the next block to add
+    last = len(model.layers) - 1
     for i, (block, st) in enumerate(zip(model.layers, states)):
         if isinstance(block.mixer, SwiGLU):
-            h = ffn_block(block, h, gemv)
+            h, acc = ffn_block(block, h, gemv, acc), None
+        elif ws is not None and i < last:
+            h, acc = attn_block(block, h, st, pos, freqs[i], gemv, pdl, acc, ws[i])
         else:
-            h = attn_block(block, h, st, pos, freqs[i], gemv, pdl, ws)
+            h, acc = attn_block(block, h, st, pos, freqs[i], gemv, pdl, acc), None
     logits = head_logits(h, head, model.norm, gemv)
     pos.add_(1)
     return logits

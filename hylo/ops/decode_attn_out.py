@@ -1,24 +1,25 @@
-"""Decode attention and the output projection in one kernel: from the q/k/v projection to the block's output
-``h + o_proj(attention)``, for the kernel decode step (``hylo.engine.kernel_step``, ``HYLO_STEP_ATTN_OUT``).
+"""Decode attention and the output projection in one kernel, for the kernel decode step
+(``hylo.engine.kernel_step``, ``HYLO_STEP_ATTN_OUT``).
 
-Why: in the kernel step an attention block is four dependent kernels after its q/k/v GEMV (split attention,
+Why: in the kernel step an attention block is three dependent kernels after its q/k/v GEMV (split attention,
 combine, output GEMV), and at short contexts each costs about as much as its launch, drain and the round trip of
-its inputs through L2 (H100, Qwen3-0.6B shape, 80-slot cache: attention 4.0, combine 1.6, output GEMV 3.1 us per
-layer, ``benchmarks/results/decode-timeline-h100-run7-elems16384.json``). Here the output projection is split by
-query head instead of by output: program ``(b, h, t)`` computes query head ``h``'s attention over the whole cache
-and multiplies it by the tile ``W_o[t*BN:(t+1)*BN, h*Dh:(h+1)*Dh]``; the last of the ``H`` programs of a tile to
-finish (an atomic ticket) adds the ``H`` partial products in head order, the bias and the residual, and writes the
-tile of the output. One launch replaces three, with no combine.
+its inputs through L2 (H100, Qwen3-0.6B shape, 80-slot cache: 4.1, 1.9 and 2.7 us per layer,
+``benchmarks/results/attn-out-h100.json``). Here the output projection is split by query head instead of by
+output: program ``(b, h, t)`` computes query head ``h``'s attention over the whole cache, multiplies it by the tile
+``W_o[t*BN:(t+1)*BN, h*Dh:(h+1)*Dh]`` and adds the product into a float32 sum ``acc [B, N]`` with atomics. The next
+kernel, a GEMV that needs the whole residual stream anyway (:func:`hylo.ops.gemv.gemv_direct` with ``acc``), adds
+the sum to the stream after its PDL wait. One launch replaces three, and nothing waits on the atomics but the PDL
+wait that the next kernel has in any case.
 
-Before the PDL wait each program loads its weight tile and its KV head's first block of cached slots (earlier
-steps wrote them); after it, it prepares its q (qk-norm, RoPE) and the KV head's new key and value from the
-projection, patches the new slot into the blocks it reads and (one program per KV head) writes it to the cache.
-Every program of a KV head reads the whole valid cache, ``H / Hkv * ceil(N / BN)`` times in all (mostly from L2):
-cheap at short contexts, and the reason the step takes this kernel only while positions are short.
+Before the PDL wait each program loads its weight tile; after it, its q and its KV head's new key and value from
+the projection (qk-norm, RoPE) and the cache's first block of slots, in one round of loads; it patches the new
+slot into the blocks it reads and (one program per KV head) writes it to the cache. Every program of a KV head
+reads the whole valid cache, ``H / Hkv * ceil(N / BN)`` times in all (mostly from L2): cheap at short contexts.
 
-Roundings are the chain's (:func:`hylo.ops.decode_attention.decode_qkv_attention` then the output GEMV with its
-residual): the attention output rounded to the dtype, the projection accumulated in float32 and rounded before the
-residual add; only float32 summation orders differ. :func:`decode_attn_out_ref` spells it out.
+Roundings are the chain's (:func:`hylo.ops.decode_attention.decode_qkv_attention`, then the output GEMV with its
+residual): attention's output rounded to the dtype, the projection summed in float32 and rounded before the
+residual add. The float32 sum's order is the atomics' arrival order, so the last bits can differ from run to run.
+:func:`decode_attn_out_ref` spells it out.
 """
 
 from __future__ import annotations
@@ -45,16 +46,16 @@ WARPS = int(os.environ.get("HYLO_ATTN_OUT_WARPS", 8))
 INTERP_BLOCK, INTERP_BN = 16, 8  # the interpreter's: small, so tests cross block and tile edges
 
 
-def decode_attn_out_ref(qkv, num_heads, q_norm, k_norm, eps, inv_freq, k, v, pos, ring, w_o, b_o, residual):
+def decode_attn_out_ref(qkv, num_heads, q_norm, k_norm, eps, inv_freq, k, v, pos, ring, w_o, b_o):
     """The chain's computation in PyTorch (float32 attention): q/k/v preparation and cache write
-    (:func:`hylo.ops.decode_qkv.decode_qkv_ref`), attention, ``residual + o_proj(out)`` rounded as the GEMV does."""
+    (:func:`hylo.ops.decode_qkv.decode_qkv_ref`), attention rounded to the dtype, then ``o_proj`` in float32."""
     from hylo.ops.decode_attention import decode_attention_ref
     from hylo.ops.decode_qkv import decode_qkv_ref
-    from hylo.ops.gemv import gemv_ref
 
     q = decode_qkv_ref(qkv, num_heads, k.shape[1], q_norm, k_norm, eps, inv_freq, k, v, pos, ring)
-    o = decode_attention_ref(q, k, v, pos)
-    return gemv_ref(o.reshape(qkv.shape[0], -1), w_o, b_o, residual=residual)
+    o = decode_attention_ref(q, k, v, pos).reshape(qkv.shape[0], -1)
+    out = o.float() @ w_o.float().T
+    return out if b_o is None else out + b_o.float()
 
 
 def tile_rows(head_dim: int) -> int:
@@ -62,23 +63,13 @@ def tile_rows(head_dim: int) -> int:
     return INTERP_BN if triton_interpreting() else max(1, TILE_ELEMS // head_dim)
 
 
-def workspace(batch_size: int, num_heads: int, hidden: int, head_dim: int, device) -> dict:
-    """The buffers the kernel shares between calls (one set serves every layer: the kernels run one at a time):
-    float32 partial products ``[B, H, N]`` and int32 tickets ``[B, tiles]``, zero; the last program of a tile puts
-    its ticket back to zero, so the buffer stays ready for the next call (and for graph replays)."""
-    tiles = -(-hidden // tile_rows(head_dim))
-    return {"part": torch.empty(batch_size * num_heads * hidden, dtype=torch.float32, device=device),
-            "tickets": torch.zeros(batch_size * tiles, dtype=torch.int32, device=device),
-            "shape": (batch_size, num_heads, hidden, head_dim)}
-
-
 if triton is not None:
     # core ops only (see hylo.ops.decode_attention: the interpreter cannot call Triton's wrapped jit helpers)
 
-    def _attn_out_kernel(qkv, k, v, pos, qw, kw, inv_freq, eps, qk_scale, L, w, bias, r, y, part, tickets, N,
-                         H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HP: tl.constexpr, BLOCK: tl.constexpr,
-                         BN: tl.constexpr, TILES: tl.constexpr, HAS_BIAS: tl.constexpr, QK_NORM: tl.constexpr,
-                         RING: tl.constexpr, PDL: tl.constexpr, INTERP: tl.constexpr):
+    def _attn_out_kernel(qkv, k, v, pos, qw, kw, inv_freq, eps, qk_scale, L, w, bias, acc, N, H: tl.constexpr,
+                         HKV: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, QK_NORM: tl.constexpr, RING: tl.constexpr, PDL: tl.constexpr,
+                         INTERP: tl.constexpr):
         # One program: query head h of row b (pid = b * H + h), output tile t. Softmax in base 2 (qk_scale holds
         # log2(e) / sqrt(D)), float32.
         pid, t = tl.program_id(0), tl.program_id(1)
@@ -139,7 +130,7 @@ if triton is not None:
         m_i = tl.reduce(sc, 0, tl.standard._elementwise_max)  # finite: slot 0 is valid
         p = tl.exp2(sc - m_i)
         l_i = tl.reduce(p, 0, tl.standard._sum_combine)
-        acc = tl.reduce(p[:, None] * vb, 0, tl.standard._sum_combine)
+        o_acc = tl.reduce(p[:, None] * vb, 0, tl.standard._sum_combine)
         end = n
         if INTERP:  # the interpreter keeps scalars as 1-element arrays, which range() refuses
             end, _ = end.handle.data.item(), 0  # (a tuple assignment keeps the int)
@@ -156,24 +147,16 @@ if triton is not None:
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(sc - m_new)
             l_i = l_i * alpha + tl.reduce(p, 0, tl.standard._sum_combine)
-            acc = acc * alpha + tl.reduce(p[:, None] * vb, 0, tl.standard._sum_combine)
+            o_acc = o_acc * alpha + tl.reduce(p[:, None] * vb, 0, tl.standard._sum_combine)
             m_i = m_new
-        o = (acc / l_i).to(dt).to(tl.float32)  # attention's output, in the dtype as the chain stores it
+        o = (o_acc / l_i).to(dt).to(tl.float32)  # attention's output, in the dtype as the chain stores it
 
-        # this head's share of the tile's outputs, then the tile's ticket: the H-th program to arrive sums them
-        tl.store(part + (pid.to(tl.int64) * N + rows), tl.reduce(wt.to(tl.float32) * o[None, :], 1,
-                                                                 tl.standard._sum_combine), mask=m_n)
-        ticket = tl.atomic_add(tickets + b * TILES + t, 1, sem="acq_rel", scope="gpu")
-        if ticket == H - 1:
-            hs = tl.arange(0, HP)
-            pp = tl.load(part + (b * H + hs)[:, None].to(tl.int64) * N + rows[None, :],
-                         mask=(hs < H)[:, None] & m_n[None, :], other=0.0, cache_modifier=".cg")
-            out = tl.reduce(pp, 0, tl.standard._sum_combine)
-            if HAS_BIAS:
-                out += bo
-            out = out.to(dt).to(tl.float32) + tl.load(r + b * N + rows, mask=m_n, other=0.0).to(tl.float32)
-            tl.store(y + b * N + rows, out.to(y.dtype.element_ty), mask=m_n)
-            tl.atomic_xchg(tickets + b * TILES + t, 0, sem="relaxed", scope="gpu")
+        # this head's share of the tile's outputs, added to the float32 sum (the bias once, by head 0's programs);
+        # the next GEMV adds the sum to the residual stream after its PDL wait (hylo.ops.gemv, acc)
+        share = tl.reduce(wt.to(tl.float32) * o[None, :], 1, tl.standard._sum_combine)
+        if HAS_BIAS:
+            share += tl.where(h == 0, bo, 0.0)
+        tl.atomic_add(acc + b * N + rows, share, mask=m_n, sem="relaxed", scope="gpu")
 
 
 @functools.lru_cache(maxsize=None)
@@ -183,12 +166,12 @@ def _jit(interpret: bool):
 
 def decode_attn_out(qkv: torch.Tensor, num_heads: int, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
                     eps: float, inv_freq: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
-                    ring: bool, w_o: torch.Tensor, b_o: torch.Tensor | None, residual: torch.Tensor, ws: dict,
+                    ring: bool, w_o: torch.Tensor, b_o: torch.Tensor | None, acc: torch.Tensor,
                     pdl: bool = False) -> torch.Tensor:
-    """``qkv [B, (H + 2 Hkv) Dh]`` -> ``residual + o_proj(attention) [B, N]`` in one launch (see the module doc),
-    writing the new key and value into ``k, v [B, Hkv, L, Dh]`` at slot ``pos`` (``pos % L`` with ``ring``).
-    ``w_o [N, H Dh]`` contiguous, ``b_o [N]`` or ``None``, ``residual [B, N]``; ``ws``: :func:`workspace` for these
-    shapes; ``pdl``: programmatic dependent launch (ignored under the interpreter)."""
+    """Adds ``o_proj(attention) [B, N]`` (float32, bias included) into ``acc`` (zero before; see the module doc)
+    for ``qkv [B, (H + 2 Hkv) Dh]``, writing the new key and value into ``k, v [B, Hkv, L, Dh]`` at slot ``pos``
+    (``pos % L`` with ``ring``). ``w_o [N, H Dh]`` contiguous, ``b_o [N]`` or ``None``; ``pdl``: programmatic
+    dependent launch (ignored under the interpreter). Returns ``acc``."""
     if triton is None:
         raise RuntimeError("hylo.ops.decode_attn_out needs Triton")
     B, Hkv, L, Dh = k.shape
@@ -199,23 +182,18 @@ def decode_attn_out(qkv: torch.Tensor, num_heads: int, q_norm: torch.Tensor | No
     if w_o.shape != (N, H * Dh) or w_o.dtype != k.dtype or not w_o.is_contiguous():
         raise ValueError(f"decode_attn_out: w_o must be [N, {H * Dh}] {k.dtype} contiguous, got {tuple(w_o.shape)} "
                          f"{w_o.dtype}")
-    if residual.shape != (B, N) or residual.dtype != k.dtype:
-        raise ValueError(f"decode_attn_out: residual must be [{B}, {N}] {k.dtype}, got {tuple(residual.shape)}")
-    if ws["shape"] != (B, H, N, Dh):
-        raise ValueError(f"decode_attn_out: the workspace is for {ws['shape']}, not {(B, H, N, Dh)}")
+    if acc.shape != (B, N) or acc.dtype != torch.float32 or not acc.is_contiguous():
+        raise ValueError(f"decode_attn_out: acc must be [{B}, {N}] float32 contiguous, got {tuple(acc.shape)} "
+                         f"{acc.dtype}")
     if (q_norm is None) != (k_norm is None):
         raise ValueError("decode_attn_out: pass both q_norm and k_norm, or neither")
     interp = triton_interpreting()
     bn = tile_rows(Dh)
-    tiles = -(-N // bn)
-    y = residual.new_empty(B, N)
-    res = residual.contiguous()
-    qw, kw = (q_norm, k_norm) if q_norm is not None else (y, y)  # y: an unused pointer where an input is absent
+    qw, kw = (q_norm, k_norm) if q_norm is not None else (qkv, qkv)  # qkv: an unused pointer where one is absent
     launch = {} if interp else {"num_warps": WARPS, **({"launch_pdl": True} if pdl else {})}
-    _jit(interp)[(B * H, tiles)](
+    _jit(interp)[(B * H, -(-N // bn))](
         qkv, k, v, pos, qw, kw, inv_freq, float(eps), math.log2(math.e) / math.sqrt(Dh), L, w_o,
-        y if b_o is None else b_o, res, y, ws["part"], ws["tickets"], N, H=H, HKV=Hkv, D=Dh,
-        HP=triton.next_power_of_2(H), BLOCK=INTERP_BLOCK if interp else BLOCK, BN=bn, TILES=tiles,
+        qkv if b_o is None else b_o, acc, N, H=H, HKV=Hkv, D=Dh, BLOCK=INTERP_BLOCK if interp else BLOCK, BN=bn,
         HAS_BIAS=b_o is not None, QK_NORM=q_norm is not None, RING=ring, PDL=pdl and not interp, INTERP=interp,
         **launch)
-    return y
+    return acc

@@ -172,14 +172,17 @@ if triton is not None:
                 out = out.to(dt).to(tl.float32) + tl.load(r + i_m * N + rows, mask=m_n, other=0.0).to(tl.float32)
             tl.store(y + i_m * N + rows, out.to(y.dtype.element_ty), mask=m_n)
 
-    def _gemv_pre_kernel(x, w, b, y, nw, r, M, N, eps, K: tl.constexpr, KP: tl.constexpr, XK: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
-                         PDL: tl.constexpr, INTERP: tl.constexpr, BN: tl.constexpr):
+    def _gemv_pre_kernel(x, w, b, y, nw, r, acc, h_out, M, N, eps, K: tl.constexpr, KP: tl.constexpr,
+                         XK: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
+                         RESIDUAL: tl.constexpr, ACC: tl.constexpr, PDL: tl.constexpr, INTERP: tl.constexpr,
+                         BN: tl.constexpr):
         # The preloading GEMV (HYLO_GEMV_PRELOAD): one tile of BN outputs per program, whole rows (K, padded to
         # KP), for every row of x. Its weights (and the norm's weights and the bias) are loaded into registers
         # before the PDL wait, while the kernel before it still runs, so what follows the wait is one load of x,
         # the products and the store: no read of W on the step's critical path. Same fusions and roundings as
-        # _gemv_kernel.
+        # _gemv_kernel. ACC: x is a residual stream waiting for a float32 sum of products (acc [M, K], the output
+        # projection that hylo.ops.decode_attn_out accumulates): the input is x + acc rounded as a GEMV's output
+        # with its residual, and program 0 writes it to h_out (the next residual).
         pid = tl.program_id(0)
         rows = pid * BN + tl.arange(0, BN)
         m_n = rows < N
@@ -203,6 +206,10 @@ if triton is not None:
             if SWIGLU:
                 up = tl.load(x + i_m * XK + K + cols, mask=m_k, other=0.0).to(tl.float32)
                 xk = ((xk / (1.0 + tl.exp(-xk))).to(dt).to(tl.float32) * up).to(dt).to(tl.float32)
+            if ACC:
+                a = tl.load(acc + i_m * K + cols, mask=m_k, other=0.0)
+                xk = (a.to(dt).to(tl.float32) + xk).to(dt).to(tl.float32)
+                tl.store(h_out + i_m * K + cols, xk.to(dt), mask=m_k & (pid == 0))
             if NORM:
                 var = (tl.reduce(xk * xk, 0, tl.standard._sum_combine) / K + eps).to(tl.float32)
                 xk = ((xk * (1.0 / tl.sqrt(var))).to(dt).to(tl.float32) * nwk).to(dt).to(tl.float32)
@@ -244,7 +251,7 @@ def _pre_prune(configs, named_args, **kwargs):
 def _jit_pre(interpret: bool):
     k = triton.jit(_gemv_pre_kernel)
     return k if interpret else triton.autotune(configs=_PRE_CONFIGS, key=["M", "N", "K", "HAS_BIAS", "NORM", "SWIGLU",
-                                                                          "RESIDUAL", "PDL"],
+                                                                          "RESIDUAL", "ACC", "PDL"],
                                                prune_configs_by={"early_config_prune": _pre_prune})(k)
 
 
@@ -348,15 +355,26 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 def gemv_direct(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 norm_weight: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
                 swiglu: bool = False, pdl: bool = False, persistent: bool = False,
-                preload: bool | None = None) -> torch.Tensor:
+                preload: bool | None = None, acc: torch.Tensor | None = None,
+                h_out: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`gemv` launched directly, outside torch's op machinery (``hylo.engine.kernel_step``): with ``pdl``
     the launch may overlap the kernel before it (Hopper and later; ignored under the interpreter), and with
     ``persistent`` too its grid is capped at :func:`max_programs` so that all of it prefetches early; ``preload``
     (default: :func:`preload_applies`, per ``HYLO_GEMV_PRELOAD``) takes the preloading kernel where rows fit: each
     program holds its tile of W in registers, loaded before the PDL wait; by default not where ``persistent`` asks
-    for the other kernel's grid."""
+    for the other kernel's grid. ``acc`` (float32, ``x``'s shape) with ``h_out``: the input is ``x + acc``, rounded
+    as a GEMV's residual add (a sum of products accumulated by :mod:`hylo.ops.decode_attn_out`), and is written
+    to ``h_out``; the preloading kernel only."""
     if triton is None:
         raise RuntimeError("hylo.ops.gemv needs Triton")
+    if acc is not None:
+        if swiglu or h_out is None or acc.shape != x.shape or acc.dtype != torch.float32 or h_out.shape != x.shape \
+                or h_out.dtype != x.dtype or not (acc.is_contiguous() and h_out.is_contiguous()):
+            raise ValueError("gemv_direct: acc must be float32 and h_out of x's dtype, both contiguous and of x's "
+                             "shape (no swiglu)")
+        if not preload_fits(weight.shape[-1]):
+            raise ValueError(f"gemv_direct: acc needs the preloading kernel; rows of {weight.shape[-1]} do not fit")
+        return _launch_preload(x, weight, bias, norm_weight, eps, residual, swiglu, pdl, acc, h_out)
     if preload is None:
         preload = preload_applies(weight.shape[-1]) and not persistent
     if preload and preload_fits(weight.shape[-1]):
@@ -364,7 +382,8 @@ def gemv_direct(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return _launch(x, weight, bias, norm_weight, eps, residual, swiglu, pdl, lambda k: k, persistent)
 
 
-def _launch_preload(x, weight, bias, norm_weight, eps, residual, swiglu, pdl: bool) -> torch.Tensor:
+def _launch_preload(x, weight, bias, norm_weight, eps, residual, swiglu, pdl: bool, acc=None,
+                    h_out=None) -> torch.Tensor:
     """Check, allocate and launch the preloading kernel: one program per ``BN`` outputs, all rows of ``x``."""
     _check(x, weight, bias, norm_weight, residual, swiglu)
     M, (N, K) = x.shape[0], weight.shape
@@ -376,9 +395,10 @@ def _launch_preload(x, weight, bias, norm_weight, eps, residual, swiglu, pdl: bo
     if pdl and not interp:
         cfg["launch_pdl"] = True
     _jit_pre(interp)[lambda meta: (triton.cdiv(N, meta["BN"]),)](
-        x, weight, b, y, nw, r, M, N, float(eps), K, triton.next_power_of_2(K), 2 * K if swiglu else K,
-        HAS_BIAS=bias is not None, NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
-        PDL=pdl and not interp, INTERP=interp, **cfg)
+        x, weight, b, y, nw, r, x if acc is None else acc, x if h_out is None else h_out, M, N, float(eps), K,
+        triton.next_power_of_2(K), 2 * K if swiglu else K, HAS_BIAS=bias is not None, NORM=norm_weight is not None,
+        SWIGLU=swiglu, RESIDUAL=residual is not None, ACC=acc is not None, PDL=pdl and not interp, INTERP=interp,
+        **cfg)
     return y
 
 
