@@ -2,8 +2,9 @@ r"""The kernel step's attention with its output projection in one kernel (``HYLO
 ``hylo.ops.decode_attn_out``) against the chain of kernels it replaces: checked and timed in one process.
 
 For a Qwen3-0.6B-shaped model (random weights, bf16, batch 1) at each ``--caches`` length: the default kernel step
-(split attention, combine, output GEMV), then each ``--variants`` entry ``BLOCK/TILE/WARPS`` of the fused kernel
-(slots per block, weights per tile, warps). Per entry:
+(split attention, combine, output GEMV), then each ``--variants`` entry: ``ao:BLOCK/TILE/WARPS`` the fused kernel
+(slots per block, weights per tile, warps), ``ffn`` the FFN's down projection split over K into a float32 sum
+(``HYLO_STEP_FFN_SPLIT``), ``+``-joined. Per entry:
 
 - check: ``--check-steps`` steps fed the same tokens from position 0, logits against the chain's (max abs
   difference, and whether the argmax agrees at every step), and greedy decoding from the same start (the steps
@@ -44,16 +45,30 @@ from hylo.profile.report import environment  # noqa: E402
 ON = {"HYLO_KERNEL_STEP": "on", "HYLO_GEMV": "on"}
 
 
-def parse_variants(spec: str) -> list[tuple[int, int, int]]:
+def parse_variants(spec: str) -> list[tuple[str, tuple[int, int, int] | None, bool]]:
+    """``--variants`` -> ``(name, (block, tile, warps) of the fused attention or None, FFN split)`` per entry:
+    ``+``-joined ``ao`` (``HYLO_STEP_ATTN_OUT=on`` at the module's defaults), ``ao:BLOCK/TILE/WARPS`` and ``ffn``
+    (``HYLO_STEP_FFN_SPLIT=on``)."""
     out = []
     for v in (v.strip() for v in spec.split(",") if v.strip()):
-        try:
-            block, tile, warps = (int(x) for x in v.split("/"))
-        except ValueError:
-            raise SystemExit(f"--variants: {v!r} is not BLOCK/TILE/WARPS (e.g. 64/16384/8)") from None
-        if block < 16 or block & (block - 1) or tile & (tile - 1) or warps not in (1, 2, 4, 8, 16):
-            raise SystemExit(f"--variants: {v!r}: BLOCK and TILE powers of two (BLOCK >= 16), WARPS in 1..16")
-        out.append((block, tile, warps))
+        ao, ffn = None, False
+        for part in v.split("+"):
+            if part == "ffn":
+                ffn = True
+            elif part == "ao":
+                ao = (dao.BLOCK, dao.TILE_ELEMS, dao.WARPS)
+            elif part.startswith("ao:"):
+                try:
+                    ao = tuple(int(x) for x in part[3:].split("/"))
+                    block, tile, warps = ao
+                except ValueError:
+                    raise SystemExit(f"--variants: {part!r} is not ao:BLOCK/TILE/WARPS (e.g. ao:64/8192/4)") from None
+                if block < 16 or block & (block - 1) or tile & (tile - 1) or warps not in (1, 2, 4, 8, 16):
+                    raise SystemExit(f"--variants: {part!r}: BLOCK and TILE powers of two (BLOCK >= 16), WARPS 1..16")
+            else:
+                raise SystemExit(f"--variants: unknown part {part!r} in {v!r} (ao, ao:B/T/W, ffn)")
+        name = "+".join(([f"ao_{ao[0]}_{ao[1]}_{ao[2]}"] if ao else []) + (["ffn"] if ffn else []))
+        out.append((name, ao, ffn))
     return out
 
 
@@ -75,7 +90,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results/attn-out.json")
     ap.add_argument("--caches", type=int, nargs="+", default=[80, 2048])
-    ap.add_argument("--variants", default="64/16384/8,128/16384/8,64/8192/8,64/16384/4")
+    ap.add_argument("--variants", default="ao:64/8192/4,ffn,ao:64/8192/4+ffn")
     ap.add_argument("--start", type=int, default=16)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--check-steps", type=int, default=16)
@@ -107,15 +122,18 @@ def main():
     saved = dao.BLOCK, dao.TILE_ELEMS, dao.WARPS
     for L in args.caches:
         base = None
-        for name, var in [("chain", None)] + [(f"attn_out_{b}_{t}_{w}", (b, t, w)) for b, t, w in variants]:
+        for name, var, ffn in [("chain", None, False)] + variants:
             key = f"{name}_cache{L}"
             try:
                 if var:
                     dao.BLOCK, dao.TILE_ELEMS, dao.WARPS = var
-                with switched({**ON, "HYLO_STEP_ATTN_OUT": "on" if var else "off"}), torch.no_grad():
+                sw = {**ON, "HYLO_STEP_ATTN_OUT": "on" if var else "off", "HYLO_STEP_FFN_SPLIT": "on" if ffn else "off"}
+                with switched(sw), torch.no_grad():
                     runner = DecodeRunner(hy, 1, L, cuda_graph=graphs)
-                    rec = {"cache_len": L, "variant": dict(zip(("block", "tile", "warps"), var)) if var else None,
-                           "kernel_step": runner.kernel_step, "attn_out": runner.attn_out_ws is not None,
+                    ws = runner.sums_ws
+                    rec = {"cache_len": L, "attn_out": dict(zip(("block", "tile", "warps"), var)) if var else None,
+                           "switches": sw, "kernel_step": runner.kernel_step,
+                           "sums": {"attn": ws["attn"], "ffn": ws["ffn"]} if ws else None,
                            "pdl": runner.pdl, "graphed": runner.graphed}
                     lg = logits_run(runner, feed, dev)
                     gr = greedy(runner, args.greedy_steps, dev)

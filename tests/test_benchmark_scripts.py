@@ -113,11 +113,12 @@ def test_qwen3_vs_transformers_smoke(tmp_path):
 def test_attn_out_check_smoke(tmp_path):
     """The fused attention + output projection's GPU check, on the CPU (interpreter): checked against the chain."""
     out = tmp_path / "ao.json"
-    _run(["benchmarks/attn_out_check.py", "--smoke", "--out", str(out), "--variants", "64/16384/8"])
+    _run(["benchmarks/attn_out_check.py", "--smoke", "--out", str(out), "--variants", "ao:64/16384/8+ffn"])
     res = json.loads(out.read_text())
-    assert not res["errors"] and set(res["results"]) == {"chain_cache24", "attn_out_64_16384_8_cache24"}
-    rec = res["results"]["attn_out_64_16384_8_cache24"]
-    assert rec["attn_out"] and rec["kernel_step"] and not res["results"]["chain_cache24"]["attn_out"]
+    assert not res["errors"] and set(res["results"]) == {"chain_cache24", "ao_64_16384_8+ffn_cache24"}
+    rec = res["results"]["ao_64_16384_8+ffn_cache24"]
+    assert rec["sums"] == {"attn": True, "ffn": True} and rec["kernel_step"]
+    assert res["results"]["chain_cache24"]["sums"] is None
     assert rec["check"]["max_abs_logit_diff"] < 1e-4 and rec["check"]["argmax_agrees"]
 
 

@@ -69,6 +69,25 @@ def test_gemv_adds_the_pending_sum_first(interp, dtype):
         G.gemv_direct(x, w, None, nw, 1e-6, acc=acc[:1], h_out=h_out)
 
 
+@pytest.mark.parametrize("K,swiglu,bias", [(48, True, True), (40, False, False), (64, False, True)])
+def test_gemv_into_a_float32_sum(interp, K, swiglu, bias):
+    """``out_acc``: the products (SwiGLU of the input, bias) are added into a float32 sum, K split in chunks of
+    its largest power-of-two divisor (48: 3 of 16; 40: 5 of 8 is too small and refused; 64: one)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 2 * K if swiglu else K, generator=g)
+    w, b = torch.randn(20, K, generator=g), (torch.randn(20, generator=g) if bias else None)
+    start = torch.randn(2, 20, generator=g)
+    out = start.clone()
+    if G.split_chunk(K) < 16:
+        with pytest.raises(ValueError, match="chunks"):
+            G.gemv_direct(x, w, b, swiglu=swiglu, out_acc=out)
+        return
+    assert G.gemv_direct(x, w, b, swiglu=swiglu, out_acc=out) is out
+    torch.testing.assert_close(out, start + G.gemv_ref(x, w, b, swiglu=swiglu), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="out_acc"):
+        G.gemv_direct(x, w, b, swiglu=swiglu, out_acc=out, residual=start)
+
+
 def test_attn_out_checks_its_inputs(interp):
     qkv, qn, kn, f, kc, vc, pos, w, b, _ = _case(torch.float32, True, False, False)
     acc = torch.zeros(2, 20)
@@ -80,11 +99,13 @@ def test_attn_out_checks_its_inputs(interp):
         dao.decode_attn_out(qkv, 4, qn, None, 1e-6, f, kc, vc, pos, False, w, b, acc)
 
 
-@pytest.mark.parametrize("layers", ["a f swa f", "a swa f a"])
-def test_kernel_step_with_attn_out_same_logits_as_the_runner_step(interp, monkeypatch, layers):
-    """The kernel step with HYLO_STEP_ATTN_OUT=on (attention, a wrapping sliding window, FFN, meta tokens; rows
-    at different positions): 7 steps give the usual step's logits and caches (float32). In ``a swa f a`` the
-    sliding window's q/k/v GEMV adds attention's sum, and the last block (attention) is the chain's."""
+@pytest.mark.parametrize("layers,attn_out,ffn_split", [("a f swa f", "on", "off"), ("a swa f a", "on", "on"),
+                                                      ("a f f swa f", "off", "on")])
+def test_kernel_step_with_sums_same_logits_as_the_runner_step(interp, monkeypatch, layers, attn_out, ffn_split):
+    """The kernel step with blocks that leave float32 sums (HYLO_STEP_ATTN_OUT, HYLO_STEP_FFN_SPLIT; attention, a
+    wrapping sliding window, FFN, meta tokens; rows at different positions): 7 steps give the usual step's logits
+    and caches (float32). In ``a swa f a`` the sliding window's q/k/v GEMV adds attention's sum, and the last block
+    (attention) is the chain's; in ``a f f swa f`` an FFN adds the FFN's sum before it."""
     from test_kernel_step import _attn_ffn_model
 
     monkeypatch.setattr(dattn, "MIN_SPLIT", 8)
@@ -95,9 +116,11 @@ def test_kernel_step_with_attn_out_same_logits_as_the_runner_step(interp, monkey
             ref_runner = DecodeRunner(model, 2, 40)
         ref_runner.set_positions([0, 20])
         ref = [ref_runner.step(t) for t in ids]
-        with kernel_step.kernel_step_mode("on"), kernel_step.step_attn_out_mode("on"):
+        with kernel_step.kernel_step_mode("on"), kernel_step.step_attn_out_mode(attn_out), \
+                kernel_step.step_ffn_split_mode(ffn_split):
             runner = DecodeRunner(model, 2, 40)
-        assert runner.kernel_step and runner.attn_out_ws is not None
+        ws = runner.sums_ws
+        assert runner.kernel_step and ws["attn"] == (attn_out == "on") and ws["ffn"] == (ffn_split == "on")
         runner.set_positions([0, 20])
         got = [runner.step(t) for t in ids]
     for a, b in zip(got, ref):
@@ -106,7 +129,7 @@ def test_kernel_step_with_attn_out_same_logits_as_the_runner_step(interp, monkey
         for name in st:
             torch.testing.assert_close(st[name], st_ref[name], rtol=1e-5, atol=1e-5)
         with kernel_step.kernel_step_mode("on"):
-            assert DecodeRunner(model, 2, 40).attn_out_ws is None  # off by default
+            assert DecodeRunner(model, 2, 40).sums_ws is None  # off by default
 
 
 def test_attn_out_compiles_for_sm90_with_pdl():

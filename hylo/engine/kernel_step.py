@@ -94,6 +94,9 @@ set_kernel_step, get_kernel_step, kernel_step_mode = _SWITCH.set, _SWITCH.get, _
 # attention and the output projection in one kernel (hylo.ops.decode_attn_out) instead of split, combine, GEMV
 _ATTN_OUT = Choice("kernel step's attention with its output projection", "HYLO_STEP_ATTN_OUT", ("off", "on"), "off")
 set_step_attn_out, get_step_attn_out, step_attn_out_mode = _ATTN_OUT.set, _ATTN_OUT.get, _ATTN_OUT.use
+# the FFN's down projection split over K, its products added into a float32 sum for the next block to add
+_FFN_SPLIT = Choice("kernel step's FFN down projection into a sum", "HYLO_STEP_FFN_SPLIT", ("off", "on"), "off")
+set_step_ffn_split, get_step_ffn_split, step_ffn_split_mode = _FFN_SPLIT.set, _FFN_SPLIT.get, _FFN_SPLIT.use
 
 
 def head_size_ok(hd: int) -> bool:
@@ -146,15 +149,22 @@ def frequencies(model) -> dict[int, torch.Tensor]:
             if isinstance(b.mixer, Attention)}
 
 
-def workspace(model, batch_size: int) -> torch.Tensor | None:
-    """Where ``HYLO_STEP_ATTN_OUT=on`` (read here, when a runner builds its step) and the preloading GEMV takes
-    rows of the hidden size (it adds the sums in): one float32 sum ``[B, hidden]`` per layer, for
-    :func:`hylo.ops.decode_attn_out.decode_attn_out`, zeroed at the start of each step; else ``None``."""
+def workspace(model, batch_size: int) -> dict | None:
+    """The float32 sums that blocks leave for the next block's first GEMV to add (:func:`first_gemv`), where
+    ``HYLO_STEP_ATTN_OUT`` (attention and its output projection as one kernel,
+    :func:`hylo.ops.decode_attn_out.decode_attn_out`) or ``HYLO_STEP_FFN_SPLIT`` (the FFN's down projection split
+    over K into the sum) is on (read here, when a runner builds its step) and the preloading GEMV takes rows of the
+    hidden size: ``{"sums": [layers, B, hidden] float32, "attn": bool, "ffn": bool}``, the sums zeroed at the start
+    of each step; else ``None``."""
     D = model.embed_tokens.weight.shape[1]
-    if _ATTN_OUT.value != "on" or not G.preload_applies(D) or not any(isinstance(b.mixer, Attention)
-                                                                     for b in model.layers[:-1]):
+    attn = _ATTN_OUT.value == "on" and any(isinstance(b.mixer, Attention) for b in model.layers[:-1])
+    ffn = _FFN_SPLIT.value == "on" and all(G.split_chunk(b.mixer.down_proj.weight.shape[1]) >= 16
+                                           for b in model.layers[:-1] if isinstance(b.mixer, SwiGLU)) \
+        and any(isinstance(b.mixer, SwiGLU) for b in model.layers[:-1])
+    if not (attn or ffn) or not G.preload_applies(D):
         return None
-    return torch.zeros(len(model.layers), batch_size, D, dtype=torch.float32, device=model.embed_tokens.weight.device)
+    sums = torch.zeros(len(model.layers), batch_size, D, dtype=torch.float32, device=model.embed_tokens.weight.device)
+    return {"sums": sums, "attn": attn, "ffn": ffn}
 
 
 def gemv_launcher(pdl: bool, persistent: bool = False):
@@ -171,21 +181,26 @@ def first_gemv(gemv, h: torch.Tensor, acc: torch.Tensor | None, lin, norm):
     return gemv(h, lin.weight, lin.bias, norm.weight, norm.eps, acc=acc, h_out=h_in), h_in
 
 
-def ffn_block(block, h: torch.Tensor, gemv, acc: torch.Tensor | None = None) -> torch.Tensor:
-    """An FFN block: ``h + down(SwiGLU(gate_up(norm(h))))`` as two GEMVs (pre-norm, then SwiGLU and residual);
-    ``acc``: see :func:`first_gemv`."""
+def ffn_block(block, h: torch.Tensor, gemv, acc: torch.Tensor | None = None,
+              out_acc: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An FFN block: ``h + down(SwiGLU(gate_up(norm(h))))`` as two GEMVs (pre-norm, then SwiGLU and residual):
+    ``(output, None)``. ``acc``: see :func:`first_gemv`. With ``out_acc`` (a zero float32 ``[B, D]``) the down
+    projection is added into it instead (split over K, no residual): ``(block input, out_acc)``."""
     n, m = block.norm, block.mixer
     gu, h = first_gemv(gemv, h, acc, m.gate_up_proj, n)
-    return gemv(gu, m.down_proj.weight, m.down_proj.bias, residual=h, swiglu=True)
+    if out_acc is not None:
+        return h, gemv(gu, m.down_proj.weight, m.down_proj.bias, swiglu=True, out_acc=out_acc)
+    return gemv(gu, m.down_proj.weight, m.down_proj.bias, residual=h, swiglu=True), None
 
 
 def attn_block(block, h: torch.Tensor, st: dict, pos: torch.Tensor, inv_freq: torch.Tensor, gemv,
-               pdl: bool, acc: torch.Tensor | None = None, out_acc: torch.Tensor | None = None):
+               pdl: bool, acc: torch.Tensor | None = None,
+               out_acc: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """An attention block: q/k/v GEMV (pre-norm), attention with its q/k/v preparation and cache write, output
-    GEMV (residual). ``h [B, D]``; writes the new key and value at ``pos``. ``acc``: see :func:`first_gemv`.
-    With ``out_acc`` (a zero float32 ``[B, D]``) everything after the q/k/v GEMV is one kernel
-    (:func:`hylo.ops.decode_attn_out.decode_attn_out`) that leaves the output projection in ``out_acc``: returns
-    ``(block input, out_acc)`` for the next block's first GEMV to add; else the block's output."""
+    GEMV (residual): ``(output, None)``. ``h [B, D]``; writes the new key and value at ``pos``. ``acc``: see
+    :func:`first_gemv`. With ``out_acc`` (a zero float32 ``[B, D]``) everything after the q/k/v GEMV is one kernel
+    (:func:`hylo.ops.decode_attn_out.decode_attn_out`) that leaves the output projection in ``out_acc``:
+    ``(block input, out_acc)`` for the next block's first GEMV to add."""
     n, m = block.norm, block.mixer
     qkv, h = first_gemv(gemv, h, acc, m.qkv_proj, n)
     qn, kn = (m.q_norm.weight, m.k_norm.weight) if m.qk_norm else (None, None)
@@ -195,7 +210,7 @@ def attn_block(block, h: torch.Tensor, st: dict, pos: torch.Tensor, inv_freq: to
                                       m.window is not None, m.o_proj.weight, m.o_proj.bias, out_acc, pdl)
     o = dattn.decode_qkv_attention(qkv, m.num_heads, qn, kn, eps, inv_freq, st["k"], st["v"], pos,
                                    ring=m.window is not None, pdl=pdl)
-    return gemv(o.view(h.shape[0], -1), m.o_proj.weight, m.o_proj.bias, residual=h)
+    return gemv(o.view(h.shape[0], -1), m.o_proj.weight, m.o_proj.bias, residual=h), None
 
 
 def head_logits(h: torch.Tensor, head: torch.Tensor, norm, gemv) -> torch.Tensor:
@@ -205,25 +220,25 @@ def head_logits(h: torch.Tensor, head: torch.Tensor, norm, gemv) -> torch.Tensor
 
 def step(model, tokens: torch.Tensor, states, pos: torch.Tensor, head: torch.Tensor,
          freqs: dict[int, torch.Tensor], pdl: bool, persistent: bool = False,
-         ws: torch.Tensor | None = None) -> torch.Tensor:
+         ws: dict | None = None) -> torch.Tensor:
     """One decode step: ``tokens [B]`` -> logits ``[B, vocab]``; writes the caches and advances ``pos``. ``pdl``:
     launch every kernel with PDL; ``persistent``: the GEMVs on persistent grids (``HYLO_PDL=persistent``; under the
     interpreter it shrinks their grids even without PDL, so CPU tests cover that indexing); ``ws``
-    (:func:`workspace`): each attention block but a last one as its q/k/v GEMV and one kernel of attention and
-    output projection, whose sum the next block's first GEMV adds."""
+    (:func:`workspace`): blocks but the last leave their output projection as a float32 sum that the next block's
+    first GEMV adds (attention blocks with ``ws["attn"]``, FFN blocks with ``ws["ffn"]``)."""
     gemv = gemv_launcher(pdl, persistent)
     if ws is not None:
-        ws.zero_()
+        ws["sums"].zero_()
     h = F.embedding(tokens.view(-1), model.embed_tokens.weight)  # [B, D]
-    acc = None  # the float32 output projection an attention block left for the next block to add
+    acc = None  # the float32 sum the block before left for this one to add
     last = len(model.layers) - 1
     for i, (block, st) in enumerate(zip(model.layers, states)):
-        if isinstance(block.mixer, SwiGLU):
-            h, acc = ffn_block(block, h, gemv, acc), None
-        elif ws is not None and i < last:
-            h, acc = attn_block(block, h, st, pos, freqs[i], gemv, pdl, acc, ws[i])
+        ffn = isinstance(block.mixer, SwiGLU)
+        out = ws["sums"][i] if ws is not None and i < last and ws["ffn" if ffn else "attn"] else None
+        if ffn:
+            h, acc = ffn_block(block, h, gemv, acc, out)
         else:
-            h, acc = attn_block(block, h, st, pos, freqs[i], gemv, pdl, acc), None
+            h, acc = attn_block(block, h, st, pos, freqs[i], gemv, pdl, acc, out)
     logits = head_logits(h, head, model.norm, gemv)
     pos.add_(1)
     return logits

@@ -209,13 +209,13 @@ class DecodeRunner:
         linear = gemv.linear if self.gemv else torch.nn.functional.linear
         # HYLO_KERNEL_STEP=on: the whole step as hylo's own Triton kernels (PDL-chained), never compiled
         self.kernel_step = kernel_step.enabled(model, self.batch_size, head, self.gemv)
-        self.attn_out_ws = None  # HYLO_STEP_ATTN_OUT's buffers, where the kernel step takes it
+        self.sums_ws = None  # the kernel step's float32 sums (HYLO_STEP_ATTN_OUT, HYLO_STEP_FFN_SPLIT), where taken
         self.pdl = self.kernel_step and pdl.enabled(self.device)
         self.fused = (not self.kernel_step and self.gemv and fused.enabled(model, self.batch_size)
                       and head.is_contiguous() and head.dtype == model.embed_tokens.weight.dtype)
         if self.kernel_step:
             freqs, persistent = kernel_step.frequencies(model), pdl.persistent()
-            ws = self.attn_out_ws = kernel_step.workspace(model, self.batch_size)
+            ws = self.sums_ws = kernel_step.workspace(model, self.batch_size)
             return lambda tokens: kernel_step.step(model, tokens, states, pos, head, freqs, self.pdl, persistent, ws)
         plan = [fused.fusable(b) for b in model.layers]
 

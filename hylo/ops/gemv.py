@@ -174,19 +174,22 @@ if triton is not None:
 
     def _gemv_pre_kernel(x, w, b, y, nw, r, acc, h_out, M, N, eps, K: tl.constexpr, KP: tl.constexpr,
                          XK: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
-                         RESIDUAL: tl.constexpr, ACC: tl.constexpr, PDL: tl.constexpr, INTERP: tl.constexpr,
-                         BN: tl.constexpr):
+                         RESIDUAL: tl.constexpr, ACC: tl.constexpr, S: tl.constexpr, OUT_ACC: tl.constexpr,
+                         PDL: tl.constexpr, INTERP: tl.constexpr, BN: tl.constexpr):
         # The preloading GEMV (HYLO_GEMV_PRELOAD): one tile of BN outputs per program, whole rows (K, padded to
         # KP), for every row of x. Its weights (and the norm's weights and the bias) are loaded into registers
         # before the PDL wait, while the kernel before it still runs, so what follows the wait is one load of x,
         # the products and the store: no read of W on the step's critical path. Same fusions and roundings as
         # _gemv_kernel. ACC: x is a residual stream waiting for a float32 sum of products (acc [M, K], the output
         # projection that hylo.ops.decode_attn_out accumulates): the input is x + acc rounded as a GEMV's output
-        # with its residual, and program 0 writes it to h_out (the next residual).
+        # with its residual, and the first tile's programs write it to h_out (the next residual). S > 1: K split
+        # in S chunks of KP (program pid: tile pid // S, chunk pid % S). OUT_ACC: the products (and the bias, by
+        # chunk 0) are added into the float32 y with atomics, for the next GEMV to add (ACC) as above.
         pid = tl.program_id(0)
-        rows = pid * BN + tl.arange(0, BN)
+        tile, chunk = pid // S, pid % S
+        rows = tile * BN + tl.arange(0, BN)
         m_n = rows < N
-        cols = tl.arange(0, KP)
+        cols = chunk * KP + tl.arange(0, KP)
         m_k = cols < K
         dt = x.dtype.element_ty
         wt = tl.load(w + rows[:, None].to(tl.int64) * K + cols[None, :], mask=m_n[:, None] & m_k[None, :],
@@ -209,16 +212,19 @@ if triton is not None:
             if ACC:
                 a = tl.load(acc + i_m * K + cols, mask=m_k, other=0.0)
                 xk = (a.to(dt).to(tl.float32) + xk).to(dt).to(tl.float32)
-                tl.store(h_out + i_m * K + cols, xk.to(dt), mask=m_k & (pid == 0))
+                tl.store(h_out + i_m * K + cols, xk.to(dt), mask=m_k & (tile == 0))
             if NORM:
                 var = (tl.reduce(xk * xk, 0, tl.standard._sum_combine) / K + eps).to(tl.float32)
                 xk = ((xk * (1.0 / tl.sqrt(var))).to(dt).to(tl.float32) * nwk).to(dt).to(tl.float32)
             out = tl.reduce(wt.to(tl.float32) * xk[None, :], 1, tl.standard._sum_combine)
             if HAS_BIAS:
-                out += bias
-            if RESIDUAL:
-                out = out.to(dt).to(tl.float32) + tl.load(r + i_m * N + rows, mask=m_n, other=0.0).to(tl.float32)
-            tl.store(y + i_m * N + rows, out.to(y.dtype.element_ty), mask=m_n)
+                out += tl.where(chunk == 0, bias, 0.0)
+            if OUT_ACC:
+                tl.atomic_add(y + i_m * N + rows, out, mask=m_n, sem="relaxed", scope="gpu")
+            else:
+                if RESIDUAL:
+                    out = out.to(dt).to(tl.float32) + tl.load(r + i_m * N + rows, mask=m_n, other=0.0).to(tl.float32)
+                tl.store(y + i_m * N + rows, out.to(y.dtype.element_ty), mask=m_n)
 
     # preloading candidates: a tile of at most PRELOAD_ELEMS weights held in registers
     _PRE_CONFIGS = [triton.Config({"BN": bn}, num_warps=nw) for bn in (1, 2, 4, 8, 16, 32) for nw in (4, 8, 16)]
@@ -250,9 +256,11 @@ def _pre_prune(configs, named_args, **kwargs):
 @functools.lru_cache(maxsize=None)
 def _jit_pre(interpret: bool):
     k = triton.jit(_gemv_pre_kernel)
+    # restore_value: timing a config adds into an OUT_ACC output, which the autotuner puts back after each
     return k if interpret else triton.autotune(configs=_PRE_CONFIGS, key=["M", "N", "K", "HAS_BIAS", "NORM", "SWIGLU",
-                                                                          "RESIDUAL", "ACC", "PDL"],
-                                               prune_configs_by={"early_config_prune": _pre_prune})(k)
+                                                                          "RESIDUAL", "ACC", "S", "OUT_ACC", "PDL"],
+                                               prune_configs_by={"early_config_prune": _pre_prune},
+                                               restore_value=["y"])(k)
 
 
 def preload_fits(K: int) -> bool:
@@ -356,7 +364,7 @@ def gemv_direct(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 norm_weight: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
                 swiglu: bool = False, pdl: bool = False, persistent: bool = False,
                 preload: bool | None = None, acc: torch.Tensor | None = None,
-                h_out: torch.Tensor | None = None) -> torch.Tensor:
+                h_out: torch.Tensor | None = None, out_acc: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`gemv` launched directly, outside torch's op machinery (``hylo.engine.kernel_step``): with ``pdl``
     the launch may overlap the kernel before it (Hopper and later; ignored under the interpreter), and with
     ``persistent`` too its grid is capped at :func:`max_programs` so that all of it prefetches early; ``preload``
@@ -364,9 +372,21 @@ def gemv_direct(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     program holds its tile of W in registers, loaded before the PDL wait; by default not where ``persistent`` asks
     for the other kernel's grid. ``acc`` (float32, ``x``'s shape) with ``h_out``: the input is ``x + acc``, rounded
     as a GEMV's residual add (a sum of products accumulated by :mod:`hylo.ops.decode_attn_out`), and is written
-    to ``h_out``; the preloading kernel only."""
+    to ``h_out``; ``out_acc`` (float32 ``[M, N]``): the products (and the bias) are added into it with atomics
+    instead of returned (no residual), K split into chunks of its largest power-of-two divisor (at most
+    :data:`PRELOAD_ELEMS`), for a next GEMV's ``acc``; returns ``out_acc``. Both take the preloading kernel only."""
     if triton is None:
         raise RuntimeError("hylo.ops.gemv needs Triton")
+    if out_acc is not None:
+        M, N = x.shape[0], weight.shape[0]
+        if out_acc.shape != (M, N) or out_acc.dtype != torch.float32 or not out_acc.is_contiguous() \
+                or residual is not None or norm_weight is not None or acc is not None:
+            raise ValueError(f"gemv_direct: out_acc must be float32 [{M}, {N}] contiguous, without residual, norm "
+                             "or acc")
+        if split_chunk(weight.shape[-1]) < 16:
+            raise ValueError(f"gemv_direct: out_acc splits K = {weight.shape[-1]} in power-of-two chunks of at "
+                             "least 16")
+        return _launch_preload(x, weight, bias, None, eps, None, swiglu, pdl, out_acc=out_acc)
     if acc is not None:
         if swiglu or h_out is None or acc.shape != x.shape or acc.dtype != torch.float32 or h_out.shape != x.shape \
                 or h_out.dtype != x.dtype or not (acc.is_contiguous() and h_out.is_contiguous()):
@@ -382,23 +402,32 @@ def gemv_direct(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return _launch(x, weight, bias, norm_weight, eps, residual, swiglu, pdl, lambda k: k, persistent)
 
 
+def split_chunk(K: int) -> int:
+    """The chunk of K that ``out_acc`` products take: K's largest power-of-two divisor, at most
+    :data:`PRELOAD_ELEMS`."""
+    return min(K & -K, PRELOAD_ELEMS)
+
+
 def _launch_preload(x, weight, bias, norm_weight, eps, residual, swiglu, pdl: bool, acc=None,
-                    h_out=None) -> torch.Tensor:
-    """Check, allocate and launch the preloading kernel: one program per ``BN`` outputs, all rows of ``x``."""
+                    h_out=None, out_acc=None) -> torch.Tensor:
+    """Check, allocate and launch the preloading kernel: one program per ``BN`` outputs (and chunk of K with
+    ``out_acc``), all rows of ``x``."""
     _check(x, weight, bias, norm_weight, residual, swiglu)
     M, (N, K) = x.shape[0], weight.shape
     x = x.contiguous()
-    y = x.new_empty(M, N)
+    y = x.new_empty(M, N) if out_acc is None else out_acc
+    kp = triton.next_power_of_2(K) if out_acc is None else split_chunk(K)
+    chunks = -(-K // kp)
     interp = triton_interpreting()
     b, nw, r = _optional_inputs(x, bias, norm_weight, residual)
     cfg = {"BN": _INTERP_PRE_BN} if interp else {}
     if pdl and not interp:
         cfg["launch_pdl"] = True
-    _jit_pre(interp)[lambda meta: (triton.cdiv(N, meta["BN"]),)](
+    _jit_pre(interp)[lambda meta: (triton.cdiv(N, meta["BN"]) * chunks,)](
         x, weight, b, y, nw, r, x if acc is None else acc, x if h_out is None else h_out, M, N, float(eps), K,
-        triton.next_power_of_2(K), 2 * K if swiglu else K, HAS_BIAS=bias is not None, NORM=norm_weight is not None,
-        SWIGLU=swiglu, RESIDUAL=residual is not None, ACC=acc is not None, PDL=pdl and not interp, INTERP=interp,
-        **cfg)
+        kp, 2 * K if swiglu else K, HAS_BIAS=bias is not None, NORM=norm_weight is not None, SWIGLU=swiglu,
+        RESIDUAL=residual is not None, ACC=acc is not None, S=chunks, OUT_ACC=out_acc is not None,
+        PDL=pdl and not interp, INTERP=interp, **cfg)
     return y
 
 
