@@ -142,10 +142,10 @@ class KernelBlockPiece(nn.Module):
         on = pdl.enabled(x.device)
         gemv = K.gemv_launcher(on, pdl.persistent())
         if not self.attention:
-            return K.ffn_block(self, x, gemv)
+            return K.ffn_block(self, x, gemv)[0]
         if self._freq is None:
             self._freq = inv_freq(self.mixer.head_dim, self.mixer.rope_theta, x.device)
-        return K.attn_block(self, x, state, pos, self._freq, gemv, on)
+        return K.attn_block(self, x, state, pos, self._freq, gemv, on)[0]
 
     def init_state(self, batch_size, cache_len, device=None, dtype=None):
         return self.mixer.init_state(batch_size, cache_len, device=device, dtype=dtype) if self.attention else {}
