@@ -3,7 +3,8 @@ r"""The kernel step's attention with its output projection in one kernel (``HYLO
 
 For a Qwen3-0.6B-shaped model (random weights, bf16, batch 1) at each ``--caches`` length: the default kernel step
 (split attention, combine, output GEMV), then each ``--variants`` entry: ``ao:BLOCK/TILE/WARPS`` the fused kernel
-(slots per block, weights per tile, warps), ``ffn`` the FFN's down projection split over K into a float32 sum
+(slots per block, weights per tile, warps; ``HYLO_STEP_ATTN_OUT=fused``), ``split`` the split attention whose
+partials the projection's kernel merges (``HYLO_STEP_ATTN_OUT=on``), ``ffn`` the FFN's down projection split over K into a float32 sum
 (``HYLO_STEP_FFN_SPLIT``), ``+``-joined. Per entry:
 
 - check: ``--check-steps`` steps fed the same tokens from position 0, logits against the chain's (max abs
@@ -45,16 +46,18 @@ from hylo.profile.report import environment  # noqa: E402
 ON = {"HYLO_KERNEL_STEP": "on", "HYLO_GEMV": "on"}
 
 
-def parse_variants(spec: str) -> list[tuple[str, tuple[int, int, int] | None, bool]]:
-    """``--variants`` -> ``(name, (block, tile, warps) of the fused attention or None, FFN split)`` per entry:
-    ``+``-joined ``ao`` (``HYLO_STEP_ATTN_OUT=on`` at the module's defaults), ``ao:BLOCK/TILE/WARPS`` and ``ffn``
-    (``HYLO_STEP_FFN_SPLIT=on``)."""
+def parse_variants(spec: str) -> list[tuple[str, tuple[int, int, int] | None, bool, bool]]:
+    """``--variants`` -> ``(name, (block, tile, warps) of the fused attention or None, FFN split, split
+    attention's sum)`` per entry: ``+``-joined ``ao`` (``HYLO_STEP_ATTN_OUT=fused`` at the module's defaults),
+    ``ao:BLOCK/TILE/WARPS``, ``split`` (``HYLO_STEP_ATTN_OUT=on``) and ``ffn`` (``HYLO_STEP_FFN_SPLIT=on``)."""
     out = []
     for v in (v.strip() for v in spec.split(",") if v.strip()):
-        ao, ffn = None, False
+        ao, ffn, split = None, False, False
         for part in v.split("+"):
             if part == "ffn":
                 ffn = True
+            elif part == "split":
+                split = True
             elif part == "ao":
                 ao = (dao.BLOCK, dao.TILE_ELEMS, dao.WARPS)
             elif part.startswith("ao:"):
@@ -66,9 +69,12 @@ def parse_variants(spec: str) -> list[tuple[str, tuple[int, int, int] | None, bo
                 if block < 16 or block & (block - 1) or tile & (tile - 1) or warps not in (1, 2, 4, 8, 16):
                     raise SystemExit(f"--variants: {part!r}: BLOCK and TILE powers of two (BLOCK >= 16), WARPS 1..16")
             else:
-                raise SystemExit(f"--variants: unknown part {part!r} in {v!r} (ao, ao:B/T/W, ffn)")
-        name = "+".join(([f"ao_{ao[0]}_{ao[1]}_{ao[2]}"] if ao else []) + (["ffn"] if ffn else []))
-        out.append((name, ao, ffn))
+                raise SystemExit(f"--variants: unknown part {part!r} in {v!r} (ao, ao:B/T/W, split, ffn)")
+        if ao and split:
+            raise SystemExit(f"--variants: {v!r}: ao (fused) and split are two ways of one thing; pick one")
+        name = "+".join(([f"ao_{ao[0]}_{ao[1]}_{ao[2]}"] if ao else []) + (["split"] if split else [])
+                        + (["ffn"] if ffn else []))
+        out.append((name, ao, ffn, split))
     return out
 
 
@@ -90,7 +96,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results/attn-out.json")
     ap.add_argument("--caches", type=int, nargs="+", default=[80, 2048])
-    ap.add_argument("--variants", default="ao:64/8192/4,ffn,ao:64/8192/4+ffn")
+    ap.add_argument("--variants", default="ffn,split+ffn,ao:64/16384/4+ffn")
     ap.add_argument("--start", type=int, default=16)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--check-steps", type=int, default=16)
@@ -122,12 +128,13 @@ def main():
     saved = dao.BLOCK, dao.TILE_ELEMS, dao.WARPS
     for L in args.caches:
         base = None
-        for name, var, ffn in [("chain", None, False)] + variants:
+        for name, var, ffn, split in [("chain", None, False, False)] + variants:
             key = f"{name}_cache{L}"
             try:
                 if var:
                     dao.BLOCK, dao.TILE_ELEMS, dao.WARPS = var
-                sw = {**ON, "HYLO_STEP_ATTN_OUT": "on" if var else "off", "HYLO_STEP_FFN_SPLIT": "on" if ffn else "off"}
+                sw = {**ON, "HYLO_STEP_ATTN_OUT": "fused" if var else "on" if split else "off",
+                      "HYLO_STEP_FFN_SPLIT": "on" if ffn else "off"}
                 with switched(sw), torch.no_grad():
                     runner = DecodeRunner(hy, 1, L, cuda_graph=graphs)
                     ws = runner.sums_ws

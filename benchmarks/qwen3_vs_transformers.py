@@ -207,12 +207,14 @@ SUFFIXES = {"gemv": ("gemv", "on"), "cublas": ("gemv", "off"),  # mode suffix ->
             "nopdl": ("pdl", "off"), "perspdl": ("pdl", "persistent"),
             "blockc": ("compile_scope", "block"), "nokstep": ("kernel_step", "off"),
             "pre": ("gemv_preload", "on"), "nopre": ("gemv_preload", "off"),
-            "noearly": ("attn_early_kv", "off"), "ao": ("step_attn_out", "on")}
+            "noearly": ("attn_early_kv", "off"), "ao": ("step_attn_out", "on"),
+            "aofused": ("step_attn_out", "fused"), "ffnsplit": ("step_ffn_split", "on"),
+            "noao": ("step_attn_out", "off"), "noffnsplit": ("step_ffn_split", "off")}
 # the switches a mode may set (SUFFIXES' first field) -> their environment names (keys of Choice.registry)
 SWITCH_ENV = {"gemv": "HYLO_GEMV", "decode_attn": "HYLO_DECODE_ATTN", "fuse": "HYLO_GEMV_FUSE",
               "kernel_step": "HYLO_KERNEL_STEP", "pdl": "HYLO_PDL", "compile_scope": "HYLO_COMPILE_SCOPE",
               "gemv_preload": "HYLO_GEMV_PRELOAD", "attn_early_kv": "HYLO_ATTN_EARLY_KV",
-              "step_attn_out": "HYLO_STEP_ATTN_OUT"}
+              "step_attn_out": "HYLO_STEP_ATTN_OUT", "step_ffn_split": "HYLO_STEP_FFN_SPLIT"}
 
 
 def cast_keeping_rope(model, dtype) -> None:

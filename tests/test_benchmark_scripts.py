@@ -96,7 +96,8 @@ def test_qwen3_vs_transformers_smoke(tmp_path):
     assert res["hylo_cublas"]["switches"] == {"HYLO_GEMV": "off", "HYLO_DECODE_ATTN": "off", "HYLO_GEMV_FUSE": "off",
                                               "HYLO_KERNEL_STEP": "on", "HYLO_PDL": "on", "HYLO_COMPILE_SCOPE": "step",
                                               "HYLO_GEMV_PRELOAD": "on", "HYLO_ATTN_EARLY_KV": "on",
-                                              "HYLO_STEP_ATTN_OUT": "off"}
+                                              "HYLO_STEP_ATTN_OUT": "off",
+                                              "HYLO_STEP_FFN_SPLIT": "off"}
     assert not res["hylo_cublas"]["gemv"] and not res["hylo"]["kernel_step"] and not res["hylo"]["pdl"]
     assert {"hylo_compiled_gemv", "hylo_dattn", "hylo_fuse", "hylo_kstep"} <= set(res["skipped"])  # +gemv needs CUDA or the Triton interpreter
     assert res["best_mode"] in ("hylo", "hylo_cublas") and set(res["goals"]) == {"hylo_30x_faster",
@@ -113,13 +114,17 @@ def test_qwen3_vs_transformers_smoke(tmp_path):
 def test_attn_out_check_smoke(tmp_path):
     """The fused attention + output projection's GPU check, on the CPU (interpreter): checked against the chain."""
     out = tmp_path / "ao.json"
-    _run(["benchmarks/attn_out_check.py", "--smoke", "--out", str(out), "--variants", "ao:64/16384/8+ffn"])
+    _run(["benchmarks/attn_out_check.py", "--smoke", "--out", str(out), "--variants", "ao:64/16384/8+ffn,split"])
     res = json.loads(out.read_text())
-    assert not res["errors"] and set(res["results"]) == {"chain_cache24", "ao_64_16384_8+ffn_cache24"}
+    assert not res["errors"] and set(res["results"]) == {"chain_cache24", "ao_64_16384_8+ffn_cache24",
+                                                          "split_cache24"}
+    assert res["results"]["split_cache24"]["sums"] == {"attn": "on", "ffn": False}
     rec = res["results"]["ao_64_16384_8+ffn_cache24"]
-    assert rec["sums"] == {"attn": True, "ffn": True} and rec["kernel_step"]
+    assert rec["sums"] == {"attn": "fused", "ffn": True} and rec["kernel_step"]
     assert res["results"]["chain_cache24"]["sums"] is None
-    assert rec["check"]["max_abs_logit_diff"] < 1e-4 and rec["check"]["argmax_agrees"]
+    for name in ("ao_64_16384_8+ffn_cache24", "split_cache24"):
+        check = res["results"][name]["check"]
+        assert check["max_abs_logit_diff"] < 1e-4 and check["argmax_agrees"]
 
 
 def test_cast_keeping_rope_keeps_exact_frequencies():

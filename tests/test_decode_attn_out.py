@@ -53,6 +53,24 @@ def test_attn_out_matches_reference(interp, dtype, qk_norm, ring, bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("L,min_split", [(40, 64), (256, 64)])  # one split (o written directly); 4 splits
+def test_split_attention_then_combine_and_projection(interp, monkeypatch, dtype, L, min_split):
+    """decode_attn_split_out (split attention, then one kernel merging each head's partials into its share of the
+    output projection) adds the reference's projection into the sum, and writes the caches as the reference."""
+    monkeypatch.setattr(dattn, "MIN_SPLIT", min_split)
+    qkv, qn, kn, f, kc, vc, pos, w, b, _ = _case(dtype, True, False, True, L=L)
+    k_ref, v_ref = kc.clone(), vc.clone()
+    ref = dao.decode_attn_out_ref(qkv, 4, qn, kn, 1e-6, f, k_ref, v_ref, pos, False, w, b)
+    assert dattn.num_splits(L, 4) == (1 if L == 40 else 4)
+    acc = torch.zeros(2, 20)
+    assert dao.decode_attn_split_out(qkv, 4, qn, kn, 1e-6, f, kc, vc, pos, False, w, b, acc) is acc
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=6e-2)
+    torch.testing.assert_close(acc, ref, **tol)
+    torch.testing.assert_close(kc.float(), k_ref.float(), **tol)
+    torch.testing.assert_close(vc, v_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gemv_adds_the_pending_sum_first(interp, dtype):
     """The preloading GEMV with ``acc``: its input is ``x + acc`` rounded as a GEMV's residual add, written to
     ``h_out``, then normed and multiplied as usual."""
@@ -99,13 +117,15 @@ def test_attn_out_checks_its_inputs(interp):
         dao.decode_attn_out(qkv, 4, qn, None, 1e-6, f, kc, vc, pos, False, w, b, acc)
 
 
-@pytest.mark.parametrize("layers,attn_out,ffn_split", [("a f swa f", "on", "off"), ("a swa f a", "on", "on"),
-                                                      ("a f f swa f", "off", "on")])
+@pytest.mark.parametrize("layers,attn_out,ffn_split", [("a f swa f", "fused", "off"), ("a swa f a", "fused", "on"),
+                                                      ("a f f swa f", "off", "on"), ("a f swa f", "on", "on"),
+                                                      ("a swa f a", "on", "off")])
 def test_kernel_step_with_sums_same_logits_as_the_runner_step(interp, monkeypatch, layers, attn_out, ffn_split):
     """The kernel step with blocks that leave float32 sums (HYLO_STEP_ATTN_OUT, HYLO_STEP_FFN_SPLIT; attention, a
     wrapping sliding window, FFN, meta tokens; rows at different positions): 7 steps give the usual step's logits
     and caches (float32). In ``a swa f a`` the sliding window's q/k/v GEMV adds attention's sum, and the last block
-    (attention) is the chain's; in ``a f f swa f`` an FFN adds the FFN's sum before it."""
+    (attention) is the chain's; in ``a f f swa f`` an FFN adds the FFN's sum before it. ``on``: split attention
+    (2 splits of 8 slots past position 16), its partials merged in the projection's kernel; ``fused``: one kernel."""
     from test_kernel_step import _attn_ffn_model
 
     monkeypatch.setattr(dattn, "MIN_SPLIT", 8)
@@ -120,7 +140,8 @@ def test_kernel_step_with_sums_same_logits_as_the_runner_step(interp, monkeypatc
                 kernel_step.step_ffn_split_mode(ffn_split):
             runner = DecodeRunner(model, 2, 40)
         ws = runner.sums_ws
-        assert runner.kernel_step and ws["attn"] == (attn_out == "on") and ws["ffn"] == (ffn_split == "on")
+        assert runner.kernel_step and ws["attn"] == (None if attn_out == "off" else attn_out)
+        assert ws["ffn"] == (ffn_split == "on")
         runner.set_positions([0, 20])
         got = [runner.step(t) for t in ids]
     for a, b in zip(got, ref):

@@ -91,8 +91,10 @@ from hylo.ops.rope import inv_freq
 
 _SWITCH = Choice("kernel decode step", "HYLO_KERNEL_STEP", ("off", "on"), "on")
 set_kernel_step, get_kernel_step, kernel_step_mode = _SWITCH.set, _SWITCH.get, _SWITCH.use
-# attention and the output projection in one kernel (hylo.ops.decode_attn_out) instead of split, combine, GEMV
-_ATTN_OUT = Choice("kernel step's attention with its output projection", "HYLO_STEP_ATTN_OUT", ("off", "on"), "off")
+# attention's output projection into a float32 sum (hylo.ops.decode_attn_out) instead of combine + GEMV: on = split
+# attention, then one kernel that merges and projects (any context); fused = one kernel (short contexts only)
+_ATTN_OUT = Choice("kernel step's attention with its output projection", "HYLO_STEP_ATTN_OUT",
+                   ("off", "on", "fused"), "off")
 set_step_attn_out, get_step_attn_out, step_attn_out_mode = _ATTN_OUT.set, _ATTN_OUT.get, _ATTN_OUT.use
 # the FFN's down projection split over K, its products added into a float32 sum for the next block to add
 _FFN_SPLIT = Choice("kernel step's FFN down projection into a sum", "HYLO_STEP_FFN_SPLIT", ("off", "on"), "off")
@@ -154,17 +156,17 @@ def workspace(model, batch_size: int) -> dict | None:
     ``HYLO_STEP_ATTN_OUT`` (attention and its output projection as one kernel,
     :func:`hylo.ops.decode_attn_out.decode_attn_out`) or ``HYLO_STEP_FFN_SPLIT`` (the FFN's down projection split
     over K into the sum) is on (read here, when a runner builds its step) and the preloading GEMV takes rows of the
-    hidden size: ``{"sums": [layers, B, hidden] float32, "attn": bool, "ffn": bool}``, the sums zeroed at the start
-    of each step; else ``None``."""
+    hidden size: ``{"sums": [layers, B, hidden] float32, "attn": "on" | "fused" | None, "ffn": bool}``, the sums
+    zeroed at the start of each step; else ``None``."""
     D = model.embed_tokens.weight.shape[1]
-    attn = _ATTN_OUT.value == "on" and any(isinstance(b.mixer, Attention) for b in model.layers[:-1])
+    attn = _ATTN_OUT.value != "off" and any(isinstance(b.mixer, Attention) for b in model.layers[:-1])
     ffn = _FFN_SPLIT.value == "on" and all(G.split_chunk(b.mixer.down_proj.weight.shape[1]) >= 16
                                            for b in model.layers[:-1] if isinstance(b.mixer, SwiGLU)) \
         and any(isinstance(b.mixer, SwiGLU) for b in model.layers[:-1])
     if not (attn or ffn) or not G.preload_applies(D):
         return None
     sums = torch.zeros(len(model.layers), batch_size, D, dtype=torch.float32, device=model.embed_tokens.weight.device)
-    return {"sums": sums, "attn": attn, "ffn": ffn}
+    return {"sums": sums, "attn": _ATTN_OUT.value if attn else None, "ffn": ffn}
 
 
 def gemv_launcher(pdl: bool, persistent: bool = False):
@@ -194,20 +196,22 @@ def ffn_block(block, h: torch.Tensor, gemv, acc: torch.Tensor | None = None,
 
 
 def attn_block(block, h: torch.Tensor, st: dict, pos: torch.Tensor, inv_freq: torch.Tensor, gemv,
-               pdl: bool, acc: torch.Tensor | None = None,
-               out_acc: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+               pdl: bool, acc: torch.Tensor | None = None, out_acc: torch.Tensor | None = None,
+               fused: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """An attention block: q/k/v GEMV (pre-norm), attention with its q/k/v preparation and cache write, output
     GEMV (residual): ``(output, None)``. ``h [B, D]``; writes the new key and value at ``pos``. ``acc``: see
-    :func:`first_gemv`. With ``out_acc`` (a zero float32 ``[B, D]``) everything after the q/k/v GEMV is one kernel
-    (:func:`hylo.ops.decode_attn_out.decode_attn_out`) that leaves the output projection in ``out_acc``:
-    ``(block input, out_acc)`` for the next block's first GEMV to add."""
+    :func:`first_gemv`. With ``out_acc`` (a zero float32 ``[B, D]``) the output projection is left in ``out_acc``
+    for the next block's first GEMV to add, and ``(block input, out_acc)`` returned: computed after the split
+    attention by the kernel that merges its partials (:func:`hylo.ops.decode_attn_out.decode_attn_split_out`), or
+    with ``fused`` in one kernel with attention (:func:`hylo.ops.decode_attn_out.decode_attn_out`)."""
     n, m = block.norm, block.mixer
     qkv, h = first_gemv(gemv, h, acc, m.qkv_proj, n)
     qn, kn = (m.q_norm.weight, m.k_norm.weight) if m.qk_norm else (None, None)
     eps = m.q_norm.eps if m.qk_norm else 0.0
     if out_acc is not None:
-        return h, dao.decode_attn_out(qkv, m.num_heads, qn, kn, eps, inv_freq, st["k"], st["v"], pos,
-                                      m.window is not None, m.o_proj.weight, m.o_proj.bias, out_acc, pdl)
+        f = dao.decode_attn_out if fused else dao.decode_attn_split_out
+        return h, f(qkv, m.num_heads, qn, kn, eps, inv_freq, st["k"], st["v"], pos, m.window is not None,
+                    m.o_proj.weight, m.o_proj.bias, out_acc, pdl)
     o = dattn.decode_qkv_attention(qkv, m.num_heads, qn, kn, eps, inv_freq, st["k"], st["v"], pos,
                                    ring=m.window is not None, pdl=pdl)
     return gemv(o.view(h.shape[0], -1), m.o_proj.weight, m.o_proj.bias, residual=h), None
@@ -225,7 +229,7 @@ def step(model, tokens: torch.Tensor, states, pos: torch.Tensor, head: torch.Ten
     launch every kernel with PDL; ``persistent``: the GEMVs on persistent grids (``HYLO_PDL=persistent``; under the
     interpreter it shrinks their grids even without PDL, so CPU tests cover that indexing); ``ws``
     (:func:`workspace`): blocks but the last leave their output projection as a float32 sum that the next block's
-    first GEMV adds (attention blocks with ``ws["attn"]``, FFN blocks with ``ws["ffn"]``)."""
+    first GEMV adds (attention blocks where ``ws["attn"]`` is set, FFN blocks with ``ws["ffn"]``)."""
     gemv = gemv_launcher(pdl, persistent)
     if ws is not None:
         ws["sums"].zero_()
@@ -238,7 +242,8 @@ def step(model, tokens: torch.Tensor, states, pos: torch.Tensor, head: torch.Ten
         if ffn:
             h, acc = ffn_block(block, h, gemv, acc, out)
         else:
-            h, acc = attn_block(block, h, st, pos, freqs[i], gemv, pdl, acc, out)
+            h, acc = attn_block(block, h, st, pos, freqs[i], gemv, pdl, acc, out, ws is not None and
+                                ws["attn"] == "fused")
     logits = head_logits(h, head, model.norm, gemv)
     pos.add_(1)
     return logits

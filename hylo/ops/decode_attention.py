@@ -309,10 +309,12 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor)
                          f"{pos.device})")
 
 
-def _launch(q, k, v, pos, pdl: bool, wrap, prologue: dict | None = None) -> torch.Tensor:
+def _launch(q, k, v, pos, pdl: bool, wrap, prologue: dict | None = None, merge: bool = True):
     """Check, allocate and launch; ``wrap``: ``torch.library.wrap_triton`` inside the op or the identity for a
     direct launch; ``pdl``: programmatic dependent launch (:mod:`hylo.ops.pdl`; ignored under the interpreter);
-    ``prologue``: the fused q/k/v preparation (:func:`decode_qkv_attention`), ``q`` then only gives the shape."""
+    ``prologue``: the fused q/k/v preparation (:func:`decode_qkv_attention`), ``q`` then only gives the shape;
+    ``merge=False``: no combine kernel, returns ``(out, (max, sum, acc) partials, splits)`` (``out`` written only
+    with one split) for a caller that merges the partials itself."""
     _check(q, k, v, pos)
     (B, H, _, Dh), (Hkv, L) = q.shape, k.shape[1:3]
     g = H // Hkv
@@ -339,6 +341,8 @@ def _launch(q, k, v, pos, pdl: bool, wrap, prologue: dict | None = None) -> torc
         float(pro.get("eps", 0.0)), HKV=Hkv, G=g, GP=gp, D=Dh, BLOCK=block, NSPLIT=nsplit, INTERP=interp, PDL=pdl,
         QKV=prologue is not None, QK_NORM=qk_norm, RING=bool(pro.get("ring", False)),
         EARLY=prologue is not None and _EARLY.value == "on", **({} if interp else {"num_warps": warps, **extra}))
+    if not merge:
+        return out, parts, nsplit
     if nsplit > 1:
         nsp = triton.next_power_of_2(nsplit)
         launch = {} if interp else {"num_warps": 4 if nsp * Dh <= 4096 else 8, **extra}
@@ -355,12 +359,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
 
 def decode_qkv_attention(qkv: torch.Tensor, num_heads: int, q_norm: torch.Tensor | None,
                          k_norm: torch.Tensor | None, eps: float, inv_freq: torch.Tensor, k: torch.Tensor,
-                         v: torch.Tensor, pos: torch.Tensor, ring: bool, pdl: bool = False) -> torch.Tensor:
+                         v: torch.Tensor, pos: torch.Tensor, ring: bool, pdl: bool = False, merge: bool = True):
     """The decode step from the q/k/v projection to attention's output, in the split kernel (launched directly,
     outside torch's op machinery, for ``hylo.engine.kernel_step``): ``qkv [B, (H + 2 Hkv) Dh]`` -> ``[B, H, 1, Dh]``,
     writing the new key and value into ``k, v [B, Hkv, L, Dh]`` at slot ``pos`` (``pos % L`` with ``ring``).
     Equal to :func:`decode_attention` of :func:`hylo.ops.decode_qkv.decode_qkv_ref` (qk-norm with ``q_norm`` /
-    ``k_norm`` if given, RoPE with ``inv_freq [Dh/2]`` float32); ``pdl``: programmatic dependent launch."""
+    ``k_norm`` if given, RoPE with ``inv_freq [Dh/2]`` float32); ``pdl``: programmatic dependent launch;
+    ``merge=False``: the partials instead (see :func:`_launch`; :func:`hylo.ops.decode_attn_out.decode_attn_split_out`
+    merges them in the output projection's kernel)."""
     if triton is None:
         raise RuntimeError("hylo.ops.decode_attention needs Triton")
     B, Hkv, _, Dh = k.shape
@@ -374,4 +380,4 @@ def decode_qkv_attention(qkv: torch.Tensor, num_heads: int, q_norm: torch.Tensor
         raise ValueError("decode_qkv_attention: pass both q_norm and k_norm, or neither")
     q_shape = qkv.new_empty(1).expand(B, num_heads, 1, Dh)  # its shape and dtype only: never read
     return _launch(q_shape, k, v, pos, pdl, lambda kern: kern,
-                   dict(qkv=qkv, q_norm=q_norm, k_norm=k_norm, eps=eps, inv_freq=inv_freq, ring=ring))
+                   dict(qkv=qkv, q_norm=q_norm, k_norm=k_norm, eps=eps, inv_freq=inv_freq, ring=ring), merge)

@@ -159,9 +159,94 @@ if triton is not None:
         tl.atomic_add(acc + b * N + rows, share, mask=m_n, sem="relaxed", scope="gpu")
 
 
+    def _combine_out_kernel(m_part, l_part, acc_part, o, w, bias, acc, N, H: tl.constexpr, D: tl.constexpr,
+                            NSPLIT: tl.constexpr, NSP: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            PDL: tl.constexpr):
+        # One program: query head h of row b (pid = b * H + h), output tile t. Merges the head's NSPLIT partial
+        # softmaxes (hylo.ops.decode_attention's split kernel; with one split its output o), rounds the result to
+        # the dtype as the chain's combine kernel stores it, and adds its product with the tile of W_o into acc.
+        pid, t = tl.program_id(0), tl.program_id(1)
+        b = pid // H
+        h = pid % H
+        dt = w.dtype.element_ty
+        d = tl.arange(0, D)
+        rows = t * BN + tl.arange(0, BN)
+        m_n = rows < N
+        wt = tl.load(w + rows[:, None].to(tl.int64) * (H * D) + h * D + d[None, :], mask=m_n[:, None], other=0.0)
+        if HAS_BIAS:
+            bo = tl.load(bias + rows, mask=m_n, other=0.0).to(tl.float32)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        if NSPLIT == 1:
+            out = tl.load(o + pid * D + d).to(tl.float32)
+        else:
+            sp = tl.arange(0, NSP)
+            m_sp = sp < NSPLIT
+            m = tl.load(m_part + pid * NSPLIT + sp, mask=m_sp, other=float("-inf"))
+            lsum = tl.load(l_part + pid * NSPLIT + sp, mask=m_sp, other=0.0)
+            part = tl.load(acc_part + (pid * NSPLIT + sp)[:, None] * D + d[None, :], mask=m_sp[:, None], other=0.0)
+            wsp = tl.exp2(m - tl.reduce(m, 0, tl.standard._elementwise_max))  # finite: split 0 has slot 0
+            out = tl.reduce(wsp[:, None] * part, 0, tl.standard._sum_combine) / tl.reduce(wsp * lsum, 0,
+                                                                                          tl.standard._sum_combine)
+            out = out.to(dt).to(tl.float32)
+        share = tl.reduce(wt.to(tl.float32) * out[None, :], 1, tl.standard._sum_combine)
+        if HAS_BIAS:
+            share += tl.where(h == 0, bo, 0.0)
+        tl.atomic_add(acc + b * N + rows, share, mask=m_n, sem="relaxed", scope="gpu")
+
+
 @functools.lru_cache(maxsize=None)
 def _jit(interpret: bool):
     return triton.jit(_attn_out_kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_combine(interpret: bool):
+    return triton.jit(_combine_out_kernel)
+
+
+def _check(qkv, H, k, w_o, acc, q_norm, k_norm) -> None:
+    B, Hkv, L, Dh = k.shape
+    N = w_o.shape[0]
+    if qkv.shape != (B, (H + 2 * Hkv) * Dh) or qkv.dtype != k.dtype or not qkv.is_contiguous():
+        raise ValueError(f"decode_attn_out: qkv {tuple(qkv.shape)} {qkv.dtype} does not match {H} query heads and "
+                         f"caches {tuple(k.shape)} {k.dtype} (contiguous, one dtype)")
+    if w_o.shape != (N, H * Dh) or w_o.dtype != k.dtype or not w_o.is_contiguous():
+        raise ValueError(f"decode_attn_out: w_o must be [N, {H * Dh}] {k.dtype} contiguous, got {tuple(w_o.shape)} "
+                         f"{w_o.dtype}")
+    if acc.shape != (B, N) or acc.dtype != torch.float32 or not acc.is_contiguous():
+        raise ValueError(f"decode_attn_out: acc must be [{B}, {N}] float32 contiguous, got {tuple(acc.shape)} "
+                         f"{acc.dtype}")
+    if (q_norm is None) != (k_norm is None):
+        raise ValueError("decode_attn_out: pass both q_norm and k_norm, or neither")
+
+
+def decode_attn_split_out(qkv: torch.Tensor, num_heads: int, q_norm: torch.Tensor | None,
+                          k_norm: torch.Tensor | None, eps: float, inv_freq: torch.Tensor, k: torch.Tensor,
+                          v: torch.Tensor, pos: torch.Tensor, ring: bool, w_o: torch.Tensor, b_o: torch.Tensor | None,
+                          acc: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+    """:func:`decode_attn_out`'s result in two kernels, at any context length: the split-KV attention
+    (:func:`hylo.ops.decode_attention.decode_qkv_attention` without its combine kernel), then one that merges each
+    head's partials and adds their product with a tile of ``w_o`` into ``acc`` (grid: rows x heads x tiles).
+    Replaces the chain's combine and output GEMV. Returns ``acc``."""
+    if triton is None:
+        raise RuntimeError("hylo.ops.decode_attn_out needs Triton")
+    _check(qkv, num_heads, k, w_o, acc, q_norm, k_norm)
+    from hylo.ops.decode_attention import decode_qkv_attention
+
+    B, _, _, Dh = k.shape
+    H, N = num_heads, w_o.shape[0]
+    o, (m, lsum, part), nsplit = decode_qkv_attention(qkv, H, q_norm, k_norm, eps, inv_freq, k, v, pos, ring, pdl,
+                                                      merge=False)
+    interp = triton_interpreting()
+    bn = tile_rows(Dh)
+    nsp = triton.next_power_of_2(nsplit)
+    launch = {} if interp else {"num_warps": WARPS, **({"launch_pdl": True} if pdl else {})}
+    _jit_combine(interp)[(B * H, -(-N // bn))](
+        m, lsum, part, o, w_o, o if b_o is None else b_o, acc, N, H=H, D=Dh, NSPLIT=nsplit, NSP=nsp, BN=bn,
+        HAS_BIAS=b_o is not None, PDL=pdl and not interp, **launch)
+    return acc
 
 
 def decode_attn_out(qkv: torch.Tensor, num_heads: int, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
@@ -174,19 +259,9 @@ def decode_attn_out(qkv: torch.Tensor, num_heads: int, q_norm: torch.Tensor | No
     dependent launch (ignored under the interpreter). Returns ``acc``."""
     if triton is None:
         raise RuntimeError("hylo.ops.decode_attn_out needs Triton")
+    _check(qkv, num_heads, k, w_o, acc, q_norm, k_norm)
     B, Hkv, L, Dh = k.shape
     H, N = num_heads, w_o.shape[0]
-    if qkv.shape != (B, (H + 2 * Hkv) * Dh) or qkv.dtype != k.dtype or not qkv.is_contiguous():
-        raise ValueError(f"decode_attn_out: qkv {tuple(qkv.shape)} {qkv.dtype} does not match {H} query heads and "
-                         f"caches {tuple(k.shape)} {k.dtype} (contiguous, one dtype)")
-    if w_o.shape != (N, H * Dh) or w_o.dtype != k.dtype or not w_o.is_contiguous():
-        raise ValueError(f"decode_attn_out: w_o must be [N, {H * Dh}] {k.dtype} contiguous, got {tuple(w_o.shape)} "
-                         f"{w_o.dtype}")
-    if acc.shape != (B, N) or acc.dtype != torch.float32 or not acc.is_contiguous():
-        raise ValueError(f"decode_attn_out: acc must be [{B}, {N}] float32 contiguous, got {tuple(acc.shape)} "
-                         f"{acc.dtype}")
-    if (q_norm is None) != (k_norm is None):
-        raise ValueError("decode_attn_out: pass both q_norm and k_norm, or neither")
     interp = triton_interpreting()
     bn = tile_rows(Dh)
     qw, kw = (q_norm, k_norm) if q_norm is not None else (qkv, qkv)  # qkv: an unused pointer where one is absent
