@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 if "--smoke" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from decode_timeline import step_stats, trace_kernels  # noqa: E402
-from qwen3_vs_transformers import device_and_shape, hylo_ms_per_token, switched, sync  # noqa: E402
+from decode_timeline import time_and_trace  # noqa: E402
+from qwen3_vs_transformers import device_and_shape, switched  # noqa: E402
 
 from hylo.convert import from_transformers  # noqa: E402
 from hylo.engine.runner import DecodeRunner  # noqa: E402
@@ -152,15 +152,8 @@ def main():
                             "argmax_agrees": all(bool(a.argmax() == b.argmax()) for a, b in zip(lg, base[0])),
                             "greedy_same_steps": next((i for i, (a, b) in enumerate(zip(gr, base[1])) if a != b),
                                                       len(gr))}
-                    rec["ms_per_token"] = hylo_ms_per_token(runner, args.start, args.steps, 3, dev)
-                    tok = {"t": torch.zeros(1, dtype=torch.long, device=dev)}
-                    runner.set_positions(args.start)
-
-                    def one():
-                        tok["t"] = runner.step(tok["t"]).argmax(-1)
-                    one()
-                    sync(dev)
-                    rec["timeline"] = step_stats(trace_kernels(one, args.replays, dev.type == "cuda"), args.replays)
+                    rec["ms_per_token"], rec["timeline"] = time_and_trace(runner, args.start, args.steps,
+                                                                          args.replays, dev)
                     del runner
             except Exception as e:  # noqa: BLE001  (one entry's failure must not lose the others)
                 res["errors"].append({"what": key, "error": f"{type(e).__name__}: {e}"[:500],

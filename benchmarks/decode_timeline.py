@@ -138,6 +138,20 @@ def step_stats(ks: list[dict], replays: int) -> dict:
                         for r, b in sorted(by_role.items(), key=lambda kv: -statistics.median(kv[1]["incr_ms"]))}}
 
 
+def time_and_trace(runner, start: int, steps: int, replays: int, dev) -> tuple[float, dict]:
+    """A runner's wall-clock ms/token (``hylo_ms_per_token``: greedy steps from ``start``) and the timeline of
+    ``replays`` more steps from the profiler's trace (:func:`step_stats`)."""
+    ms = hylo_ms_per_token(runner, start, steps, 3, dev)
+    runner.set_positions(start)
+    holder = {"t": torch.zeros(1, dtype=torch.long, device=dev)}
+
+    def one():
+        holder["t"] = runner.step(holder["t"]).argmax(-1)
+    one()
+    sync(dev)
+    return ms, step_stats(trace_kernels(one, replays, dev.type == "cuda"), replays)
+
+
 def parse_configs(spec: str) -> list[tuple[str, bool | str, dict[str, str], int | None, int | None]]:
     """``--configs`` -> ``(key, compile, switches, min_split, block)``: the Qwen3 benchmark's modes plus ``@S``
     or ``@S/B`` (the attention's ``MIN_SPLIT`` and ``BLOCK_SLOTS``)."""
@@ -198,17 +212,9 @@ def main():
                            "attn_splits": hylo_dattn.num_splits(L, hy.layers[0].mixer.num_kv_heads)
                            if hasattr(hy.layers[0].mixer, "num_kv_heads") else None,
                            "graphed": runner.graphed, "kernel_step": runner.kernel_step, "pdl": runner.pdl,
-                           "gemv": runner.gemv, "switches": sw,
-                           "ms_per_token": hylo_ms_per_token(runner, args.start, args.steps, 3, dev)}
-                    tok = torch.zeros(1, dtype=torch.long, device=dev)
-                    runner.set_positions(args.start)
-                    holder = {"t": tok}
-
-                    def one():
-                        holder["t"] = runner.step(holder["t"]).argmax(-1)
-                    one()
-                    sync(dev)
-                    rec["timeline"] = step_stats(trace_kernels(one, args.replays, dev.type == "cuda"), args.replays)
+                           "gemv": runner.gemv, "switches": sw}
+                    rec["ms_per_token"], rec["timeline"] = time_and_trace(runner, args.start, args.steps,
+                                                                          args.replays, dev)
                     del runner
             except Exception as e:  # noqa: BLE001  (one config's failure must not lose the others)
                 res["errors"].append({"what": name, "error": f"{type(e).__name__}: {e}"[:500],

@@ -159,10 +159,11 @@ def test_attn_out_compiles_for_sm90_with_pdl():
     from test_kernel_step import _ptx
 
     sig = {"qkv": "*bf16", "k": "*bf16", "v": "*bf16", "pos": "*i64", "qw": "*bf16", "kw": "*bf16",
-           "inv_freq": "*fp32", "eps": "fp32", "qk_scale": "fp32", "L": "i32", "w": "*bf16", "bias": "*bf16",
-           "acc": "*fp32", "N": "i32"}
-    ce = dict(H=16, HKV=8, D=128, BLOCK=64, BN=128, HAS_BIAS=True, QK_NORM=True, RING=False, PDL=True,
-              INTERP=False)
-    ptx = _ptx(dao._jit(False), sig, ce)
-    assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
-    assert "red.global.gpu.relaxed.add.f32" in ptx or "atom.global.gpu.relaxed.add.f32" in ptx
+           "inv_freq": "*fp32", "eps": "fp32", "qk_scale": "fp32", "L": "i32", "m_part": "*fp32", "l_part": "*fp32",
+           "acc_part": "*fp32", "o_in": "*bf16", "w": "*bf16", "bias": "*bf16", "acc": "*fp32", "N": "i32"}
+    for fused in (True, False):
+        ce = dict(H=16, HKV=8, D=128, BLOCK=64, BN=128, NSPLIT=1 if fused else 5, NSP=1 if fused else 8,
+                  FUSED=fused, HAS_BIAS=True, QK_NORM=True, RING=False, PDL=True, INTERP=False)
+        ptx = _ptx(dao._jit(False), sig, ce)
+        assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
+        assert "red.global.gpu.relaxed.add.f32" in ptx or "atom.global.gpu.relaxed.add.f32" in ptx

@@ -72,6 +72,17 @@ against 10.5 for the two GEMVs, an attention block 16.0 against 12.1 for its fou
 polls (0.855, ``-run8-blocks-nap.json``) and 8192-weight tiles (0.832 / 0.884, ``-run8-blocks-tile8192.json``) did
 not change that. Compiled for sm_90 the kernels held 186 registers per thread (4 warps), two programs per SM, so a
 stage's programs could not all hold their weights while the stage before ran.
+
+Blocks that leave their output projection as a float32 sum (:func:`workspace`, off by default until timed as the
+default): the next block's first GEMV, which needs the whole residual stream after its PDL wait anyway, adds the
+sum (``gemv_direct(acc=...)``), so a projection needs no residual read and its programs may split K and add with
+atomics. ``HYLO_STEP_FFN_SPLIT=on``: the FFN's down projection in power-of-two chunks of K (no padded rows).
+``HYLO_STEP_ATTN_OUT=on``: the split attention's partials merged by the output projection's own programs (one
+kernel fewer per layer); ``fused``: attention and projection in one kernel, each program reading its KV head's
+whole cache (:mod:`hylo.ops.decode_attn_out`), so for short contexts only. On one H100
+(``benchmarks/results/attn-out-h100-run3.json``, Qwen3-0.6B shape, positions 16-80): FFN split 0.768 and with the
+fused attention 0.688 ms/token against the chain's 0.801; at positions 512-576 the fused kernel took 1.744 against
+0.862 (``-run4-pos512.json``) while the FFN split alone gave 0.841.
 """
 
 from __future__ import annotations

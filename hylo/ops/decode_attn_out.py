@@ -66,17 +66,20 @@ def tile_rows(head_dim: int) -> int:
 if triton is not None:
     # core ops only (see hylo.ops.decode_attention: the interpreter cannot call Triton's wrapped jit helpers)
 
-    def _attn_out_kernel(qkv, k, v, pos, qw, kw, inv_freq, eps, qk_scale, L, w, bias, acc, N, H: tl.constexpr,
-                         HKV: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr,
+    def _attn_out_kernel(qkv, k, v, pos, qw, kw, inv_freq, eps, qk_scale, L, m_part, l_part, acc_part, o_in, w,
+                         bias, acc, N, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                         BN: tl.constexpr, NSPLIT: tl.constexpr, NSP: tl.constexpr, FUSED: tl.constexpr,
                          HAS_BIAS: tl.constexpr, QK_NORM: tl.constexpr, RING: tl.constexpr, PDL: tl.constexpr,
                          INTERP: tl.constexpr):
-        # One program: query head h of row b (pid = b * H + h), output tile t. Softmax in base 2 (qk_scale holds
-        # log2(e) / sqrt(D)), float32.
+        # One program: query head h of row b (pid = b * H + h), output tile t: attention's output for the head,
+        # times the tile W_o[t*BN:(t+1)*BN, h*D:(h+1)*D], added into acc. FUSED: the attention itself (q/k/v from
+        # the projection, the whole cache); else the merge of the head's NSPLIT partial softmaxes from
+        # hylo.ops.decode_attention's split kernel (with one split, its output o). Softmax in base 2 (qk_scale
+        # holds log2(e) / sqrt(D)), float32.
         pid, t = tl.program_id(0), tl.program_id(1)
         b = pid // H
         h = pid % H
-        kvh = h // (H // HKV)
-        dt = k.dtype.element_ty
+        dt = w.dtype.element_ty
         d = tl.arange(0, D)
         rows = t * BN + tl.arange(0, BN)
         m_n = rows < N
@@ -84,72 +87,91 @@ if triton is not None:
         wt = tl.load(w + rows[:, None].to(tl.int64) * (H * D) + h * D + d[None, :], mask=m_n[:, None], other=0.0)
         if HAS_BIAS:
             bo = tl.load(bias + rows, mask=m_n, other=0.0).to(tl.float32)
-        p_b = tl.load(pos + b)
-        n = tl.minimum(p_b.to(tl.int32) + 1, L)  # valid slots 0..n-1
-        slot = p_b % L if RING else p_b
-        kv = (b * HKV + kvh).to(tl.int64) * L * D
-        s0v = tl.arange(0, BLOCK)
-        pd = (d + D // 2) % D  # rotate-half: each channel's partner and its sign
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        # after the wait, loads issued together: the projection, the first block of cached slots (earlier steps
-        # wrote them; the new slot is patched in below), the norm weights
-        src = qkv + b.to(tl.int64) * (H + 2 * HKV) * D
-        xq, xq2 = tl.load(src + h * D + d).to(tl.float32), tl.load(src + h * D + pd).to(tl.float32)
-        xk, xk2 = tl.load(src + (H + kvh) * D + d).to(tl.float32), tl.load(src + (H + kvh) * D + pd).to(tl.float32)
-        v_new = tl.load(src + (H + HKV + kvh) * D + d)
-        kb0 = tl.load(k + kv + s0v[:, None] * D + d[None, :], mask=(s0v < n)[:, None], other=0.0)
-        vb0 = tl.load(v + kv + s0v[:, None] * D + d[None, :], mask=(s0v < n)[:, None], other=0.0)
-        if QK_NORM:
-            wq, wq2 = tl.load(qw + d).to(tl.float32), tl.load(qw + pd).to(tl.float32)
-            wk, wk2 = tl.load(kw + d).to(tl.float32), tl.load(kw + pd).to(tl.float32)
-        sgn = tl.where(d < D // 2, -1.0, 1.0)
-        f = p_b.to(tl.float32) * tl.load(inv_freq + d % (D // 2))
-        c = tl.cos(f).to(dt).to(tl.float32)
-        sn = tl.sin(f).to(dt).to(tl.float32)
-        if QK_NORM:  # rms_norm: float32, cast, then times the weight (a product in the dtype)
-            rq = 1.0 / tl.sqrt((tl.reduce(xq * xq, 0, tl.standard._sum_combine) / D + eps).to(tl.float32))
-            rk = 1.0 / tl.sqrt((tl.reduce(xk * xk, 0, tl.standard._sum_combine) / D + eps).to(tl.float32))
-            xq = (wq * (xq * rq).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-            xq2 = (wq2 * (xq2 * rq).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-            xk = (wk * (xk * rk).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-            xk2 = (wk2 * (xk2 * rk).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-        # RoPE: x * cos + cat(-x2, x1) * sin, each product and the sum rounded to the dtype
-        qt = ((xq * c).to(dt).to(tl.float32) + (sgn * xq2 * sn).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-        qt = (qt * qk_scale).to(tl.float32)
-        k_new = ((xk * c).to(dt).to(tl.float32) + (sgn * xk2 * sn).to(dt).to(tl.float32)).to(dt)
-        own = (t == 0) & (h % (H // HKV) == 0)  # one program per KV head writes the new slot
-        tl.store(k + kv + slot * D + d, k_new, mask=own & (d < D))
-        tl.store(v + kv + slot * D + d, v_new, mask=own & (d < D))
+        if FUSED:
+            kvh = h // (H // HKV)
+            p_b = tl.load(pos + b)
+            n = tl.minimum(p_b.to(tl.int32) + 1, L)  # valid slots 0..n-1
+            slot = p_b % L if RING else p_b
+            kv = (b * HKV + kvh).to(tl.int64) * L * D
+            s0v = tl.arange(0, BLOCK)
+            pd = (d + D // 2) % D  # rotate-half: each channel's partner and its sign
+            if PDL:
+                tl.extra.cuda.gdc_wait()
+                tl.extra.cuda.gdc_launch_dependents()
+            # after the wait, loads issued together: the projection, the first block of cached slots (earlier steps
+            # wrote them; the new slot is patched in below), the norm weights
+            src = qkv + b.to(tl.int64) * (H + 2 * HKV) * D
+            xq, xq2 = tl.load(src + h * D + d).to(tl.float32), tl.load(src + h * D + pd).to(tl.float32)
+            xk, xk2 = tl.load(src + (H + kvh) * D + d).to(tl.float32), tl.load(src + (H + kvh) * D + pd).to(tl.float32)
+            v_new = tl.load(src + (H + HKV + kvh) * D + d)
+            kb0 = tl.load(k + kv + s0v[:, None] * D + d[None, :], mask=(s0v < n)[:, None], other=0.0)
+            vb0 = tl.load(v + kv + s0v[:, None] * D + d[None, :], mask=(s0v < n)[:, None], other=0.0)
+            if QK_NORM:
+                wq, wq2 = tl.load(qw + d).to(tl.float32), tl.load(qw + pd).to(tl.float32)
+                wk, wk2 = tl.load(kw + d).to(tl.float32), tl.load(kw + pd).to(tl.float32)
+            sgn = tl.where(d < D // 2, -1.0, 1.0)
+            f = p_b.to(tl.float32) * tl.load(inv_freq + d % (D // 2))
+            c = tl.cos(f).to(dt).to(tl.float32)
+            sn = tl.sin(f).to(dt).to(tl.float32)
+            if QK_NORM:  # rms_norm: float32, cast, then times the weight (a product in the dtype)
+                rq = 1.0 / tl.sqrt((tl.reduce(xq * xq, 0, tl.standard._sum_combine) / D + eps).to(tl.float32))
+                rk = 1.0 / tl.sqrt((tl.reduce(xk * xk, 0, tl.standard._sum_combine) / D + eps).to(tl.float32))
+                xq = (wq * (xq * rq).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+                xq2 = (wq2 * (xq2 * rq).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+                xk = (wk * (xk * rk).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+                xk2 = (wk2 * (xk2 * rk).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+            # RoPE: x * cos + cat(-x2, x1) * sin, each product and the sum rounded to the dtype
+            qt = ((xq * c).to(dt).to(tl.float32) + (sgn * xq2 * sn).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+            qt = (qt * qk_scale).to(tl.float32)
+            k_new = ((xk * c).to(dt).to(tl.float32) + (sgn * xk2 * sn).to(dt).to(tl.float32)).to(dt)
+            own = (t == 0) & (h % (H // HKV) == 0)  # one program per KV head writes the new slot
+            tl.store(k + kv + slot * D + d, k_new, mask=own & (d < D))
+            tl.store(v + kv + slot * D + d, v_new, mask=own & (d < D))
 
-        # the first block (loaded before the wait), with the new slot patched in: it may not be in memory yet
-        kb = tl.where((s0v == slot)[:, None], k_new[None, :], kb0).to(tl.float32)
-        vb = tl.where((s0v == slot)[:, None], v_new[None, :], vb0).to(tl.float32)
-        sc = tl.where(s0v < n, tl.reduce(kb * qt[None, :], 1, tl.standard._sum_combine), float("-inf"))
-        m_i = tl.reduce(sc, 0, tl.standard._elementwise_max)  # finite: slot 0 is valid
-        p = tl.exp2(sc - m_i)
-        l_i = tl.reduce(p, 0, tl.standard._sum_combine)
-        o_acc = tl.reduce(p[:, None] * vb, 0, tl.standard._sum_combine)
-        end = n
-        if INTERP:  # the interpreter keeps scalars as 1-element arrays, which range() refuses
-            end, _ = end.handle.data.item(), 0  # (a tuple assignment keeps the int)
-        for s_start in range(BLOCK, end, BLOCK):  # the rest, if any; dynamic bound: nothing past pos is read
-            s = s_start + s0v
-            m_s = s < n
-            kb = tl.load(k + kv + s[:, None] * D + d[None, :], mask=m_s[:, None], other=0.0)
-            vb = tl.load(v + kv + s[:, None] * D + d[None, :], mask=m_s[:, None], other=0.0)
-            new = (s == slot)[:, None]
-            kb = tl.where(new, k_new[None, :], kb).to(tl.float32)
-            vb = tl.where(new, v_new[None, :], vb).to(tl.float32)
-            sc = tl.where(m_s, tl.reduce(kb * qt[None, :], 1, tl.standard._sum_combine), float("-inf"))
-            m_new = tl.maximum(m_i, tl.reduce(sc, 0, tl.standard._elementwise_max))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(sc - m_new)
-            l_i = l_i * alpha + tl.reduce(p, 0, tl.standard._sum_combine)
-            o_acc = o_acc * alpha + tl.reduce(p[:, None] * vb, 0, tl.standard._sum_combine)
-            m_i = m_new
-        o = (o_acc / l_i).to(dt).to(tl.float32)  # attention's output, in the dtype as the chain stores it
+            # the first block (loaded before the wait), with the new slot patched in: it may not be in memory yet
+            kb = tl.where((s0v == slot)[:, None], k_new[None, :], kb0).to(tl.float32)
+            vb = tl.where((s0v == slot)[:, None], v_new[None, :], vb0).to(tl.float32)
+            sc = tl.where(s0v < n, tl.reduce(kb * qt[None, :], 1, tl.standard._sum_combine), float("-inf"))
+            m_i = tl.reduce(sc, 0, tl.standard._elementwise_max)  # finite: slot 0 is valid
+            p = tl.exp2(sc - m_i)
+            l_i = tl.reduce(p, 0, tl.standard._sum_combine)
+            o_acc = tl.reduce(p[:, None] * vb, 0, tl.standard._sum_combine)
+            end = n
+            if INTERP:  # the interpreter keeps scalars as 1-element arrays, which range() refuses
+                end, _ = end.handle.data.item(), 0  # (a tuple assignment keeps the int)
+            for s_start in range(BLOCK, end, BLOCK):  # the rest, if any; dynamic bound: nothing past pos is read
+                s = s_start + s0v
+                m_s = s < n
+                kb = tl.load(k + kv + s[:, None] * D + d[None, :], mask=m_s[:, None], other=0.0)
+                vb = tl.load(v + kv + s[:, None] * D + d[None, :], mask=m_s[:, None], other=0.0)
+                new = (s == slot)[:, None]
+                kb = tl.where(new, k_new[None, :], kb).to(tl.float32)
+                vb = tl.where(new, v_new[None, :], vb).to(tl.float32)
+                sc = tl.where(m_s, tl.reduce(kb * qt[None, :], 1, tl.standard._sum_combine), float("-inf"))
+                m_new = tl.maximum(m_i, tl.reduce(sc, 0, tl.standard._elementwise_max))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(sc - m_new)
+                l_i = l_i * alpha + tl.reduce(p, 0, tl.standard._sum_combine)
+                o_acc = o_acc * alpha + tl.reduce(p[:, None] * vb, 0, tl.standard._sum_combine)
+                m_i = m_new
+            o = (o_acc / l_i).to(dt).to(tl.float32)  # attention's output, in the dtype as the chain stores it
+        else:
+            if PDL:
+                tl.extra.cuda.gdc_wait()
+                tl.extra.cuda.gdc_launch_dependents()
+            if NSPLIT == 1:
+                o = tl.load(o_in + pid * D + d).to(tl.float32)
+            else:
+                sp = tl.arange(0, NSP)
+                m_sp = sp < NSPLIT
+                m = tl.load(m_part + pid * NSPLIT + sp, mask=m_sp, other=float("-inf"))
+                lsum = tl.load(l_part + pid * NSPLIT + sp, mask=m_sp, other=0.0)
+                part = tl.load(acc_part + (pid * NSPLIT + sp)[:, None] * D + d[None, :], mask=m_sp[:, None],
+                               other=0.0)
+                wsp = tl.exp2(m - tl.reduce(m, 0, tl.standard._elementwise_max))  # finite: split 0 has slot 0
+                out = tl.reduce(wsp[:, None] * part, 0, tl.standard._sum_combine) / tl.reduce(wsp * lsum, 0,
+                                                                                              tl.standard._sum_combine)
+                o = out.to(dt).to(tl.float32)  # rounded as the chain's combine kernel stores it
 
         # this head's share of the tile's outputs, added to the float32 sum (the bias once, by head 0's programs);
         # the next GEMV adds the sum to the residual stream after its PDL wait (hylo.ops.gemv, acc)
@@ -159,51 +181,9 @@ if triton is not None:
         tl.atomic_add(acc + b * N + rows, share, mask=m_n, sem="relaxed", scope="gpu")
 
 
-    def _combine_out_kernel(m_part, l_part, acc_part, o, w, bias, acc, N, H: tl.constexpr, D: tl.constexpr,
-                            NSPLIT: tl.constexpr, NSP: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            PDL: tl.constexpr):
-        # One program: query head h of row b (pid = b * H + h), output tile t. Merges the head's NSPLIT partial
-        # softmaxes (hylo.ops.decode_attention's split kernel; with one split its output o), rounds the result to
-        # the dtype as the chain's combine kernel stores it, and adds its product with the tile of W_o into acc.
-        pid, t = tl.program_id(0), tl.program_id(1)
-        b = pid // H
-        h = pid % H
-        dt = w.dtype.element_ty
-        d = tl.arange(0, D)
-        rows = t * BN + tl.arange(0, BN)
-        m_n = rows < N
-        wt = tl.load(w + rows[:, None].to(tl.int64) * (H * D) + h * D + d[None, :], mask=m_n[:, None], other=0.0)
-        if HAS_BIAS:
-            bo = tl.load(bias + rows, mask=m_n, other=0.0).to(tl.float32)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        if NSPLIT == 1:
-            out = tl.load(o + pid * D + d).to(tl.float32)
-        else:
-            sp = tl.arange(0, NSP)
-            m_sp = sp < NSPLIT
-            m = tl.load(m_part + pid * NSPLIT + sp, mask=m_sp, other=float("-inf"))
-            lsum = tl.load(l_part + pid * NSPLIT + sp, mask=m_sp, other=0.0)
-            part = tl.load(acc_part + (pid * NSPLIT + sp)[:, None] * D + d[None, :], mask=m_sp[:, None], other=0.0)
-            wsp = tl.exp2(m - tl.reduce(m, 0, tl.standard._elementwise_max))  # finite: split 0 has slot 0
-            out = tl.reduce(wsp[:, None] * part, 0, tl.standard._sum_combine) / tl.reduce(wsp * lsum, 0,
-                                                                                          tl.standard._sum_combine)
-            out = out.to(dt).to(tl.float32)
-        share = tl.reduce(wt.to(tl.float32) * out[None, :], 1, tl.standard._sum_combine)
-        if HAS_BIAS:
-            share += tl.where(h == 0, bo, 0.0)
-        tl.atomic_add(acc + b * N + rows, share, mask=m_n, sem="relaxed", scope="gpu")
-
-
 @functools.lru_cache(maxsize=None)
 def _jit(interpret: bool):
     return triton.jit(_attn_out_kernel)
-
-
-@functools.lru_cache(maxsize=None)
-def _jit_combine(interpret: bool):
-    return triton.jit(_combine_out_kernel)
 
 
 def _check(qkv, H, k, w_o, acc, q_norm, k_norm) -> None:
@@ -222,6 +202,23 @@ def _check(qkv, H, k, w_o, acc, q_norm, k_norm) -> None:
         raise ValueError("decode_attn_out: pass both q_norm and k_norm, or neither")
 
 
+def _launch(qkv, H, q_norm, k_norm, eps, inv_freq, k, v, pos, ring, w_o, b_o, acc, pdl, merge=None) -> None:
+    """The kernel on grid (rows x heads, output tiles): fused, or with ``merge = (max, sum, acc partials, o,
+    splits)`` from the split attention."""
+    B, Hkv, L, Dh = k.shape
+    N = w_o.shape[0]
+    interp = triton_interpreting()
+    bn = tile_rows(Dh)
+    m, lsum, part, o, nsplit = merge or (qkv, qkv, qkv, qkv, 1)  # qkv: unused pointers
+    qw, kw = (q_norm, k_norm) if q_norm is not None else (qkv, qkv)
+    launch = {} if interp else {"num_warps": WARPS, **({"launch_pdl": True} if pdl else {})}
+    _jit(interp)[(B * H, -(-N // bn))](
+        qkv, k, v, pos, qw, kw, inv_freq, float(eps), math.log2(math.e) / math.sqrt(Dh), L, m, lsum, part, o, w_o,
+        qkv if b_o is None else b_o, acc, N, H=H, HKV=Hkv, D=Dh, BLOCK=INTERP_BLOCK if interp else BLOCK, BN=bn,
+        NSPLIT=nsplit, NSP=triton.next_power_of_2(nsplit), FUSED=merge is None, HAS_BIAS=b_o is not None,
+        QK_NORM=q_norm is not None, RING=ring, PDL=pdl and not interp, INTERP=interp, **launch)
+
+
 def decode_attn_split_out(qkv: torch.Tensor, num_heads: int, q_norm: torch.Tensor | None,
                           k_norm: torch.Tensor | None, eps: float, inv_freq: torch.Tensor, k: torch.Tensor,
                           v: torch.Tensor, pos: torch.Tensor, ring: bool, w_o: torch.Tensor, b_o: torch.Tensor | None,
@@ -235,17 +232,10 @@ def decode_attn_split_out(qkv: torch.Tensor, num_heads: int, q_norm: torch.Tenso
     _check(qkv, num_heads, k, w_o, acc, q_norm, k_norm)
     from hylo.ops.decode_attention import decode_qkv_attention
 
-    B, _, _, Dh = k.shape
-    H, N = num_heads, w_o.shape[0]
-    o, (m, lsum, part), nsplit = decode_qkv_attention(qkv, H, q_norm, k_norm, eps, inv_freq, k, v, pos, ring, pdl,
-                                                      merge=False)
-    interp = triton_interpreting()
-    bn = tile_rows(Dh)
-    nsp = triton.next_power_of_2(nsplit)
-    launch = {} if interp else {"num_warps": WARPS, **({"launch_pdl": True} if pdl else {})}
-    _jit_combine(interp)[(B * H, -(-N // bn))](
-        m, lsum, part, o, w_o, o if b_o is None else b_o, acc, N, H=H, D=Dh, NSPLIT=nsplit, NSP=nsp, BN=bn,
-        HAS_BIAS=b_o is not None, PDL=pdl and not interp, **launch)
+    o, (m, lsum, part), nsplit = decode_qkv_attention(qkv, num_heads, q_norm, k_norm, eps, inv_freq, k, v, pos, ring,
+                                                      pdl, merge=False)
+    _launch(qkv, num_heads, None, None, 0.0, inv_freq, k, v, pos, False, w_o, b_o, acc, pdl,
+            (m, lsum, part, o, nsplit))
     return acc
 
 
@@ -260,15 +250,5 @@ def decode_attn_out(qkv: torch.Tensor, num_heads: int, q_norm: torch.Tensor | No
     if triton is None:
         raise RuntimeError("hylo.ops.decode_attn_out needs Triton")
     _check(qkv, num_heads, k, w_o, acc, q_norm, k_norm)
-    B, Hkv, L, Dh = k.shape
-    H, N = num_heads, w_o.shape[0]
-    interp = triton_interpreting()
-    bn = tile_rows(Dh)
-    qw, kw = (q_norm, k_norm) if q_norm is not None else (qkv, qkv)  # qkv: an unused pointer where one is absent
-    launch = {} if interp else {"num_warps": WARPS, **({"launch_pdl": True} if pdl else {})}
-    _jit(interp)[(B * H, -(-N // bn))](
-        qkv, k, v, pos, qw, kw, inv_freq, float(eps), math.log2(math.e) / math.sqrt(Dh), L, w_o,
-        qkv if b_o is None else b_o, acc, N, H=H, HKV=Hkv, D=Dh, BLOCK=INTERP_BLOCK if interp else BLOCK, BN=bn,
-        HAS_BIAS=b_o is not None, QK_NORM=q_norm is not None, RING=ring, PDL=pdl and not interp, INTERP=interp,
-        **launch)
+    _launch(qkv, num_heads, q_norm, k_norm, eps, inv_freq, k, v, pos, ring, w_o, b_o, acc, pdl)
     return acc
