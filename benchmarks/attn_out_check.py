@@ -4,7 +4,7 @@ r"""The kernel step's attention with its output projection in one kernel (``HYLO
 For a Qwen3-0.6B-shaped model (random weights, bf16, batch 1) at each ``--caches`` length: the default kernel step
 (split attention, combine, output GEMV), then each ``--variants`` entry: ``ao:BLOCK/TILE/WARPS`` the fused kernel
 (slots per block, weights per tile, warps; ``HYLO_STEP_ATTN_OUT=fused``), ``split`` the split attention whose
-partials the projection's kernel merges (``HYLO_STEP_ATTN_OUT=on``), ``ffn`` the FFN's down projection split over K into a float32 sum
+partials the projection's kernel merges (``HYLO_STEP_ATTN_OUT=split``), ``ffn`` the FFN's down projection split over K into a float32 sum
 (``HYLO_STEP_FFN_SPLIT``), ``+``-joined. Per entry:
 
 - check: ``--check-steps`` steps fed the same tokens from position 0, logits against the chain's (max abs
@@ -49,7 +49,7 @@ ON = {"HYLO_KERNEL_STEP": "on", "HYLO_GEMV": "on"}
 def parse_variants(spec: str) -> list[tuple[str, tuple[int, int, int] | None, bool, bool]]:
     """``--variants`` -> ``(name, (block, tile, warps) of the fused attention or None, FFN split, split
     attention's sum)`` per entry: ``+``-joined ``ao`` (``HYLO_STEP_ATTN_OUT=fused`` at the module's defaults),
-    ``ao:BLOCK/TILE/WARPS``, ``split`` (``HYLO_STEP_ATTN_OUT=on``) and ``ffn`` (``HYLO_STEP_FFN_SPLIT=on``)."""
+    ``ao:BLOCK/TILE/WARPS``, ``split`` (``HYLO_STEP_ATTN_OUT=split``) and ``ffn`` (``HYLO_STEP_FFN_SPLIT=on``)."""
     out = []
     for v in (v.strip() for v in spec.split(",") if v.strip()):
         ao, ffn, split = None, False, False
@@ -133,7 +133,7 @@ def main():
             try:
                 if var:
                     dao.BLOCK, dao.TILE_ELEMS, dao.WARPS = var
-                sw = {**ON, "HYLO_STEP_ATTN_OUT": "fused" if var else "on" if split else "off",
+                sw = {**ON, "HYLO_STEP_ATTN_OUT": "fused" if var else "split" if split else "off",
                       "HYLO_STEP_FFN_SPLIT": "on" if ffn else "off"}
                 with switched(sw), torch.no_grad():
                     runner = DecodeRunner(hy, 1, L, cuda_graph=graphs)

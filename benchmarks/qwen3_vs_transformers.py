@@ -207,7 +207,7 @@ SUFFIXES = {"gemv": ("gemv", "on"), "cublas": ("gemv", "off"),  # mode suffix ->
             "nopdl": ("pdl", "off"), "perspdl": ("pdl", "persistent"),
             "blockc": ("compile_scope", "block"), "nokstep": ("kernel_step", "off"),
             "pre": ("gemv_preload", "on"), "nopre": ("gemv_preload", "off"),
-            "noearly": ("attn_early_kv", "off"), "ao": ("step_attn_out", "on"),
+            "noearly": ("attn_early_kv", "off"), "aosplit": ("step_attn_out", "split"),
             "aofused": ("step_attn_out", "fused"), "ffnsplit": ("step_ffn_split", "on"),
             "noao": ("step_attn_out", "off"), "noffnsplit": ("step_ffn_split", "off")}
 # the switches a mode may set (SUFFIXES' first field) -> their environment names (keys of Choice.registry)

@@ -118,7 +118,7 @@ def test_attn_out_check_smoke(tmp_path):
     res = json.loads(out.read_text())
     assert not res["errors"] and set(res["results"]) == {"chain_cache24", "ao_64_16384_8+ffn_cache24",
                                                           "split_cache24"}
-    assert res["results"]["split_cache24"]["sums"] == {"attn": "on", "ffn": False}
+    assert res["results"]["split_cache24"]["sums"] == {"attn": "split", "ffn": False}
     rec = res["results"]["ao_64_16384_8+ffn_cache24"]
     assert rec["sums"] == {"attn": "fused", "ffn": True} and rec["kernel_step"]
     assert res["results"]["chain_cache24"]["sums"] is None

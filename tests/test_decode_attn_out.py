@@ -118,13 +118,13 @@ def test_attn_out_checks_its_inputs(interp):
 
 
 @pytest.mark.parametrize("layers,attn_out,ffn_split", [("a f swa f", "fused", "off"), ("a swa f a", "fused", "on"),
-                                                      ("a f f swa f", "off", "on"), ("a f swa f", "on", "on"),
-                                                      ("a swa f a", "on", "off")])
+                                                      ("a f f swa f", "off", "on"), ("a f swa f", "split", "on"),
+                                                      ("a swa f a", "split", "off")])
 def test_kernel_step_with_sums_same_logits_as_the_runner_step(interp, monkeypatch, layers, attn_out, ffn_split):
     """The kernel step with blocks that leave float32 sums (HYLO_STEP_ATTN_OUT, HYLO_STEP_FFN_SPLIT; attention, a
     wrapping sliding window, FFN, meta tokens; rows at different positions): 7 steps give the usual step's logits
     and caches (float32). In ``a swa f a`` the sliding window's q/k/v GEMV adds attention's sum, and the last block
-    (attention) is the chain's; in ``a f f swa f`` an FFN adds the FFN's sum before it. ``on``: split attention
+    (attention) is the chain's; in ``a f f swa f`` an FFN adds the FFN's sum before it. ``split``: split attention
     (2 splits of 8 slots past position 16), its partials merged in the projection's kernel; ``fused``: one kernel."""
     from test_kernel_step import _attn_ffn_model
 

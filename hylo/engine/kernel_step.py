@@ -73,16 +73,25 @@ polls (0.855, ``-run8-blocks-nap.json``) and 8192-weight tiles (0.832 / 0.884, `
 not change that. Compiled for sm_90 the kernels held 186 registers per thread (4 warps), two programs per SM, so a
 stage's programs could not all hold their weights while the stage before ran.
 
-Blocks that leave their output projection as a float32 sum (:func:`workspace`, off by default until timed as the
-default): the next block's first GEMV, which needs the whole residual stream after its PDL wait anyway, adds the
-sum (``gemv_direct(acc=...)``), so a projection needs no residual read and its programs may split K and add with
-atomics. ``HYLO_STEP_FFN_SPLIT=on``: the FFN's down projection in power-of-two chunks of K (no padded rows).
-``HYLO_STEP_ATTN_OUT=on``: the split attention's partials merged by the output projection's own programs (one
+Blocks that leave their output projection as a float32 sum (:func:`workspace`, all off by default): the next
+block's first GEMV, which needs the whole residual stream after its PDL wait anyway, adds the sum
+(``gemv_direct(acc=...)``), so a projection needs no residual read and its programs may split K and add with
+atomics (whose order makes the float32 sums, and now and then a bf16 logit, differ from run to run).
+``HYLO_STEP_FFN_SPLIT=on``: the FFN's down projection in power-of-two chunks of K (no padded rows).
+``HYLO_STEP_ATTN_OUT=split``: the split attention's partials merged by the output projection's own programs (one
 kernel fewer per layer); ``fused``: attention and projection in one kernel, each program reading its KV head's
-whole cache (:mod:`hylo.ops.decode_attn_out`), so for short contexts only. On one H100
-(``benchmarks/results/attn-out-h100-run3.json``, Qwen3-0.6B shape, positions 16-80): FFN split 0.768 and with the
-fused attention 0.688 ms/token against the chain's 0.801; at positions 512-576 the fused kernel took 1.744 against
-0.862 (``-run4-pos512.json``) while the FFN split alone gave 0.841.
+whole cache (:mod:`hylo.ops.decode_attn_out`), so for short contexts only. Timed on H100s (Qwen3-0.6B shape,
+``python benchmarks/attn_out_check.py``; each line one machine, against the chain in the same process):
+
+- positions 16-80 (``benchmarks/results/attn-out-h100-run3.json``, ``-run5.json``): chain 0.801 / 0.734 ms/token,
+  FFN split 0.768 / 0.745, ``fused`` + FFN split 0.688 / 0.658, ``split`` + FFN split - / 0.750;
+- longer positions: at 512-576 ``fused`` + FFN split 1.744 against the chain's 0.862 (FFN split 0.841,
+  ``-run4-pos512.json``); at 1024-1088 chain 0.906, FFN split 0.908, ``split`` + FFN split 0.908
+  (``-run5-pos1024.json``).
+
+So only ``fused`` gains on both machines, and only while positions are short; taking it by default needs a runner
+that switches to the chain past a measured position (two graphs), which is not built. (Before commit ``02474c6``
+the value ``on`` named the one-kernel version; the result files of runs 1-4 say ``on`` for it.)
 """
 
 from __future__ import annotations
@@ -102,10 +111,10 @@ from hylo.ops.rope import inv_freq
 
 _SWITCH = Choice("kernel decode step", "HYLO_KERNEL_STEP", ("off", "on"), "on")
 set_kernel_step, get_kernel_step, kernel_step_mode = _SWITCH.set, _SWITCH.get, _SWITCH.use
-# attention's output projection into a float32 sum (hylo.ops.decode_attn_out) instead of combine + GEMV: on = split
+# attention's output projection into a float32 sum (hylo.ops.decode_attn_out) instead of combine + GEMV: split =
 # attention, then one kernel that merges and projects (any context); fused = one kernel (short contexts only)
 _ATTN_OUT = Choice("kernel step's attention with its output projection", "HYLO_STEP_ATTN_OUT",
-                   ("off", "on", "fused"), "off")
+                   ("off", "split", "fused"), "off")
 set_step_attn_out, get_step_attn_out, step_attn_out_mode = _ATTN_OUT.set, _ATTN_OUT.get, _ATTN_OUT.use
 # the FFN's down projection split over K, its products added into a float32 sum for the next block to add
 _FFN_SPLIT = Choice("kernel step's FFN down projection into a sum", "HYLO_STEP_FFN_SPLIT", ("off", "on"), "off")
@@ -167,7 +176,7 @@ def workspace(model, batch_size: int) -> dict | None:
     ``HYLO_STEP_ATTN_OUT`` (attention and its output projection as one kernel,
     :func:`hylo.ops.decode_attn_out.decode_attn_out`) or ``HYLO_STEP_FFN_SPLIT`` (the FFN's down projection split
     over K into the sum) is on (read here, when a runner builds its step) and the preloading GEMV takes rows of the
-    hidden size: ``{"sums": [layers, B, hidden] float32, "attn": "on" | "fused" | None, "ffn": bool}``, the sums
+    hidden size: ``{"sums": [layers, B, hidden] float32, "attn": "split" | "fused" | None, "ffn": bool}``, the sums
     zeroed at the start of each step; else ``None``."""
     D = model.embed_tokens.weight.shape[1]
     attn = _ATTN_OUT.value != "off" and any(isinstance(b.mixer, Attention) for b in model.layers[:-1])
