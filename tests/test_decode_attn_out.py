@@ -167,3 +167,43 @@ def test_attn_out_compiles_for_sm90_with_pdl():
         ptx = _ptx(dao._jit(False), sig, ce)
         assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
         assert "red.global.gpu.relaxed.add.f32" in ptx or "atom.global.gpu.relaxed.add.f32" in ptx
+
+
+def test_runner_leaves_the_fused_kernel_past_its_limit(interp, monkeypatch):
+    """HYLO_STEP_ATTN_OUT=fused: the runner computes steps below FUSED_MAX_POS (absolute positions, meta tokens
+    included) with the fused kernel and the later ones with the chain's attention; the logits are the usual
+    step's throughout (float32), and so are the engine's greedy tokens across the limit."""
+    from test_kernel_step import _attn_ffn_model
+
+    from hylo.engine import Engine, SamplingParams
+
+    monkeypatch.setattr(dattn, "MIN_SPLIT", 8)
+    monkeypatch.setattr(kernel_step, "FUSED_MAX_POS", 7)
+    calls = []
+    fused = dao.decode_attn_out
+    monkeypatch.setattr(dao, "decode_attn_out", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    model = _attn_ffn_model("a f a f")  # meta tokens: 2
+    ids = torch.tensor([[3], [5], [7], [2], [9], [1], [4], [6]])
+    with G.gemv_mode("on"), dattn.decode_attn_mode("on"):
+        with kernel_step.kernel_step_mode("off"):
+            ref_runner = DecodeRunner(model, 1, 40)
+        ref = [ref_runner.step(t) for t in ids]
+        with kernel_step.kernel_step_mode("on"), kernel_step.step_attn_out_mode("fused"), \
+                kernel_step.step_ffn_split_mode("on"):
+            runner = DecodeRunner(model, 1, 40)
+            assert runner.fused_limit == 7
+            got = []
+            for t in ids:  # absolute positions 2..9: the first five below the limit
+                got.append(runner.step(t))
+            assert len(calls) == 5 * 2  # two attention layers
+            for a, b in zip(got, ref):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            prompt = [3, 5, 7, 2]  # decoding from absolute position 6: the first step fused, the next 4 not
+            calls.clear()
+            want = Engine(model, max_batch_size=1, max_seq_len=24).generate([prompt],
+                                                                         SamplingParams(max_new_tokens=6))
+            assert len(calls) == 2
+            with kernel_step.kernel_step_mode("off"):
+                ref_out = Engine(model, max_batch_size=1, max_seq_len=24).generate([prompt],
+                                                                                  SamplingParams(max_new_tokens=6))
+        assert want[0].token_ids == ref_out[0].token_ids

@@ -379,6 +379,7 @@ class Engine:
 
         # ---- decode: device steps run ahead of the host by `depth`
         max_steps = max(r.limit for r in rows) - 1
+        top = runner.num_meta_tokens + max(len(r.prompt_ids) for r in rows)  # the rows' largest position at step 0
         cuda = dev.type == "cuda"
         depth = 2  # steps queued ahead of the host (on the CPU too, so tests run the same logic)
         pinned = [torch.empty(B, dtype=torch.long, pin_memory=True) for _ in range(depth + 1)] if cuda else None
@@ -388,7 +389,7 @@ class Engine:
         t1 = time.perf_counter()
         while True:
             while len(inflight) < depth and launched < max_steps and not all(r.finish_reason for r in rows):
-                logits = runner._step(tokens)
+                logits = runner._step(tokens, max_pos=top + launched)
                 cache.pos.sub_(done.long())  # rows finished before this step stay where they are
                 nxt = pick(logits)
                 active = ~done

@@ -97,6 +97,7 @@ the value ``on`` named the one-kernel version; the result files of runs 1-4 say 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +120,9 @@ set_step_attn_out, get_step_attn_out, step_attn_out_mode = _ATTN_OUT.set, _ATTN_
 # the FFN's down projection split over K, its products added into a float32 sum for the next block to add
 _FFN_SPLIT = Choice("kernel step's FFN down projection into a sum", "HYLO_STEP_FFN_SPLIT", ("off", "on"), "off")
 set_step_ffn_split, get_step_ffn_split, step_ffn_split_mode = _FFN_SPLIT.set, _FFN_SPLIT.get, _FFN_SPLIT.use
+# HYLO_STEP_ATTN_OUT=fused: a runner takes the fused kernel while its rows' positions (meta tokens included) are
+# below this, and the chain's attention from there (a second graph); not yet measured where the two cross
+FUSED_MAX_POS = int(os.environ.get("HYLO_STEP_FUSED_MAX_POS", 128))
 
 
 def head_size_ok(hd: int) -> bool:

@@ -150,6 +150,10 @@ class DecodeRunner:
         self._tokens = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self._logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
+        # HYLO_STEP_ATTN_OUT=fused: a second step (and graph) without it, taken once positions reach fused_limit
+        self._long = False  # which of the two steps _fn computes (read when it runs or is captured)
+        self._graphs: dict[bool, tuple] = {}  # long -> (graph, static logits)
+        self.fused_limit: int | None = None
         self.gemv = gemv.enabled(self.device)
         # scoped to each call of the step (traced or captured inside it), so nothing outside the step sees it
         self._linears = gemv.gemv_linears(model) if self.gemv else contextlib.nullcontext()
@@ -216,7 +220,12 @@ class DecodeRunner:
         if self.kernel_step:
             freqs, persistent = kernel_step.frequencies(model), pdl.persistent()
             ws = self.sums_ws = kernel_step.workspace(model, self.batch_size)
-            return lambda tokens: kernel_step.step(model, tokens, states, pos, head, freqs, self.pdl, persistent, ws)
+            ws_long = ws
+            if ws is not None and ws["attn"] == "fused":  # past fused_limit positions: the chain's attention
+                self.fused_limit = kernel_step.FUSED_MAX_POS
+                ws_long = {**ws, "attn": None} if ws["ffn"] else None
+            return lambda tokens: kernel_step.step(model, tokens, states, pos, head, freqs, self.pdl, persistent,
+                                                   ws_long if self._long else ws)
         plan = [fused.fusable(b) for b in model.layers]
 
         def make(block_step):
@@ -251,33 +260,43 @@ class DecodeRunner:
         self.cache.seq_len += 1
         return out
 
-    def _step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The step without host-side position checks (the engine keeps its own exact accounting)."""
+    def _step(self, tokens: torch.Tensor, max_pos: int | None = None) -> torch.Tensor:
+        """The step without host-side position checks (the engine keeps its own exact accounting and passes
+        ``max_pos``, an upper bound of the rows' absolute positions, which picks the step where there are two)."""
+        p = self._max_pos if max_pos is None else max_pos
+        long = self.fused_limit is not None and p >= self.fused_limit
         if self.graph is None:
             self.cache.seq_len = min(self._max_pos, self.cache.max_len - 1)
+            self._long = long
             return self._call(tokens.to(self.device))
+        graph, logits = self._graphs[long]
         self._tokens.copy_(tokens, non_blocking=True)
-        self.graph.replay()
-        return self._logits
+        graph.replay()
+        return logits
 
     @torch.no_grad()
     def _capture(self, pool, warmup: int) -> None:
         n = self.num_meta_tokens
         self.reset()
         self.cache.seq_len = n
-        # warm up on a side stream (lazy initialisations, kernel selection) as torch.cuda.graphs requires;
-        # positions are put back after each step so a tiny max_len cannot overflow
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(max(1, warmup)):
-                self._call(self._tokens)
-                self.cache.pos.fill_(n)
-                self.cache.seq_len = n
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            self._logits = self._call(self._tokens)
-        self.cache.seq_len = n
-        self.graph = graph
+        for long in (False, True) if self.fused_limit is not None else (False,):
+            self._long = long
+            # warm up on a side stream (lazy initialisations, kernel selection) as torch.cuda.graphs requires;
+            # positions are put back after each step so a tiny max_len cannot overflow
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(max(1, warmup)):
+                    self._call(self._tokens)
+                    self.cache.pos.fill_(n)
+                    self.cache.seq_len = n
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._call(self._tokens)
+            pool = graph.pool()  # the second graph shares the first's memory pool
+            self._graphs[long] = (graph, logits)
+            self.cache.seq_len = n
+        self.graph, self._logits = self._graphs[False]
+        self._long = False
         self.reset()  # warm-up steps wrote junk into the states
