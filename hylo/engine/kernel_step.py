@@ -89,8 +89,9 @@ whole cache (:mod:`hylo.ops.decode_attn_out`), so for short contexts only. Timed
   ``-run4-pos512.json``); at 1024-1088 chain 0.906, FFN split 0.908, ``split`` + FFN split 0.908
   (``-run5-pos1024.json``).
 
-So only ``fused`` gains on both machines, and only while positions are short; taking it by default needs a runner
-that switches to the chain past a measured position (two graphs), which is not built. (Before commit ``02474c6``
+So only ``fused`` gains on both machines, and only while positions are short: a runner with it holds a second
+step (and graph) without it, taken from :data:`FUSED_MAX_POS` on (CPU-tested; the crossover is not measured and the
+two graphs have not run on a GPU), which is what taking it by default would need. (Before commit ``02474c6``
 the value ``on`` named the one-kernel version; the result files of runs 1-4 say ``on`` for it.)
 """
 
