@@ -178,10 +178,9 @@ def frequencies(model) -> dict[int, torch.Tensor]:
 
 def workspace(model, batch_size: int) -> dict | None:
     """The float32 sums that blocks leave for the next block's first GEMV to add (:func:`first_gemv`), where
-    ``HYLO_STEP_ATTN_OUT`` (attention and its output projection as one kernel,
-    :func:`hylo.ops.decode_attn_out.decode_attn_out`) or ``HYLO_STEP_FFN_SPLIT`` (the FFN's down projection split
-    over K into the sum) is on (read here, when a runner builds its step) and the preloading GEMV takes rows of the
-    hidden size: ``{"sums": [layers, B, hidden] float32, "attn": "split" | "fused" | None, "ffn": bool}``, the sums
+    ``HYLO_STEP_ATTN_OUT`` (attention's output projection into the sum, :mod:`hylo.ops.decode_attn_out`) is ``split``
+    or ``fused`` or ``HYLO_STEP_FFN_SPLIT`` (the FFN's down projection split over K into the sum) is ``on`` (read
+    here, when a runner builds its step) and the preloading GEMV takes rows of the hidden size: ``{"sums": [layers, B, hidden] float32, "attn": "split" | "fused" | None, "ffn": bool}``, the sums
     zeroed at the start of each step; else ``None``."""
     D = model.embed_tokens.weight.shape[1]
     attn = _ATTN_OUT.value != "off" and any(isinstance(b.mixer, Attention) for b in model.layers[:-1])
@@ -200,8 +199,8 @@ def gemv_launcher(pdl: bool, persistent: bool = False):
 
 
 def first_gemv(gemv, h: torch.Tensor, acc: torch.Tensor | None, lin, norm):
-    """A block's first GEMV (pre-norm): ``(output, block input)``. With ``acc``, the attention block before left
-    its output projection as that float32 sum: the GEMV adds it to ``h`` first and returns the sum as the input."""
+    """A block's first GEMV (pre-norm): ``(output, block input)``. With ``acc``, the block before left its output
+    projection as that float32 sum: the GEMV adds it to ``h`` first and returns the sum as the input."""
     if acc is None:
         return gemv(h, lin.weight, lin.bias, norm.weight, norm.eps), h
     h_in = torch.empty_like(h)
