@@ -1,20 +1,23 @@
-"""Decode attention and the output projection in one kernel, for the kernel decode step
-(``hylo.engine.kernel_step``, ``HYLO_STEP_ATTN_OUT``).
+"""Attention's output projection added into a float32 sum, for the kernel decode step (``hylo.engine.kernel_step``,
+``HYLO_STEP_ATTN_OUT``): with attention in the same kernel (:func:`decode_attn_out`, ``fused``) or after the split
+attention, merging its partials (:func:`decode_attn_split_out`, ``split``).
 
 Why: in the kernel step an attention block is three dependent kernels after its q/k/v GEMV (split attention,
 combine, output GEMV), and at short contexts each costs about as much as its launch, drain and the round trip of
 its inputs through L2 (H100, Qwen3-0.6B shape, 80-slot cache: 4.1, 1.9 and 2.7 us per layer,
-``benchmarks/results/attn-out-h100.json``). Here the output projection is split by query head instead of by
-output: program ``(b, h, t)`` computes query head ``h``'s attention over the whole cache, multiplies it by the tile
+``benchmarks/results/attn-out-h100-run1.json``). Here the output projection is split by query head instead of by
+output: program ``(b, h, t)`` gets query head ``h``'s attention output, multiplies it by the tile
 ``W_o[t*BN:(t+1)*BN, h*Dh:(h+1)*Dh]`` and adds the product into a float32 sum ``acc [B, N]`` with atomics. The next
 kernel, a GEMV that needs the whole residual stream anyway (:func:`hylo.ops.gemv.gemv_direct` with ``acc``), adds
-the sum to the stream after its PDL wait. One launch replaces three, and nothing waits on the atomics but the PDL
-wait that the next kernel has in any case.
+the sum to the stream after its PDL wait: nothing waits on the atomics but the PDL wait that the next kernel has
+in any case. ``fused``: one launch replaces three; ``split``: two (no combine kernel). Timings: the kernel step's
+module doc (``fused`` gains at short positions only, ``split`` matched the chain).
 
-Before the PDL wait each program loads its weight tile; after it, its q and its KV head's new key and value from
-the projection (qk-norm, RoPE) and the cache's first block of slots, in one round of loads; it patches the new
-slot into the blocks it reads and (one program per KV head) writes it to the cache. Every program of a KV head
-reads the whole valid cache, ``H / Hkv * ceil(N / BN)`` times in all (mostly from L2): cheap at short contexts.
+Before the PDL wait each program loads its weight tile. After it, with ``fused``, its q and its KV head's new key
+and value from the projection (qk-norm, RoPE) and the cache's first block of slots, in one round of loads; it
+patches the new slot into the blocks it reads and (one program per KV head) writes it to the cache. Every program
+of a KV head reads the whole valid cache, ``H / Hkv * ceil(N / BN)`` times in all (mostly from L2): cheap at short
+contexts only. With ``split`` it reads the head's partial softmaxes and merges them as the combine kernel does.
 
 Roundings are the chain's (:func:`hylo.ops.decode_attention.decode_qkv_attention`, then the output GEMV with its
 residual): attention's output rounded to the dtype, the projection summed in float32 and rounded before the
