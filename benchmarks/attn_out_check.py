@@ -4,8 +4,8 @@ r"""The kernel step's attention with its output projection in one kernel (``HYLO
 For a Qwen3-0.6B-shaped model (random weights, bf16, batch 1) at each ``--caches`` length: the default kernel step
 (split attention, combine, output GEMV), then each ``--variants`` entry: ``ao:BLOCK/TILE/WARPS`` the fused kernel
 (slots per block, weights per tile, warps; ``HYLO_STEP_ATTN_OUT=fused``), ``split`` the split attention whose
-partials the projection's kernel merges (``HYLO_STEP_ATTN_OUT=split``), ``ffn`` the FFN's down projection split over K into a float32 sum
-(``HYLO_STEP_FFN_SPLIT``), ``+``-joined. Per entry:
+partials the projection's kernel merges (``HYLO_STEP_ATTN_OUT=split``), ``ffn`` the FFN's down projection split
+over K into a float32 sum (``HYLO_STEP_FFN_SPLIT``), ``+``-joined. Per entry:
 
 - check: ``--check-steps`` steps fed the same tokens from position 0, logits against the chain's (max abs
   difference, and whether the argmax agrees at every step), and greedy decoding from the same start (the steps

@@ -180,8 +180,9 @@ def workspace(model, batch_size: int) -> dict | None:
     """The float32 sums that blocks leave for the next block's first GEMV to add (:func:`first_gemv`), where
     ``HYLO_STEP_ATTN_OUT`` (attention's output projection into the sum, :mod:`hylo.ops.decode_attn_out`) is ``split``
     or ``fused`` or ``HYLO_STEP_FFN_SPLIT`` (the FFN's down projection split over K into the sum) is ``on`` (read
-    here, when a runner builds its step) and the preloading GEMV takes rows of the hidden size: ``{"sums": [layers, B, hidden] float32, "attn": "split" | "fused" | None, "ffn": bool}``, the sums
-    zeroed at the start of each step; else ``None``."""
+    here, when a runner builds its step) and the preloading GEMV takes rows of the hidden size:
+    ``{"sums": [layers, B, hidden] float32, "attn": "split" | "fused" | None, "ffn": bool}``, the sums zeroed at the
+    start of each step; else ``None``."""
     D = model.embed_tokens.weight.shape[1]
     attn = _ATTN_OUT.value != "off" and any(isinstance(b.mixer, Attention) for b in model.layers[:-1])
     ffn = _FFN_SPLIT.value == "on" and all(G.split_chunk(b.mixer.down_proj.weight.shape[1]) >= 16
