@@ -46,6 +46,11 @@ for stage in "$@"; do
       [ -n "${EC_LIMIT:-}" ] && lim $EC_LIMIT python3 benchmarks/engine_check.py --models attn-swa-d512 --no-compile --out $R/engine_check_kstep.json 2>&1 | tail -4
       lim ${TL_LIMIT:-260} python3 benchmarks/decode_timeline.py --configs "${TL_CONFIGS:-eager,eager+nopre}" --caches 80 2048 --out $R/timeline.json 2>&1 | grep "ms/token\|rror" | tail -12
       lim ${QD_LIMIT:-200} python3 benchmarks/qwen3_vs_transformers.py --out $R/qwen3.json --modes "${Q_MODES:-eager,eager+nopre}" 2>&1 | grep "ms/token\|30x\|floor\|rror" | tail -12;;
+    sums) # issue 4's float32 sums (HYLO_STEP_ATTN_OUT, HYLO_STEP_FFN_SPLIT) against the chain, checked and timed in one
+      # process (attn-out-h100-run*.json): AO_VARIANTS at positions 16-80, then at AO_LONG (default 1024) with the
+      # fused kernel forced on past HYLO_STEP_FUSED_MAX_POS, for the crossover; ~2 min (AO_LIMIT per call)
+      lim ${AO_LIMIT:-120} python3 benchmarks/attn_out_check.py --caches 80 --variants "${AO_VARIANTS:-ffn,ao:64/16384/4+ffn}" --out $R/ao_s16.json 2>&1 | grep "ms/token\|rror" | cut -c1-250
+      lim ${AO_LIMIT:-120} env HYLO_STEP_FUSED_MAX_POS=1000000 python3 benchmarks/attn_out_check.py --caches 2048 --start ${AO_LONG:-1024} --variants "${AO_VARIANTS:-ffn,ao:64/16384/4+ffn}" --check-steps 4 --greedy-steps 4 --out $R/ao_long.json 2>&1 | grep "ms/token\|rror" | cut -c1-250;;
     passkey) # issue 5: tokenize the carried Gutenberg shards (.carry/gbraw, .carry/tok16k) into .carry/gbfull, train
       # the passkey checkpoint (benchmarks/configs/passkey-attn-125m.yaml), then the retrieval heat map (carry also
       # .carry/evaldata); the run folder's small files come back
