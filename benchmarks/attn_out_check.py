@@ -3,7 +3,8 @@ r"""The kernel step's attention with its output projection in one kernel (``HYLO
 
 For a Qwen3-0.6B-shaped model (random weights, bf16, batch 1) at each ``--caches`` length: the default kernel step
 (split attention, combine, output GEMV), then each ``--variants`` entry: ``ao:BLOCK/TILE/WARPS`` the fused kernel
-(slots per block, weights per tile, warps; ``HYLO_STEP_ATTN_OUT=fused``), ``split`` the split attention whose
+(slots per block, weights per tile, warps; ``HYLO_STEP_ATTN_OUT=fused``; ``/p`` after it: the first block of the
+cache loaded before the PDL wait, ``HYLO_ATTN_OUT_PREKV``), ``split`` the split attention whose
 partials the projection's kernel merges (``HYLO_STEP_ATTN_OUT=split``), ``ffn`` the FFN's down projection split
 over K into a float32 sum (``HYLO_STEP_FFN_SPLIT``), ``+``-joined. Per entry:
 
@@ -11,7 +12,9 @@ over K into a float32 sum (``HYLO_STEP_FFN_SPLIT``), ``+``-joined. Per entry:
   difference, and whether the argmax agrees at every step), and greedy decoding from the same start (the steps
   until the first differing token: bf16 summation orders differ, so an eventual divergence is expected);
 - time: wall-clock ms/token (median of passes of ``--steps`` greedy steps from ``--start``, graph replay + argmax,
-  as ``qwen3_vs_transformers.py``), and the profiler's timeline (``decode_timeline.step_stats``: per-role time).
+  as ``qwen3_vs_transformers.py``), and the profiler's timeline (``decode_timeline.step_stats``: per-role time);
+  with ``--more-starts``, ms/token from each of those positions too (for where the fused kernel stops gaining:
+  run with ``HYLO_STEP_FUSED_MAX_POS`` above them, or the runner leaves it there).
 
     HYLO_COMMIT=$(git rev-parse HEAD) python benchmarks/attn_out_check.py --caches 80 2048 \
         --out benchmarks/results/attn-out-h100.json
@@ -36,7 +39,7 @@ if "--smoke" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from decode_timeline import time_and_trace  # noqa: E402
-from qwen3_vs_transformers import device_and_shape, switched  # noqa: E402
+from qwen3_vs_transformers import device_and_shape, hylo_ms_per_token, switched  # noqa: E402
 
 from hylo.convert import from_transformers  # noqa: E402
 from hylo.engine.runner import DecodeRunner  # noqa: E402
@@ -46,35 +49,45 @@ from hylo.profile.report import environment  # noqa: E402
 ON = {"HYLO_KERNEL_STEP": "on", "HYLO_GEMV": "on"}
 
 
-def parse_variants(spec: str) -> list[tuple[str, tuple[int, int, int] | None, bool, bool]]:
-    """``--variants`` -> ``(name, (block, tile, warps) of the fused attention or None, FFN split, split
-    attention's sum)`` per entry: ``+``-joined ``ao`` (``HYLO_STEP_ATTN_OUT=fused`` at the module's defaults),
-    ``ao:BLOCK/TILE/WARPS``, ``split`` (``HYLO_STEP_ATTN_OUT=split``) and ``ffn`` (``HYLO_STEP_FFN_SPLIT=on``)."""
+def parse_variants(spec: str) -> list[tuple[str, tuple | None, bool, bool, bool]]:
+    """``--variants`` -> ``(name, (block, tile, warps, pre_kv) of the fused attention or None, FFN split, split
+    attention's sum, PyTorch's first and last kernels)`` per entry: ``+``-joined ``ao``
+    (``HYLO_STEP_ATTN_OUT=fused`` at the module's defaults), ``ao:BLOCK/TILE/WARPS[/p]``, ``split``
+    (``HYLO_STEP_ATTN_OUT=split``), ``ffn`` (``HYLO_STEP_FFN_SPLIT=on``) and ``torchio`` (``HYLO_STEP_IO=torch``:
+    the step's embedding, zeroing, position increment and the greedy argmax as PyTorch kernels)."""
     out = []
     for v in (v.strip() for v in spec.split(",") if v.strip()):
-        ao, ffn, split = None, False, False
+        ao, ffn, split, tio = None, False, False, False
         for part in v.split("+"):
             if part == "ffn":
                 ffn = True
+            elif part == "torchio":
+                tio = True
             elif part == "split":
                 split = True
             elif part == "ao":
-                ao = (dao.BLOCK, dao.TILE_ELEMS, dao.WARPS)
+                ao = (dao.BLOCK, dao.TILE_ELEMS, dao.WARPS, dao.PRE_KV)
             elif part.startswith("ao:"):
+                fields = part[3:].split("/")
+                pre = fields[-1] == "p"
                 try:
-                    ao = tuple(int(x) for x in part[3:].split("/"))
-                    block, tile, warps = ao
+                    block, tile, warps = (int(x) for x in fields[:3])
+                    if len(fields) != 3 + pre:
+                        raise ValueError
                 except ValueError:
-                    raise SystemExit(f"--variants: {part!r} is not ao:BLOCK/TILE/WARPS (e.g. ao:64/8192/4)") from None
+                    raise SystemExit(f"--variants: {part!r} is not ao:BLOCK/TILE/WARPS[/p] (e.g. ao:64/8192/4/p)") \
+                        from None
+                ao = (block, tile, warps, pre)
                 if block < 16 or block & (block - 1) or tile & (tile - 1) or warps not in (1, 2, 4, 8, 16):
                     raise SystemExit(f"--variants: {part!r}: BLOCK and TILE powers of two (BLOCK >= 16), WARPS 1..16")
             else:
-                raise SystemExit(f"--variants: unknown part {part!r} in {v!r} (ao, ao:B/T/W, split, ffn)")
+                raise SystemExit(f"--variants: unknown part {part!r} in {v!r} "
+                                 "(ao, ao:B/T/W[/p], split, ffn, torchio)")
         if ao and split:
             raise SystemExit(f"--variants: {v!r}: ao (fused) and split are two ways of one thing; pick one")
-        name = "+".join(([f"ao_{ao[0]}_{ao[1]}_{ao[2]}"] if ao else []) + (["split"] if split else [])
-                        + (["ffn"] if ffn else []))
-        out.append((name, ao, ffn, split))
+        name = "+".join(([f"ao_{ao[0]}_{ao[1]}_{ao[2]}" + ("_p" if ao[3] else "")] if ao else [])
+                        + (["split"] if split else []) + (["ffn"] if ffn else []) + (["torchio"] if tio else []))
+        out.append((name, ao, ffn, split, tio))
     return out
 
 
@@ -87,7 +100,7 @@ def greedy(runner, n: int, dev) -> list[int]:
     runner.set_positions(0)
     t, out = torch.zeros(1, dtype=torch.long, device=dev), []
     for _ in range(n):
-        t = runner.step(t).argmax(-1)
+        t = runner.step(t, greedy=True)
         out.append(int(t))
     return out
 
@@ -99,6 +112,8 @@ def main():
     ap.add_argument("--variants", default="ffn,split+ffn,ao:64/16384/4+ffn")
     ap.add_argument("--start", type=int, default=16)
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--more-starts", type=int, nargs="*", default=[],
+                    help="more positions to time --steps steps from (no timeline)")
     ap.add_argument("--check-steps", type=int, default=16)
     ap.add_argument("--greedy-steps", type=int, default=64)
     ap.add_argument("--replays", type=int, default=12)
@@ -111,6 +126,9 @@ def main():
     if args.smoke:  # the interpreter: few, short steps
         args.caches, args.steps, args.check_steps, args.greedy_steps, args.replays = [24], 2, 3, 4, 2
         args.start = 4
+        args.more_starts = args.more_starts and [8]
+    if any(p + args.steps > min(args.caches) for p in [args.start, *args.more_starts]):
+        sys.exit("every start + --steps must fit in the smallest --caches length")
     env = environment(dev)
     res: dict = {"date": env["date"], "device": env["device"], "versions": env["versions"],
                  "commit": os.environ.get("HYLO_COMMIT", "unknown"), "shape": shape,
@@ -125,20 +143,21 @@ def main():
     del tf
     g = torch.Generator().manual_seed(1)
     feed = torch.randint(0, shape["vocab_size"], (args.check_steps,), generator=g).tolist()
-    saved = dao.BLOCK, dao.TILE_ELEMS, dao.WARPS
+    saved = dao.BLOCK, dao.TILE_ELEMS, dao.WARPS, dao.PRE_KV
     for L in args.caches:
         base = None
-        for name, var, ffn, split in [("chain", None, False, False)] + variants:
+        for name, var, ffn, split, tio in [("chain", None, False, False, False)] + variants:
             key = f"{name}_cache{L}"
             try:
                 if var:
-                    dao.BLOCK, dao.TILE_ELEMS, dao.WARPS = var
+                    dao.BLOCK, dao.TILE_ELEMS, dao.WARPS, dao.PRE_KV = var
                 sw = {**ON, "HYLO_STEP_ATTN_OUT": "fused" if var else "split" if split else "off",
-                      "HYLO_STEP_FFN_SPLIT": "on" if ffn else "off"}
+                      "HYLO_STEP_FFN_SPLIT": "on" if ffn else "off", "HYLO_STEP_IO": "torch" if tio else "kernels"}
                 with switched(sw), torch.no_grad():
                     runner = DecodeRunner(hy, 1, L, cuda_graph=graphs)
                     ws = runner.sums_ws
-                    rec = {"cache_len": L, "attn_out": dict(zip(("block", "tile", "warps"), var)) if var else None,
+                    rec = {"cache_len": L, "attn_out": dict(zip(("block", "tile", "warps", "pre_kv"), var)) if var
+                           else None,
                            "switches": sw, "kernel_step": runner.kernel_step,
                            "sums": {"attn": ws["attn"], "ffn": ws["ffn"]} if ws else None,
                            "pdl": runner.pdl, "graphed": runner.graphed}
@@ -154,6 +173,9 @@ def main():
                                                       len(gr))}
                     rec["ms_per_token"], rec["timeline"] = time_and_trace(runner, args.start, args.steps,
                                                                           args.replays, dev)
+                    if args.more_starts:
+                        rec["ms_per_token_from"] = {str(p): hylo_ms_per_token(runner, p, args.steps, 3, dev)
+                                                    for p in args.more_starts}
                     del runner
             except Exception as e:  # noqa: BLE001  (one entry's failure must not lose the others)
                 res["errors"].append({"what": key, "error": f"{type(e).__name__}: {e}"[:500],
@@ -161,12 +183,15 @@ def main():
                 print(f"{key}: {type(e).__name__}: {e}"[:300], flush=True)
                 continue
             finally:
-                dao.BLOCK, dao.TILE_ELEMS, dao.WARPS = saved
+                dao.BLOCK, dao.TILE_ELEMS, dao.WARPS, dao.PRE_KV = saved
             res["results"][key] = rec
             tl = rec["timeline"]
             roles = {r: v["incr_ms"] for r, v in list(tl.get("by_role", {}).items())[:7]}
+            more = {p: round(v, 3) for p, v in rec.get("ms_per_token_from", {}).items()}
             print(f"{key}: {rec['ms_per_token']:.3f} ms/token; check {rec.get('check')}; GPU period "
                   f"{tl.get('period_ms')}; {roles}", flush=True)
+            if more:
+                print(f"{key}: ms/token from positions {more}", flush=True)
             out.write_text(json.dumps(res, indent=1))
     out.write_text(json.dumps(res, indent=1))
     print(f"→ {out}")

@@ -71,8 +71,10 @@ def roles(names: list[str]) -> list[str]:
             r = "attn_out"
         elif "_combine_kernel" in n:
             r = "combine"
-        elif "indexSelect" in n or "embedding" in n.lower():
+        elif "indexSelect" in n or "embedding" in n.lower() or "_embed_kernel" in n:
             r = "embed"
+        elif "_finish_kernel" in n:
+            r = "finish"
         else:
             r = n[:60]
         out.append(r)
@@ -146,7 +148,7 @@ def time_and_trace(runner, start: int, steps: int, replays: int, dev) -> tuple[f
     holder = {"t": torch.zeros(1, dtype=torch.long, device=dev)}
 
     def one():
-        holder["t"] = runner.step(holder["t"]).argmax(-1)
+        holder["t"] = runner.step(holder["t"], greedy=True)
     one()
     sync(dev)
     return ms, step_stats(trace_kernels(one, replays, dev.type == "cuda"), replays)

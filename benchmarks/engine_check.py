@@ -220,6 +220,8 @@ def main():
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
             **versions()}
+    from hylo.engine import kernel_step
+    meta["fused_max_pos"] = kernel_step.FUSED_MAX_POS  # where HYLO_STEP_ATTN_OUT=fused hands over to the chain
     print(json.dumps(meta), flush=True)
     results: list = []
     t0 = time.perf_counter()

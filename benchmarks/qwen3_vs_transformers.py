@@ -140,14 +140,15 @@ def hylo_greedy(model, runner: DecodeRunner, prompt: torch.Tensor, n_new: int) -
     runner.set_positions(prompt.shape[1])
     out = [tok]
     for _ in range(n_new - 1):
-        tok = runner.step(tok).argmax(-1)
+        tok = runner.step(tok, greedy=True).clone()  # the step's own argmax (a buffer the next step overwrites)
         out.append(tok)
     return torch.stack(out, 1)
 
 
 @torch.no_grad()
 def hylo_ms_per_token(runner: DecodeRunner, start: int, steps: int, repeats: int, dev) -> float:
-    """Median ms per greedy step (graph replay + argmax fed back) over ``steps`` steps from position ``start``."""
+    """Median ms per greedy step (graph replay + argmax fed back: the kernel step's own, else ``logits.argmax``)
+    over ``steps`` steps from position ``start``."""
     tok = torch.zeros(1, dtype=torch.long, device=dev)
     times = []
     for r in range(repeats + 1):
@@ -156,7 +157,7 @@ def hylo_ms_per_token(runner: DecodeRunner, start: int, steps: int, repeats: int
         sync(dev)
         t0 = time.perf_counter()
         for _ in range(steps):
-            t = runner.step(t).argmax(-1)
+            t = runner.step(t, greedy=True)
         sync(dev)
         if r:  # the first pass warms up
             times.append((time.perf_counter() - t0) / steps * 1e3)
@@ -209,12 +210,13 @@ SUFFIXES = {"gemv": ("gemv", "on"), "cublas": ("gemv", "off"),  # mode suffix ->
             "pre": ("gemv_preload", "on"), "nopre": ("gemv_preload", "off"),
             "noearly": ("attn_early_kv", "off"), "aosplit": ("step_attn_out", "split"),
             "aofused": ("step_attn_out", "fused"), "ffnsplit": ("step_ffn_split", "on"),
-            "noao": ("step_attn_out", "off"), "noffnsplit": ("step_ffn_split", "off")}
+            "noao": ("step_attn_out", "off"), "noffnsplit": ("step_ffn_split", "off"),
+            "torchio": ("step_io", "torch")}
 # the switches a mode may set (SUFFIXES' first field) -> their environment names (keys of Choice.registry)
 SWITCH_ENV = {"gemv": "HYLO_GEMV", "decode_attn": "HYLO_DECODE_ATTN", "fuse": "HYLO_GEMV_FUSE",
               "kernel_step": "HYLO_KERNEL_STEP", "pdl": "HYLO_PDL", "compile_scope": "HYLO_COMPILE_SCOPE",
               "gemv_preload": "HYLO_GEMV_PRELOAD", "attn_early_kv": "HYLO_ATTN_EARLY_KV",
-              "step_attn_out": "HYLO_STEP_ATTN_OUT", "step_ffn_split": "HYLO_STEP_FFN_SPLIT"}
+              "step_attn_out": "HYLO_STEP_ATTN_OUT", "step_ffn_split": "HYLO_STEP_FFN_SPLIT", "step_io": "HYLO_STEP_IO"}
 
 
 def cast_keeping_rope(model, dtype) -> None:
@@ -256,11 +258,15 @@ def parse_modes(spec: str) -> list[tuple[str, bool | str, dict[str, str]]]:
     ``hylo.engine.fused``; it needs the GEMV), ``+kstep`` (``HYLO_KERNEL_STEP=on``: the step as hylo's Triton
     kernels chained with programmatic dependent launch, ``hylo.engine.kernel_step``; never compiled, so take it
     with ``eager``: ``eager+kstep``; the default where it applies, so ``+kstep`` only insists), ``+nokstep``
-    (``HYLO_KERNEL_STEP=off``: the graphed step of PyTorch ops, as before it was the default), ``+nopdl`` (``HYLO_PDL=off``), ``+perspdl`` (``HYLO_PDL=persistent``: PDL with
+    (``HYLO_KERNEL_STEP=off``: the graphed step of PyTorch ops, as before it was the default), ``+nopdl``
+    (``HYLO_PDL=off``), ``+perspdl`` (``HYLO_PDL=persistent``: PDL with
     persistent GEMV grids), ``+blockc`` (``HYLO_COMPILE_SCOPE=block``: ``default+blockc`` compiles each kind of
     block once instead of the whole step), ``+pre`` / ``+nopre`` (``HYLO_GEMV_PRELOAD=on|off``: the step's GEMVs
     hold their weights in registers, loaded before the PDL wait; on by default), ``+noearly``
-    (``HYLO_ATTN_EARLY_KV=off``: its attention loads no K/V before the wait); suffixes combine
+    (``HYLO_ATTN_EARLY_KV=off``: its attention loads no K/V before the wait), ``+aofused`` / ``+aosplit`` / ``+noao``
+    (``HYLO_STEP_ATTN_OUT``), ``+ffnsplit`` / ``+noffnsplit`` (``HYLO_STEP_FFN_SPLIT``), ``+torchio``
+    (``HYLO_STEP_IO=torch``: the kernel step's embedding, position increment and greedy argmax as PyTorch's
+    kernels); suffixes combine
     (``default+dattn+cublas``)."""
     out = []
     for m in (m.strip() for m in spec.split(",")):

@@ -97,7 +97,7 @@ def test_qwen3_vs_transformers_smoke(tmp_path):
                                               "HYLO_KERNEL_STEP": "on", "HYLO_PDL": "on", "HYLO_COMPILE_SCOPE": "step",
                                               "HYLO_GEMV_PRELOAD": "on", "HYLO_ATTN_EARLY_KV": "on",
                                               "HYLO_STEP_ATTN_OUT": "off",
-                                              "HYLO_STEP_FFN_SPLIT": "off"}
+                                              "HYLO_STEP_FFN_SPLIT": "off", "HYLO_STEP_IO": "kernels"}
     assert not res["hylo_cublas"]["gemv"] and not res["hylo"]["kernel_step"] and not res["hylo"]["pdl"]
     assert {"hylo_compiled_gemv", "hylo_dattn", "hylo_fuse", "hylo_kstep"} <= set(res["skipped"])  # +gemv needs CUDA or the Triton interpreter
     assert res["best_mode"] in ("hylo", "hylo_cublas") and set(res["goals"]) == {"hylo_30x_faster",
@@ -114,15 +114,18 @@ def test_qwen3_vs_transformers_smoke(tmp_path):
 def test_attn_out_check_smoke(tmp_path):
     """The fused attention + output projection's GPU check, on the CPU (interpreter): checked against the chain."""
     out = tmp_path / "ao.json"
-    _run(["benchmarks/attn_out_check.py", "--smoke", "--out", str(out), "--variants", "ao:64/16384/8+ffn,split"])
+    _run(["benchmarks/attn_out_check.py", "--smoke", "--out", str(out), "--variants", "ao:64/16384/8/p+ffn,split+torchio",
+          "--more-starts", "8"])
     res = json.loads(out.read_text())
-    assert not res["errors"] and set(res["results"]) == {"chain_cache24", "ao_64_16384_8+ffn_cache24",
-                                                          "split_cache24"}
-    assert res["results"]["split_cache24"]["sums"] == {"attn": "split", "ffn": False}
-    rec = res["results"]["ao_64_16384_8+ffn_cache24"]
-    assert rec["sums"] == {"attn": "fused", "ffn": True} and rec["kernel_step"]
+    assert not res["errors"] and set(res["results"]) == {"chain_cache24", "ao_64_16384_8_p+ffn_cache24",
+                                                          "split+torchio_cache24"}
+    assert res["results"]["split+torchio_cache24"]["sums"] == {"attn": "split", "ffn": False}
+    assert res["results"]["split+torchio_cache24"]["switches"]["HYLO_STEP_IO"] == "torch"
+    rec = res["results"]["ao_64_16384_8_p+ffn_cache24"]
+    assert rec["sums"] == {"attn": "fused", "ffn": True} and rec["kernel_step"] and rec["attn_out"]["pre_kv"]
+    assert set(rec["ms_per_token_from"]) == {"8"} and rec["ms_per_token_from"]["8"] > 0
     assert res["results"]["chain_cache24"]["sums"] is None
-    for name in ("ao_64_16384_8+ffn_cache24", "split_cache24"):
+    for name in ("ao_64_16384_8_p+ffn_cache24", "split+torchio_cache24"):
         check = res["results"][name]["check"]
         assert check["max_abs_logit_diff"] < 1e-4 and check["argmax_agrees"]
 

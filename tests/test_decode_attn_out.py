@@ -28,11 +28,15 @@ def _case(dtype, qk_norm, ring, bias, B=2, H=4, Hkv=2, Dh=16, L=40, N=20, seed=0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("qk_norm,ring,bias", [(True, False, False), (False, True, True), (True, True, False)])
-def test_attn_out_matches_reference(interp, dtype, qk_norm, ring, bias):
+@pytest.mark.parametrize("qk_norm,ring,bias,pre_kv", [(True, False, False, False), (False, True, True, False),
+                                                      (True, True, False, False), (True, False, True, True),
+                                                      (True, True, False, True)])
+def test_attn_out_matches_reference(interp, monkeypatch, dtype, qk_norm, ring, bias, pre_kv):
     """The float32 sum and both caches equal the reference's (q/k/v preparation, attention, output projection)
     over three output tiles (the last one partial: 20 outputs in tiles of 8) and, for row 1, three blocks of slots;
-    a second call adds the same again (the sum is left for the caller to zero)."""
+    a second call adds the same again (the sum is left for the caller to zero). ``pre_kv``: the first block loaded
+    before the PDL wait (HYLO_ATTN_OUT_PREKV), the new slot still patched in."""
+    monkeypatch.setattr(dao, "PRE_KV", pre_kv)
     qkv, qn, kn, f, kc, vc, pos, w, b, _ = _case(dtype, qk_norm, ring, bias)
     k_ref, v_ref = kc.clone(), vc.clone()
     ref = dao.decode_attn_out_ref(qkv, 4, qn, kn, 1e-6, f, k_ref, v_ref, pos, ring, w, b)
@@ -163,7 +167,7 @@ def test_attn_out_compiles_for_sm90_with_pdl():
            "acc_part": "*fp32", "o_in": "*bf16", "w": "*bf16", "bias": "*bf16", "acc": "*fp32", "N": "i32"}
     for fused in (True, False):
         ce = dict(H=16, HKV=8, D=128, BLOCK=64, BN=128, NSPLIT=1 if fused else 5, NSP=1 if fused else 8,
-                  FUSED=fused, HAS_BIAS=True, QK_NORM=True, RING=False, PDL=True, INTERP=False)
+                  FUSED=fused, HAS_BIAS=True, QK_NORM=True, RING=False, PRE_KV=fused, PDL=True, INTERP=False)
         ptx = _ptx(dao._jit(False), sig, ce)
         assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
         assert "red.global.gpu.relaxed.add.f32" in ptx or "atom.global.gpu.relaxed.add.f32" in ptx

@@ -197,11 +197,12 @@ def test_pdl_variants_compile_for_sm90():
     """The PDL branches are never run on the CPU: compile them for an H100 (Triton's own compiler and ptxas, no
     GPU needed) and check the instructions are there -- and absent without PDL."""
     pytest.importorskip("triton.backends.nvidia")
-    gemv_sig = {"x": "*bf16", "w": "*bf16", "b": "*bf16", "y": "*bf16", "nw": "*bf16", "r": "*bf16", "M": "i32",
+    gemv_sig = {"x": "*bf16", "w": "*bf16", "b": "*bf16", "y": "*bf16", "nw": "*bf16", "r": "*bf16", "best": "*i64",
+                "M": "i32",
                 "N": "i32", "eps": "fp32", "pf_rows": "i32", "grid_cap": "i32"}
     for on in (True, False):
         ptx = _ptx(triton.jit(G._gemv_kernel), gemv_sig,
-                   dict(K=3072, XK=6144, HAS_BIAS=False, NORM=False, SWIGLU=True, RESIDUAL=True, PDL=on,
+                   dict(K=3072, XK=6144, HAS_BIAS=False, NORM=False, SWIGLU=True, RESIDUAL=True, ARGMAX=False, PDL=on,
                         INTERP=False, LINE=64, NL=64, BN=8, BK=256))
         assert ("griddepcontrol.wait" in ptx) == on and ("griddepcontrol.launch_dependents" in ptx) == on
         assert ("prefetch.global.L2" in ptx) == on

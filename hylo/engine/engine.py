@@ -391,7 +391,8 @@ class Engine:
             while len(inflight) < depth and launched < max_steps and not all(r.finish_reason for r in rows):
                 logits = runner._step(tokens, max_pos=top + launched)
                 cache.pos.sub_(done.long())  # rows finished before this step stay where they are
-                nxt = pick(logits)
+                # greedy: the step's own argmax where it has one (hylo.ops.decode_io), fed back as the next tokens
+                nxt = runner.greedy_tokens(logits) if sp.temperature == 0 else pick(logits)
                 active = ~done
                 count.add_(active.long())
                 done |= active & ((count >= limit) | torch.isin(nxt, stop_t))
@@ -403,7 +404,7 @@ class Engine:
                     ev.record()
                     inflight.append((buf, ev))
                 else:
-                    inflight.append((nxt, None))
+                    inflight.append((nxt.clone(), None))  # nxt may be the runner's buffer: the next step overwrites it
                 launched += 1
             if not inflight:
                 break

@@ -13,9 +13,10 @@ ramp-up and drain. Inductor's kernels cannot be launched with PDL, so this step 
 - FFN block: GEMV with the pre-norm (gate and up) -> GEMV with SwiGLU and the residual (down);
 
 then the final norm fused into the LM head's GEMV: 3 kernels per attention layer (4 where attention splits the
-cache), 2 per FFN, with the embedding lookup and the position increment as the only PyTorch kernels. With :mod:`hylo.ops.pdl` on, each kernel is
-launched with PDL: a GEMV asks L2 for its weights while the kernel before it finishes, and with ``HYLO_PDL=persistent``
-its grid is persistent (two programs per SM), so that request covers nearly the whole matrix.
+cache), 2 per FFN; the step begins with the embedding lookup and ends with the greedy token and the position
+increment (:mod:`hylo.ops.decode_io`, ``HYLO_STEP_IO``). With :mod:`hylo.ops.pdl` on, each kernel is launched with
+PDL: a GEMV asks L2 for its weights while the kernel before it finishes, and with ``HYLO_PDL=persistent`` its grid
+is persistent (two programs per SM), so that request covers nearly the whole matrix.
 
 Applies to models whose every block is ``attn``/``swa`` or ``ffn`` (SwiGLU) with contiguous weights of one
 dtype, at most ``gemv.MAX_ROWS`` rows; :func:`applicable` says why not otherwise. On by default: a runner takes
@@ -107,6 +108,7 @@ from hylo.layers.attention import Attention
 from hylo.layers.ffn import SwiGLU
 from hylo.ops import decode_attention as dattn
 from hylo.ops import decode_attn_out as dao
+from hylo.ops import decode_io
 from hylo.ops import gemv as G
 from hylo.ops.backend import Choice
 from hylo.ops.rope import inv_freq
@@ -121,6 +123,10 @@ set_step_attn_out, get_step_attn_out, step_attn_out_mode = _ATTN_OUT.set, _ATTN_
 # the FFN's down projection split over K, its products added into a float32 sum for the next block to add
 _FFN_SPLIT = Choice("kernel step's FFN down projection into a sum", "HYLO_STEP_FFN_SPLIT", ("off", "on"), "off")
 set_step_ffn_split, get_step_ffn_split, step_ffn_split_mode = _FFN_SPLIT.set, _FFN_SPLIT.get, _FFN_SPLIT.use
+# the step's first and last kernels: hylo's (embedding + zeroing the sums; greedy token + position advance,
+# hylo.ops.decode_io) or PyTorch's (embedding, zero_, add_; the greedy token then by argmax on the logits)
+_IO = Choice("kernel step's first and last kernels", "HYLO_STEP_IO", ("kernels", "torch"), "kernels")
+set_step_io, get_step_io, step_io_mode = _IO.set, _IO.get, _IO.use
 # HYLO_STEP_ATTN_OUT=fused: a runner takes the fused kernel while its rows' positions (meta tokens included) are
 # below this, and the chain's attention from there (a second graph); not yet measured where the two cross
 FUSED_MAX_POS = int(os.environ.get("HYLO_STEP_FUSED_MAX_POS", 128))
@@ -194,6 +200,12 @@ def workspace(model, batch_size: int) -> dict | None:
     return {"sums": sums, "attn": _ATTN_OUT.value if attn else None, "ffn": ffn}
 
 
+def new_io(batch_size: int, device) -> torch.Tensor | None:
+    """The greedy-token buffer of :func:`step` (:func:`hylo.ops.decode_io.new_io`) where ``HYLO_STEP_IO=kernels``
+    (read here, when a runner builds its step); else ``None``."""
+    return decode_io.new_io(batch_size, device) if _IO.value == "kernels" else None
+
+
 def gemv_launcher(pdl: bool, persistent: bool = False):
     """The step's GEMV: :func:`hylo.ops.gemv.gemv_direct` launched with PDL and on persistent grids as asked."""
     return functools.partial(G.gemv_direct, pdl=pdl, persistent=persistent)
@@ -242,23 +254,32 @@ def attn_block(block, h: torch.Tensor, st: dict, pos: torch.Tensor, inv_freq: to
     return gemv(o.view(h.shape[0], -1), m.o_proj.weight, m.o_proj.bias, residual=h), None
 
 
-def head_logits(h: torch.Tensor, head: torch.Tensor, norm, gemv) -> torch.Tensor:
-    """The final norm inside the LM head's GEMV: ``[B, D] -> [B, vocab]``."""
+def head_logits(h: torch.Tensor, head: torch.Tensor, norm, gemv, argmax: torch.Tensor | None = None) -> torch.Tensor:
+    """The final norm inside the LM head's GEMV: ``[B, D] -> [B, vocab]``; ``argmax``: each row's packed maximum
+    goes there too (:mod:`hylo.ops.decode_io`)."""
+    if argmax is not None:
+        return gemv(h, head, None, norm.weight, norm.eps, argmax=argmax)
     return gemv(h, head, None, norm.weight, norm.eps, preload=False)  # bandwidth-bound: the plain GEMV
 
 
 def step(model, tokens: torch.Tensor, states, pos: torch.Tensor, head: torch.Tensor,
          freqs: dict[int, torch.Tensor], pdl: bool, persistent: bool = False,
-         ws: dict | None = None) -> torch.Tensor:
+         ws: dict | None = None, io: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step: ``tokens [B]`` -> logits ``[B, vocab]``; writes the caches and advances ``pos``. ``pdl``:
     launch every kernel with PDL; ``persistent``: the GEMVs on persistent grids (``HYLO_PDL=persistent``; under the
     interpreter it shrinks their grids even without PDL, so CPU tests cover that indexing); ``ws``
     (:func:`workspace`): blocks but the last leave their output projection as a float32 sum that the next block's
-    first GEMV adds (attention blocks where ``ws["attn"]`` is set, FFN blocks with ``ws["ffn"]``)."""
+    first GEMV adds (attention blocks where ``ws["attn"]`` is set, FFN blocks with ``ws["ffn"]``); ``io``
+    (:func:`new_io`): the step begins and ends with :mod:`hylo.ops.decode_io`'s kernels and leaves each row's greedy
+    token in ``io[1]``."""
     gemv = gemv_launcher(pdl, persistent)
-    if ws is not None:
-        ws["sums"].zero_()
-    h = F.embedding(tokens.view(-1), model.embed_tokens.weight)  # [B, D]
+    sums = ws["sums"] if ws is not None else None
+    if io is not None:
+        h = decode_io.embed_rows(tokens, model.embed_tokens.weight, sums)  # [B, D], the sums zeroed
+    else:
+        if sums is not None:
+            sums.zero_()
+        h = F.embedding(tokens.view(-1), model.embed_tokens.weight)
     acc = None  # the float32 sum the block before left for this one to add
     last = len(model.layers) - 1
     for i, (block, st) in enumerate(zip(model.layers, states)):
@@ -269,7 +290,10 @@ def step(model, tokens: torch.Tensor, states, pos: torch.Tensor, head: torch.Ten
         else:
             h, acc = attn_block(block, h, st, pos, freqs[i], gemv, pdl, acc, out, ws is not None and
                                 ws["attn"] == "fused")
-    logits = head_logits(h, head, model.norm, gemv)
-    pos.add_(1)
+    logits = head_logits(h, head, model.norm, gemv, None if io is None else io[0])
+    if io is not None:
+        decode_io.finish(io, pos, pdl)
+    else:
+        pos.add_(1)
     return logits
 

@@ -151,6 +151,7 @@ class DecodeRunner:
         self._max_pos = cache.num_meta_tokens  # host-side upper bound of the rows' absolute positions
         self._tokens = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self._logits: torch.Tensor | None = None
+        self._io: torch.Tensor | None = None  # the kernel step's greedy tokens (HYLO_STEP_IO=kernels)
         self.graph: torch.cuda.CUDAGraph | None = None
         # HYLO_STEP_ATTN_OUT=fused: a second step (and graph) without it, taken once positions reach fused_limit
         self._long = False  # which of the two steps _fn computes (read when it runs or is captured)
@@ -192,8 +193,11 @@ class DecodeRunner:
         return [p - self.num_meta_tokens for p in self.cache.pos.tolist()]
 
     @torch.no_grad()
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row (``LongTensor[B]``), advance every row by one; returns logits ``[B, V]``."""
+    def step(self, tokens: torch.Tensor, greedy: bool = False) -> torch.Tensor:
+        """Feed one token per row (``LongTensor[B]``), advance every row by one; returns logits ``[B, V]``, or with
+        ``greedy`` each row's next greedy token (``LongTensor[B]``, the logits' argmax, first index on ties):
+        computed inside the step where the kernel step runs (:mod:`hylo.ops.decode_io`), then a buffer that the
+        next step overwrites (it may be fed back as ``tokens``; clone it to keep it)."""
         if self._max_pos >= self.cache.max_len:
             raise ValueError(f"the cache is full: a row is at position {self._max_pos - self.num_meta_tokens} of "
                              f"{self.max_len}; reset() or set_positions() first")
@@ -202,7 +206,12 @@ class DecodeRunner:
                              f"{tuple(tokens.shape)}")
         out = self._step(tokens)
         self._max_pos += 1
-        return out
+        return self.greedy_tokens(out) if greedy else out
+
+    def greedy_tokens(self, logits: torch.Tensor) -> torch.Tensor:
+        """The greedy tokens of the step that just returned ``logits``: the kernel step's own (a buffer that the
+        next step overwrites; :mod:`hylo.ops.decode_io`), else ``logits.argmax(-1)``."""
+        return self._io[1] if self._io is not None else logits.argmax(-1)
 
     # ------------------------------------------------------------------ internals
     def _make_step(self, mode: bool | str):
@@ -226,8 +235,9 @@ class DecodeRunner:
             if ws is not None and ws["attn"] == "fused":  # past fused_limit positions: the chain's attention
                 self.fused_limit = kernel_step.FUSED_MAX_POS
                 ws_long = {**ws, "attn": None} if ws["ffn"] else None
+            self._io = kernel_step.new_io(self.batch_size, self.device)
             return lambda tokens: kernel_step.step(model, tokens, states, pos, head, freqs, self.pdl, persistent,
-                                                   ws_long if self._long else ws)
+                                                   ws_long if self._long else ws, self._io)
         plan = [fused.fusable(b) for b in model.layers]
 
         def make(block_step):

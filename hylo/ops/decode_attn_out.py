@@ -46,6 +46,8 @@ TILE_ELEMS = int(os.environ.get("HYLO_ATTN_OUT_TILE", 16384))
 # cache slots per block (a power of two >= 16); the first block is loaded before the PDL wait
 BLOCK = int(os.environ.get("HYLO_ATTN_OUT_BLOCK", 128))
 WARPS = int(os.environ.get("HYLO_ATTN_OUT_WARPS", 8))
+# the first block of cached slots loaded before the PDL wait (with the weight tile) instead of after it
+PRE_KV = os.environ.get("HYLO_ATTN_OUT_PREKV", "0") == "1"
 INTERP_BLOCK, INTERP_BN = 16, 8  # the interpreter's: small, so tests cross block and tile edges
 
 
@@ -72,8 +74,8 @@ if triton is not None:
     def _attn_out_kernel(qkv, k, v, pos, qw, kw, inv_freq, eps, qk_scale, L, m_part, l_part, acc_part, o_in, w,
                          bias, acc, N, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
                          BN: tl.constexpr, NSPLIT: tl.constexpr, NSP: tl.constexpr, FUSED: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, QK_NORM: tl.constexpr, RING: tl.constexpr, PDL: tl.constexpr,
-                         INTERP: tl.constexpr):
+                         HAS_BIAS: tl.constexpr, QK_NORM: tl.constexpr, RING: tl.constexpr, PRE_KV: tl.constexpr,
+                         PDL: tl.constexpr, INTERP: tl.constexpr):
         # One program: query head h of row b (pid = b * H + h), output tile t: attention's output for the head,
         # times the tile W_o[t*BN:(t+1)*BN, h*D:(h+1)*D], added into acc. FUSED: the attention itself (q/k/v from
         # the projection, the whole cache); else the merge of the head's NSPLIT partial softmaxes from
@@ -98,24 +100,29 @@ if triton is not None:
             kv = (b * HKV + kvh).to(tl.int64) * L * D
             s0v = tl.arange(0, BLOCK)
             pd = (d + D // 2) % D  # rotate-half: each channel's partner and its sign
+            sgn = tl.where(d < D // 2, -1.0, 1.0)
+            # RoPE's angles and the norm weights do not come from the kernel before either
+            f = p_b.to(tl.float32) * tl.load(inv_freq + d % (D // 2))
+            c = tl.cos(f).to(dt).to(tl.float32)
+            sn = tl.sin(f).to(dt).to(tl.float32)
+            if QK_NORM:
+                wq, wq2 = tl.load(qw + d).to(tl.float32), tl.load(qw + pd).to(tl.float32)
+                wk, wk2 = tl.load(kw + d).to(tl.float32), tl.load(kw + pd).to(tl.float32)
+            if PRE_KV:  # the cache's first block before the wait too (earlier steps wrote it)
+                kb0 = tl.load(k + kv + s0v[:, None] * D + d[None, :], mask=(s0v < n)[:, None], other=0.0)
+                vb0 = tl.load(v + kv + s0v[:, None] * D + d[None, :], mask=(s0v < n)[:, None], other=0.0)
             if PDL:
                 tl.extra.cuda.gdc_wait()
                 tl.extra.cuda.gdc_launch_dependents()
-            # after the wait, loads issued together: the projection, the first block of cached slots (earlier steps
-            # wrote them; the new slot is patched in below), the norm weights
+            # after the wait, loads issued together: the projection and (without PRE_KV) the first block of cached
+            # slots (earlier steps wrote them; the new slot is patched in below)
             src = qkv + b.to(tl.int64) * (H + 2 * HKV) * D
             xq, xq2 = tl.load(src + h * D + d).to(tl.float32), tl.load(src + h * D + pd).to(tl.float32)
             xk, xk2 = tl.load(src + (H + kvh) * D + d).to(tl.float32), tl.load(src + (H + kvh) * D + pd).to(tl.float32)
             v_new = tl.load(src + (H + HKV + kvh) * D + d)
-            kb0 = tl.load(k + kv + s0v[:, None] * D + d[None, :], mask=(s0v < n)[:, None], other=0.0)
-            vb0 = tl.load(v + kv + s0v[:, None] * D + d[None, :], mask=(s0v < n)[:, None], other=0.0)
-            if QK_NORM:
-                wq, wq2 = tl.load(qw + d).to(tl.float32), tl.load(qw + pd).to(tl.float32)
-                wk, wk2 = tl.load(kw + d).to(tl.float32), tl.load(kw + pd).to(tl.float32)
-            sgn = tl.where(d < D // 2, -1.0, 1.0)
-            f = p_b.to(tl.float32) * tl.load(inv_freq + d % (D // 2))
-            c = tl.cos(f).to(dt).to(tl.float32)
-            sn = tl.sin(f).to(dt).to(tl.float32)
+            if not PRE_KV:
+                kb0 = tl.load(k + kv + s0v[:, None] * D + d[None, :], mask=(s0v < n)[:, None], other=0.0)
+                vb0 = tl.load(v + kv + s0v[:, None] * D + d[None, :], mask=(s0v < n)[:, None], other=0.0)
             if QK_NORM:  # rms_norm: float32, cast, then times the weight (a product in the dtype)
                 rq = 1.0 / tl.sqrt((tl.reduce(xq * xq, 0, tl.standard._sum_combine) / D + eps).to(tl.float32))
                 rk = 1.0 / tl.sqrt((tl.reduce(xk * xk, 0, tl.standard._sum_combine) / D + eps).to(tl.float32))
@@ -219,7 +226,7 @@ def _launch(qkv, H, q_norm, k_norm, eps, inv_freq, k, v, pos, ring, w_o, b_o, ac
         qkv, k, v, pos, qw, kw, inv_freq, float(eps), math.log2(math.e) / math.sqrt(Dh), L, m, lsum, part, o, w_o,
         qkv if b_o is None else b_o, acc, N, H=H, HKV=Hkv, D=Dh, BLOCK=INTERP_BLOCK if interp else BLOCK, BN=bn,
         NSPLIT=nsplit, NSP=triton.next_power_of_2(nsplit), FUSED=merge is None, HAS_BIAS=b_o is not None,
-        QK_NORM=q_norm is not None, RING=ring, PDL=pdl and not interp, INTERP=interp, **launch)
+        QK_NORM=q_norm is not None, RING=ring, PRE_KV=PRE_KV and merge is None, PDL=pdl and not interp, INTERP=interp, **launch)
 
 
 def decode_attn_split_out(qkv: torch.Tensor, num_heads: int, q_norm: torch.Tensor | None,

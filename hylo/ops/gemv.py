@@ -99,10 +99,10 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
 # ----------------------------------------------------------------------------------------- Triton
 if triton is not None:
 
-    def _gemv_kernel(x, w, b, y, nw, r, M, N, eps, pf_rows, grid_cap, K: tl.constexpr, XK: tl.constexpr,
+    def _gemv_kernel(x, w, b, y, nw, r, best, M, N, eps, pf_rows, grid_cap, K: tl.constexpr, XK: tl.constexpr,
                      HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
-                     PDL: tl.constexpr, INTERP: tl.constexpr, LINE: tl.constexpr, NL: tl.constexpr,
-                     BN: tl.constexpr, BK: tl.constexpr):
+                     ARGMAX: tl.constexpr, PDL: tl.constexpr, INTERP: tl.constexpr, LINE: tl.constexpr,
+                     NL: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         # A tile: BN outputs of one row of x. Tiles are numbered with the row index fastest, so the M tiles
         # reading one block of W run side by side and all but the first find it in L2 (W crosses HBM once).
         # W is [N, K] row-major: each output's K weights are contiguous. Programs stride over the tiles: one tile
@@ -171,6 +171,14 @@ if triton is not None:
             if RESIDUAL:
                 out = out.to(dt).to(tl.float32) + tl.load(r + i_m * N + rows, mask=m_n, other=0.0).to(tl.float32)
             tl.store(y + i_m * N + rows, out.to(y.dtype.element_ty), mask=m_n)
+            if ARGMAX:  # the tile's largest output as stored and its first index, packed (hylo.ops.decode_io)
+                v = tl.where(m_n, out.to(y.dtype.element_ty).to(tl.float32), float("-inf"))
+                mx = tl.reduce(v, 0, tl.standard._elementwise_max)
+                idx = tl.reduce(tl.where((v == mx) & m_n, rows, N), 0, tl.standard._elementwise_min)
+                bits = mx.to(tl.int32, bitcast=True)
+                key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+                low = tl.full([], 4294967295, tl.int64) - idx.to(tl.int64)
+                tl.atomic_max(best + i_m, (key << 32) | low, sem="relaxed", scope="gpu")
 
     def _gemv_pre_kernel(x, w, b, y, nw, r, acc, h_out, M, N, eps, K: tl.constexpr, KP: tl.constexpr,
                          XK: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
@@ -240,7 +248,7 @@ if triton is not None:
 def _jit(interpret: bool):
     k = triton.jit(_gemv_kernel)
     return k if interpret else triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "HAS_BIAS", "NORM", "SWIGLU",
-                                                                      "RESIDUAL", "PDL", "grid_cap"])(k)
+                                                                      "RESIDUAL", "ARGMAX", "PDL", "grid_cap"])(k)
 
 
 # the preloading GEMV's tile: at most this many weights per program (16384: 32 KB of bf16). Fewer leave more of
@@ -307,11 +315,12 @@ def _optional_inputs(x, *inputs):
 
 
 def _launch(x, weight, bias, norm_weight, eps, residual, swiglu, pdl: bool, wrap,
-            persistent: bool = False) -> torch.Tensor:
+            persistent: bool = False, argmax: torch.Tensor | None = None) -> torch.Tensor:
     """Check, allocate and launch; ``wrap`` is ``torch.library.wrap_triton`` inside the op (traceable) or the
     identity for a direct launch; ``pdl`` launches with programmatic dependent launch (:mod:`hylo.ops.pdl`) and
     ``persistent`` then caps the grid at :func:`max_programs` (each program striding over several tiles, all of
-    whose weights it prefetches before the wait); under the interpreter ``persistent`` alone shrinks the grid."""
+    whose weights it prefetches before the wait); under the interpreter ``persistent`` alone shrinks the grid.
+    ``argmax``: see :func:`gemv_direct`."""
     _check(x, weight, bias, norm_weight, residual, swiglu)
     M, (N, K) = x.shape[0], weight.shape
     x = x.contiguous()
@@ -328,9 +337,10 @@ def _launch(x, weight, bias, norm_weight, eps, residual, swiglu, pdl: bool, wrap
         tiles = M * triton.cdiv(N, meta["BN"])
         return (tiles if cap is None else min(tiles, max(cap // M, 1) * M),)
     wrap(kernel())[grid](
-        x, weight, b, y, nw, r, M, N, float(eps), PREFETCH_BYTES // (K * x.element_size()), cap or 0, K,
-        2 * K if swiglu else K, HAS_BIAS=bias is not None, NORM=norm_weight is not None, SWIGLU=swiglu,
-        RESIDUAL=residual is not None, PDL=pdl and not interp, INTERP=interp, LINE=line,
+        x, weight, b, y, nw, r, x if argmax is None else argmax, M, N, float(eps),
+        PREFETCH_BYTES // (K * x.element_size()), cap or 0, K, 2 * K if swiglu else K, HAS_BIAS=bias is not None,
+        NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None, ARGMAX=argmax is not None,
+        PDL=pdl and not interp, INTERP=interp, LINE=line,
         NL=triton.next_power_of_2(triton.cdiv(K, line)), **cfg)
     return y
 
@@ -364,7 +374,8 @@ def gemv_direct(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 norm_weight: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
                 swiglu: bool = False, pdl: bool = False, persistent: bool = False,
                 preload: bool | None = None, acc: torch.Tensor | None = None,
-                h_out: torch.Tensor | None = None, out_acc: torch.Tensor | None = None) -> torch.Tensor:
+                h_out: torch.Tensor | None = None, out_acc: torch.Tensor | None = None,
+                argmax: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`gemv` launched directly, outside torch's op machinery (``hylo.engine.kernel_step``): with ``pdl``
     the launch may overlap the kernel before it (Hopper and later; ignored under the interpreter), and with
     ``persistent`` too its grid is capped at :func:`max_programs` so that all of it prefetches early; ``preload``
@@ -374,7 +385,10 @@ def gemv_direct(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     as a GEMV's residual add (a sum of products accumulated by :mod:`hylo.ops.decode_attn_out`), and is written
     to ``h_out``; ``out_acc`` (float32 ``[M, N]``): the products (and the bias) are added into it with atomics
     instead of returned (no residual), K split into chunks of its largest power-of-two divisor (at most
-    :data:`PRELOAD_ELEMS`), for a next GEMV's ``acc``; returns ``out_acc``. Both take the preloading kernel only."""
+    :data:`PRELOAD_ELEMS`), for a next GEMV's ``acc``; returns ``out_acc``. Both take the preloading kernel only.
+    ``argmax`` (int64 ``[M]``, :data:`hylo.ops.decode_io.EMPTY` or an earlier maximum): each tile's largest output
+    and its index, packed (:func:`hylo.ops.decode_io.pack_ref`), go into it with ``atomic_max``: the plain kernel
+    only (the LM head's)."""
     if triton is None:
         raise RuntimeError("hylo.ops.gemv needs Triton")
     if out_acc is not None:
@@ -395,6 +409,11 @@ def gemv_direct(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         if not preload_fits(weight.shape[-1]):
             raise ValueError(f"gemv_direct: acc needs the preloading kernel; rows of {weight.shape[-1]} do not fit")
         return _launch_preload(x, weight, bias, norm_weight, eps, residual, swiglu, pdl, acc, h_out)
+    if argmax is not None:
+        if argmax.shape != (x.shape[0],) or argmax.dtype != torch.long or not argmax.is_contiguous():
+            raise ValueError(f"gemv_direct: argmax must be int64 [{x.shape[0]}] contiguous, got "
+                             f"{tuple(argmax.shape)} {argmax.dtype}")
+        return _launch(x, weight, bias, norm_weight, eps, residual, swiglu, pdl, lambda k: k, persistent, argmax)
     if preload is None:
         preload = preload_applies(weight.shape[-1]) and not persistent
     if preload and preload_fits(weight.shape[-1]):
