@@ -43,9 +43,10 @@ except ImportError:
 
 # weights per program's tile of W_o (BN = TILE_ELEMS / Dh outputs): 16384 (32 KB of bf16), as the preloading GEMV
 TILE_ELEMS = int(os.environ.get("HYLO_ATTN_OUT_TILE", 16384))
-# cache slots per block (a power of two >= 16); the first block is loaded before the PDL wait
-BLOCK = int(os.environ.get("HYLO_ATTN_OUT_BLOCK", 128))
-WARPS = int(os.environ.get("HYLO_ATTN_OUT_WARPS", 8))
+# cache slots per block (a power of two >= 16) and warps per program: 64 and 4 were the fastest timed on H100s
+# (Qwen3-0.6B shape, benchmarks/results/attn-out-h100-run2.json; 128-slot blocks or 8 warps were slower)
+BLOCK = int(os.environ.get("HYLO_ATTN_OUT_BLOCK", 64))
+WARPS = int(os.environ.get("HYLO_ATTN_OUT_WARPS", 4))
 # the first block of cached slots loaded before the PDL wait (with the weight tile) instead of after it
 PRE_KV = os.environ.get("HYLO_ATTN_OUT_PREKV", "0") == "1"
 INTERP_BLOCK, INTERP_BN = 16, 8  # the interpreter's: small, so tests cross block and tile edges

@@ -55,9 +55,10 @@ for stage in "$@"; do
       # with its first K/V block before the wait (/p), at 16-80; the fused kernel's crossover (timed from
       # --more-starts with it forced on); the engine check with fused + FFN split crossing FUSED_MAX_POS=56 (both
       # graphs); ~5-6 min
-      lim ${AO_LIMIT:-150} python3 benchmarks/attn_out_check.py --caches 80 --variants "${IO_VARIANTS:-torchio,ffn,ao:64/16384/4+ffn,ao:64/16384/4/p+ffn,ao:64/16384/8/p+ffn}" --out $R/ao_io.json 2>&1 | grep "ms/token\|rror" | cut -c1-300
+      lim ${AO_LIMIT:-150} python3 benchmarks/attn_out_check.py --caches 80 --variants "${IO_VARIANTS:-torchio,ao:64/16384/4+ffn,ao:64/16384/4/p+ffn}" --out $R/ao_io.json 2>&1 | grep "ms/token\|rror" | cut -c1-300
       lim ${AX_LIMIT:-120} env HYLO_STEP_FUSED_MAX_POS=1000000 python3 benchmarks/attn_out_check.py --caches 2048 --variants "${AX_VARIANTS:-ao:64/16384/4+ffn}" --more-starts ${AX_STARTS:-48 80 112 144 192 256} --check-steps 4 --greedy-steps 4 --out $R/ao_cross.json 2>&1 | grep "ms/token\|rror" | cut -c1-200
-      lim ${EC_LIMIT:-150} env HYLO_STEP_ATTN_OUT=fused HYLO_STEP_FFN_SPLIT=on HYLO_STEP_FUSED_MAX_POS=56 python3 benchmarks/engine_check.py --models attn-swa-d512 --no-compile --out $R/engine_check_fused.json 2>&1 | tail -3 | cut -c1-300;;
+      lim ${EC_LIMIT:-150} env HYLO_STEP_ATTN_OUT=fused HYLO_STEP_FFN_SPLIT=on HYLO_STEP_FUSED_MAX_POS=56 python3 benchmarks/engine_check.py --models attn-swa-d512 --no-compile --out $R/engine_check_fused.json 2>&1 | tail -3 | cut -c1-300
+      [ -n "${Q_MODES:-}" ] && lim ${QD_LIMIT:-200} python3 benchmarks/qwen3_vs_transformers.py --out $R/qwen3.json --modes "$Q_MODES" 2>&1 | grep "ms/token\|30x\|floor\|rror" | tail -12;;
     passkey) # issue 5: tokenize the carried Gutenberg shards (.carry/gbraw, .carry/tok16k) into .carry/gbfull, train
       # the passkey checkpoint (benchmarks/configs/passkey-attn-125m.yaml), then the retrieval heat map (carry also
       # .carry/evaldata); the run folder's small files come back
