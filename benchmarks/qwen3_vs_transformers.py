@@ -334,6 +334,11 @@ def main():
     res: dict = {"date": env["date"], "device": env["device"], "versions": env["versions"],
                  "dtype": str(dtype).replace("torch.", ""), "shape": shape, "prompt_tokens": args.prompt,
                  "new_tokens": args.new_tokens, "batch": 1, "errors": []}
+    from hylo.engine import kernel_step
+    from hylo.ops import decode_attn_out as dao
+    # the knobs of HYLO_STEP_ATTN_OUT=fused (read from the environment at import), for modes that take it
+    res["attn_out_kernel"] = {"tile": dao.TILE_ELEMS, "block": dao.BLOCK, "warps": dao.WARPS, "pre_kv": dao.PRE_KV,
+                              "fused_max_pos": kernel_step.FUSED_MAX_POS}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 

@@ -59,6 +59,12 @@ for stage in "$@"; do
       lim ${AX_LIMIT:-120} env HYLO_STEP_FUSED_MAX_POS=1000000 python3 benchmarks/attn_out_check.py --caches 2048 --variants "${AX_VARIANTS:-ao:64/16384/4+ffn}" --more-starts ${AX_STARTS:-48 80 112 144 192 256} --check-steps 4 --greedy-steps 4 --out $R/ao_cross.json 2>&1 | grep "ms/token\|rror" | cut -c1-200
       lim ${EC_LIMIT:-150} env HYLO_STEP_ATTN_OUT=fused HYLO_STEP_FFN_SPLIT=on HYLO_STEP_FUSED_MAX_POS=56 python3 benchmarks/engine_check.py --models attn-swa-d512 --no-compile --out $R/engine_check_fused.json 2>&1 | tail -3 | cut -c1-300
       [ -n "${Q_MODES:-}" ] && lim ${QD_LIMIT:-200} python3 benchmarks/qwen3_vs_transformers.py --out $R/qwen3.json --modes "$Q_MODES" 2>&1 | grep "ms/token\|30x\|floor\|rror" | tail -12;;
+    tile) # issue 4: the fused kernel's tile and warps at 16-80 (TL_VARIANTS), then the Qwen3 benchmark (Q_MODES)
+      # with the fastest entry's HYLO_ATTN_OUT_TILE / _BLOCK / _WARPS; ~4 min
+      lim ${AO_LIMIT:-110} python3 benchmarks/attn_out_check.py --caches 80 --variants "${TL_VARIANTS:-ao:64/16384/4+ffn,ao:64/8192/4+ffn,ao:64/8192/8+ffn}" --check-steps 4 --greedy-steps 8 --out $R/ao_tile.json 2>&1 | grep "ms/token\|rror" | cut -c1-300
+      best=$(python3 -c "import json;r=json.load(open('$R/ao_tile.json'))['results'];b=min((v for v in r.values() if v.get('attn_out')),key=lambda v:v['ms_per_token'])['attn_out'];print(b['tile'],b['block'],b['warps'])" 2>/dev/null || echo "16384 64 4")
+      set -- $best; echo "fastest fused: tile $1 block $2 warps $3"
+      lim ${QD_LIMIT:-200} env HYLO_ATTN_OUT_TILE=$1 HYLO_ATTN_OUT_BLOCK=$2 HYLO_ATTN_OUT_WARPS=$3 python3 benchmarks/qwen3_vs_transformers.py --out $R/qwen3.json --modes "${Q_MODES:-eager,eager+aofused+ffnsplit}" 2>&1 | grep "ms/token\|30x\|floor\|rror" | tail -12;;
     passkey) # issue 5: tokenize the carried Gutenberg shards (.carry/gbraw, .carry/tok16k) into .carry/gbfull, train
       # the passkey checkpoint (benchmarks/configs/passkey-attn-125m.yaml), then the retrieval heat map (carry also
       # .carry/evaldata); the run folder's small files come back
