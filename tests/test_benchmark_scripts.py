@@ -96,7 +96,7 @@ def test_qwen3_vs_transformers_smoke(tmp_path):
     assert res["hylo_cublas"]["switches"] == {"HYLO_GEMV": "off", "HYLO_DECODE_ATTN": "off", "HYLO_GEMV_FUSE": "off",
                                               "HYLO_KERNEL_STEP": "on", "HYLO_PDL": "on", "HYLO_COMPILE_SCOPE": "step",
                                               "HYLO_GEMV_PRELOAD": "on", "HYLO_ATTN_EARLY_KV": "on",
-                                              "HYLO_STEP_ATTN_OUT": "off",
+                                              "HYLO_STEP_ATTN_OUT": "fused",
                                               "HYLO_STEP_FFN_SPLIT": "off", "HYLO_STEP_IO": "kernels"}
     assert not res["hylo_cublas"]["gemv"] and not res["hylo"]["kernel_step"] and not res["hylo"]["pdl"]
     assert {"hylo_compiled_gemv", "hylo_dattn", "hylo_fuse", "hylo_kstep"} <= set(res["skipped"])  # +gemv needs CUDA or the Triton interpreter

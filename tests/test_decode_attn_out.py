@@ -153,8 +153,10 @@ def test_kernel_step_with_sums_same_logits_as_the_runner_step(interp, monkeypatc
     for st, st_ref in zip(runner.cache.states, ref_runner.cache.states):
         for name in st:
             torch.testing.assert_close(st[name], st_ref[name], rtol=1e-5, atol=1e-5)
-        with kernel_step.kernel_step_mode("on"):
-            assert DecodeRunner(model, 2, 40).sums_ws is None  # off by default
+    with G.gemv_mode("on"), kernel_step.kernel_step_mode("on"):
+        default = DecodeRunner(model, 2, 40)  # fused attention by default, no FFN split
+    assert default.sums_ws["attn"] == "fused" and not default.sums_ws["ffn"]
+    assert default.fused_limit == kernel_step.FUSED_MAX_POS
 
 
 def test_attn_out_compiles_for_sm90_with_pdl():

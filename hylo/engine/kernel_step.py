@@ -74,26 +74,36 @@ polls (0.855, ``-run8-blocks-nap.json``) and 8192-weight tiles (0.832 / 0.884, `
 not change that. Compiled for sm_90 the kernels held 186 registers per thread (4 warps), two programs per SM, so a
 stage's programs could not all hold their weights while the stage before ran.
 
-Blocks that leave their output projection as a float32 sum (:func:`workspace`, all off by default): the next
-block's first GEMV, which needs the whole residual stream after its PDL wait anyway, adds the sum
-(``gemv_direct(acc=...)``), so a projection needs no residual read and its programs may split K and add with
-atomics (whose order makes the float32 sums, and now and then a bf16 logit, differ from run to run).
-``HYLO_STEP_FFN_SPLIT=on``: the FFN's down projection in power-of-two chunks of K (no padded rows).
-``HYLO_STEP_ATTN_OUT=split``: the split attention's partials merged by the output projection's own programs (one
-kernel fewer per layer); ``fused``: attention and projection in one kernel, each program reading its KV head's
-whole cache (:mod:`hylo.ops.decode_attn_out`), so for short contexts only. Timed on H100s (Qwen3-0.6B shape,
-``python benchmarks/attn_out_check.py``; each line one machine, against the chain in the same process):
+Blocks that leave their output projection as a float32 sum (:func:`workspace`): the next block's first GEMV,
+which needs the whole residual stream after its PDL wait anyway, adds the sum (``gemv_direct(acc=...)``), so a
+projection needs no residual read and its programs may split K and add with atomics (whose order makes the float32
+sums, and now and then a bf16 logit, differ from run to run; ``HYLO_STEP_ATTN_OUT=off`` for a step that repeats
+bit for bit). ``HYLO_STEP_ATTN_OUT=fused`` (the default): attention and projection in one kernel, each program
+reading its KV head's whole cache (:mod:`hylo.ops.decode_attn_out`), so for short contexts only: a runner holds a
+second step (and graph) without it, taken from :data:`FUSED_MAX_POS` on. ``split``: the split attention's partials
+merged by the output projection's own programs (one kernel fewer per layer). ``HYLO_STEP_FFN_SPLIT=on`` (off): the
+FFN's down projection in power-of-two chunks of K (no padded rows). Timed on H100s (Qwen3-0.6B shape, bf16,
+``python benchmarks/attn_out_check.py``; each line one machine, against the chain in the same process; ms/token):
 
-- positions 16-80 (``benchmarks/results/attn-out-h100-run3.json``, ``-run5.json``): chain 0.801 / 0.734 ms/token,
-  FFN split 0.768 / 0.745, ``fused`` + FFN split 0.688 / 0.658, ``split`` + FFN split - / 0.750;
-- longer positions: at 512-576 ``fused`` + FFN split 1.744 against the chain's 0.862 (FFN split 0.841,
-  ``-run4-pos512.json``); at 1024-1088 chain 0.906, FFN split 0.908, ``split`` + FFN split 0.908
-  (``-run5-pos1024.json``).
+- positions 16-80: chain 0.801 / 0.734 / 0.710 (``benchmarks/results/attn-out-h100-run3.json``, ``-run5.json``,
+  ``-run6-io.json``), ``fused`` + FFN split 0.688 / 0.658 / 0.640, ``split`` + FFN split - / 0.750 / -; on a
+  fourth machine, three calls a few minutes apart (``-run7-tiles.json``, ``-run8.json``, ``-run9.json``): chain
+  0.674 / 0.690 / 0.716, ``fused`` - / 0.602 / 0.632, ``fused`` + FFN split 0.661 / 0.621 / 0.657, FFN split alone
+  - / 0.717 / -;
+- longer positions: ``fused`` + FFN split costs ~2.5 us more per step for each position (64 steps from position
+  48: 0.703 against the chain's 0.734; from 80: 0.782 against 0.737; from 256: 1.174 against 0.755,
+  ``-run6-crossover.json``), so the two cross near position 88, :data:`FUSED_MAX_POS`; ``split`` and FFN split
+  matched the chain at 1024-1088 (0.908 and 0.908 against 0.906, ``-run5-pos1024.json``).
 
-So only ``fused`` gains on both machines, and only while positions are short: a runner with it holds a second
-step (and graph) without it, taken from :data:`FUSED_MAX_POS` on (CPU-tested; the crossover is not measured and the
-two graphs have not run on a GPU), which is what taking it by default would need. (Before commit ``02474c6``
-the value ``on`` named the one-kernel version; the result files of runs 1-4 say ``on`` for it.)
+The engine check on an H100 with ``fused`` and a limit of 56, so that its 4 ragged prompts cross it while decoding
+(``benchmarks/results/engine-check-kstep-h100-fused-partial.json``): in float32 the graphed engine (both graphs)
+equals the eager one and the forward's argmax for 32 tokens; its bf16 cases did not fit in the call. (Before commit
+``02474c6`` the value ``on`` named ``fused``; the result files of runs 1-4 say ``on`` for it.)
+
+The step's first and last kernels (``HYLO_STEP_IO=kernels``, the default; :mod:`hylo.ops.decode_io`): the embedding
+that zeroes the sums, and after the LM head (whose GEMV packs each row's maximum with an atomic) one that writes the
+greedy tokens and advances the positions, instead of PyTorch's embedding, fill, add and ``argmax``: 0.710 against
+0.735 and 0.690 against 0.731 ms/token (``-run6-io.json``, ``-run8.json``, ``torchio``).
 """
 
 from __future__ import annotations
@@ -116,9 +126,10 @@ from hylo.ops.rope import inv_freq
 _SWITCH = Choice("kernel decode step", "HYLO_KERNEL_STEP", ("off", "on"), "on")
 set_kernel_step, get_kernel_step, kernel_step_mode = _SWITCH.set, _SWITCH.get, _SWITCH.use
 # attention's output projection into a float32 sum (hylo.ops.decode_attn_out) instead of combine + GEMV: split =
-# attention, then one kernel that merges and projects (any context); fused = one kernel (short contexts only)
+# attention, then one kernel that merges and projects (any context); fused = one kernel (short contexts only: a
+# runner leaves it from FUSED_MAX_POS on); the default: faster at positions 16-80 on every H100 timed
 _ATTN_OUT = Choice("kernel step's attention with its output projection", "HYLO_STEP_ATTN_OUT",
-                   ("off", "split", "fused"), "off")
+                   ("off", "split", "fused"), "fused")
 set_step_attn_out, get_step_attn_out, step_attn_out_mode = _ATTN_OUT.set, _ATTN_OUT.get, _ATTN_OUT.use
 # the FFN's down projection split over K, its products added into a float32 sum for the next block to add
 _FFN_SPLIT = Choice("kernel step's FFN down projection into a sum", "HYLO_STEP_FFN_SPLIT", ("off", "on"), "off")
@@ -128,8 +139,9 @@ set_step_ffn_split, get_step_ffn_split, step_ffn_split_mode = _FFN_SPLIT.set, _F
 _IO = Choice("kernel step's first and last kernels", "HYLO_STEP_IO", ("kernels", "torch"), "kernels")
 set_step_io, get_step_io, step_io_mode = _IO.set, _IO.get, _IO.use
 # HYLO_STEP_ATTN_OUT=fused: a runner takes the fused kernel while its rows' positions (meta tokens included) are
-# below this, and the chain's attention from there (a second graph); not yet measured where the two cross
-FUSED_MAX_POS = int(os.environ.get("HYLO_STEP_FUSED_MAX_POS", 128))
+# below this, and the chain's attention from there (a second graph): where the two crossed on an H100
+# (benchmarks/results/attn-out-h100-run6-crossover.json, Qwen3-0.6B shape)
+FUSED_MAX_POS = int(os.environ.get("HYLO_STEP_FUSED_MAX_POS", 88))
 
 
 def head_size_ok(hd: int) -> bool:

@@ -19,9 +19,9 @@ depends on ``max_len``, not on the current position -- unless ``HYLO_DECODE_ATTN
 
 ``HYLO_KERNEL_STEP`` (:mod:`hylo.engine.kernel_step`; on by default, taken where the GEMV is, i.e. on CUDA) runs an
 attention + FFN model's step as a fixed sequence of hylo's Triton kernels chained with programmatic dependent
-launch; ``compile`` is then ignored. With ``HYLO_STEP_ATTN_OUT=fused`` (off by default) the runner holds two steps
+launch; ``compile`` is then ignored. With ``HYLO_STEP_ATTN_OUT=fused`` (the default) the runner holds two steps
 and graphs, one with attention and its output projection as one kernel for positions below
-``kernel_step.FUSED_MAX_POS`` and the chain's for the rest (CPU-tested; the two graphs not yet run on a GPU).
+``kernel_step.FUSED_MAX_POS`` and the chain's for the rest (checked on an H100 through the engine).
 
 ``compile=True`` runs the step through ``torch.compile`` (inductor) before the graph is captured, as gpt-fast
 does: a graph of eager kernels still pays one small kernel per norm, RoPE, gate and residual add; inductor fuses

@@ -47,7 +47,8 @@ TILE_ELEMS = int(os.environ.get("HYLO_ATTN_OUT_TILE", 16384))
 # (Qwen3-0.6B shape, benchmarks/results/attn-out-h100-run2.json; 128-slot blocks or 8 warps were slower)
 BLOCK = int(os.environ.get("HYLO_ATTN_OUT_BLOCK", 64))
 WARPS = int(os.environ.get("HYLO_ATTN_OUT_WARPS", 4))
-# the first block of cached slots loaded before the PDL wait (with the weight tile) instead of after it
+# the first block of cached slots loaded before the PDL wait (with the weight tile) instead of after it: no gain on
+# an H100 (0.643 against 0.640 ms/token with FFN split, benchmarks/results/attn-out-h100-run6-io.json), so off
 PRE_KV = os.environ.get("HYLO_ATTN_OUT_PREKV", "0") == "1"
 INTERP_BLOCK, INTERP_BN = 16, 8  # the interpreter's: small, so tests cross block and tile edges
 
