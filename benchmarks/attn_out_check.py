@@ -38,10 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 if "--smoke" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from decode_timeline import time_and_trace  # noqa: E402
+from decode_timeline import random_qwen3, time_and_trace  # noqa: E402
 from qwen3_vs_transformers import device_and_shape, hylo_ms_per_token, switched  # noqa: E402
 
-from hylo.convert import from_transformers  # noqa: E402
 from hylo.engine.runner import DecodeRunner  # noqa: E402
 from hylo.ops import decode_attn_out as dao  # noqa: E402
 from hylo.profile.report import environment  # noqa: E402
@@ -120,8 +119,6 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shape on the CPU (interpreter, no graphs)")
     args = ap.parse_args()
     variants = parse_variants(args.variants)
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
     dev, dtype, shape, graphs = device_and_shape(args.smoke, "attn_out_check.py")
     if args.smoke:  # the interpreter: few, short steps
         args.caches, args.steps, args.check_steps, args.greedy_steps, args.replays = [24], 2, 3, 4, 2
@@ -136,11 +133,7 @@ def main():
                  "errors": [], "results": {}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    with torch.device(dev):
-        tf = Qwen3ForCausalLM(Qwen3Config(**shape))
-    hy = from_transformers(tf.to(dtype).eval(), dtype=dtype).to(dev).eval()
-    del tf
+    hy = random_qwen3(shape, dtype, dev)
     g = torch.Generator().manual_seed(1)
     feed = torch.randint(0, shape["vocab_size"], (args.check_steps,), generator=g).tolist()
     saved = dao.BLOCK, dao.TILE_ELEMS, dao.WARPS, dao.PRE_KV

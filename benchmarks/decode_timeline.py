@@ -154,6 +154,16 @@ def time_and_trace(runner, start: int, steps: int, replays: int, dev) -> tuple[f
     return ms, step_stats(trace_kernels(one, replays, dev.type == "cuda"), replays)
 
 
+def random_qwen3(shape: dict, dtype, dev):
+    """A hylo model converted from a transformers ``Qwen3ForCausalLM`` of ``shape`` with random weights (seed 0)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(dev):
+        tf = Qwen3ForCausalLM(Qwen3Config(**shape))
+    return from_transformers(tf.to(dtype).eval(), dtype=dtype).to(dev).eval()
+
+
 def parse_configs(spec: str) -> list[tuple[str, bool | str, dict[str, str], int | None, int | None]]:
     """``--configs`` -> ``(key, compile, switches, min_split, block)``: the Qwen3 benchmark's modes plus ``@S``
     or ``@S/B`` (the attention's ``MIN_SPLIT`` and ``BLOCK_SLOTS``)."""
@@ -184,8 +194,6 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shape on the CPU, no graphs: checks the script")
     args = ap.parse_args()
     configs = parse_configs(args.configs)
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
     dev, dtype, shape, graphs = device_and_shape(args.smoke, "decode_timeline.py")
     if min(args.caches) < args.start + args.steps:
         sys.exit(f"--caches must all be at least --start + --steps = {args.start + args.steps}")
@@ -195,11 +203,7 @@ def main():
                  "replays": args.replays, "errors": [], "configs": {}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    with torch.device(dev):
-        tf = Qwen3ForCausalLM(Qwen3Config(**shape))
-    hy = from_transformers(tf.to(dtype).eval(), dtype=dtype).to(dev).eval()
-    del tf
+    hy = random_qwen3(shape, dtype, dev)
     default_split = hylo_dattn.MIN_SPLIT
     for key, compile, switches, split, block in configs:
         sw = mode_switches(switches)

@@ -228,7 +228,8 @@ def _launch(qkv, H, q_norm, k_norm, eps, inv_freq, k, v, pos, ring, w_o, b_o, ac
         qkv, k, v, pos, qw, kw, inv_freq, float(eps), math.log2(math.e) / math.sqrt(Dh), L, m, lsum, part, o, w_o,
         qkv if b_o is None else b_o, acc, N, H=H, HKV=Hkv, D=Dh, BLOCK=INTERP_BLOCK if interp else BLOCK, BN=bn,
         NSPLIT=nsplit, NSP=triton.next_power_of_2(nsplit), FUSED=merge is None, HAS_BIAS=b_o is not None,
-        QK_NORM=q_norm is not None, RING=ring, PRE_KV=PRE_KV and merge is None, PDL=pdl and not interp, INTERP=interp, **launch)
+        QK_NORM=q_norm is not None, RING=ring, PRE_KV=PRE_KV and merge is None, PDL=pdl and not interp,
+        INTERP=interp, **launch)
 
 
 def decode_attn_split_out(qkv: torch.Tensor, num_heads: int, q_norm: torch.Tensor | None,

@@ -4,14 +4,15 @@ position advance.
 
 Why: around its layers the step spent ~25 us per token on PyTorch kernels (H100, Qwen3-0.6B shape, batch 1,
 ``benchmarks/results/attn-out-h100-run5.json``): the embedding (4.7 us), zeroing the sums (2.8), the position
-increment (1.8) and, in every greedy loop, ``logits.argmax(-1)`` (11.2 us for 151,936 logits: one reduction with a
-memset for its semaphores, 3.5 us more). Here that is two small kernels and a few atomics in the LM head's GEMV:
+increment (1.8) and, in every greedy loop, ``logits.argmax(-1)`` (11.2 us for 151,936 logits, and a 3.5-us memset
+that went with it). Here that is two small kernels and a few atomics in the LM head's GEMV (0.710 against 0.735
+ms/token, ``attn-out-h100-run6-io.json``):
 
 - :func:`embed_rows`: ``h[b] = table[tokens[b]]`` and ``sums[:] = 0`` in one launch;
 - the LM head's GEMV (:func:`hylo.ops.gemv.gemv_direct` with ``argmax``) takes each tile's largest logit (as
   stored, in the output dtype) and its index, packed into one int64 by :func:`pack_ref` so that a larger value
-  wins and a tie goes to the lower index, as ``torch.argmax`` returns the first maximum, and adds it into the
-  row's slot with ``atomic_max``;
+  wins and a tie goes to the lower index, as ``torch.argmax`` returns the first maximum, and keeps the larger
+  in the row's slot with ``atomic_max``;
 - :func:`finish`: after the head (PDL wait), each row's greedy token unpacked from its slot, the slot reset for
   the next step, and the row's position advanced.
 
