@@ -6,7 +6,8 @@ For a Qwen3-0.6B-shaped model (random weights, bf16, batch 1) at each ``--caches
 (slots per block, weights per tile, warps; ``HYLO_STEP_ATTN_OUT=fused``; ``/p`` after it: the first block of the
 cache loaded before the PDL wait, ``HYLO_ATTN_OUT_PREKV``), ``split`` the split attention whose
 partials the projection's kernel merges (``HYLO_STEP_ATTN_OUT=split``), ``ffn`` the FFN's down projection split
-over K into a float32 sum (``HYLO_STEP_FFN_SPLIT``), ``+``-joined. Per entry:
+over K into a float32 sum (``HYLO_STEP_FFN_SPLIT``), ``glu`` SwiGLU in the gate/up GEMV (``HYLO_STEP_GLU=up``),
+``+``-joined. Per entry:
 
 - check: ``--check-steps`` steps fed the same tokens from position 0, logits against the chain's (max abs
   difference, and whether the argmax agrees at every step), and greedy decoding from the same start (the steps
@@ -48,18 +49,21 @@ from hylo.profile.report import environment  # noqa: E402
 ON = {"HYLO_KERNEL_STEP": "on", "HYLO_GEMV": "on"}
 
 
-def parse_variants(spec: str) -> list[tuple[str, tuple | None, bool, bool, bool]]:
+def parse_variants(spec: str) -> list[tuple[str, tuple | None, bool, bool, bool, bool]]:
     """``--variants`` -> ``(name, (block, tile, warps, pre_kv) of the fused attention or None, FFN split, split
-    attention's sum, PyTorch's first and last kernels)`` per entry: ``+``-joined ``ao``
+    attention's sum, PyTorch's first and last kernels, SwiGLU in the gate/up GEMV)`` per entry: ``+``-joined ``ao``
     (``HYLO_STEP_ATTN_OUT=fused`` at the module's defaults), ``ao:BLOCK/TILE/WARPS[/p]``, ``split``
     (``HYLO_STEP_ATTN_OUT=split``), ``ffn`` (``HYLO_STEP_FFN_SPLIT=on``) and ``torchio`` (``HYLO_STEP_IO=torch``:
-    the step's embedding, zeroing, position increment and the greedy argmax as PyTorch kernels)."""
+    the step's embedding, zeroing, position increment and the greedy argmax as PyTorch kernels), ``glu``
+    (``HYLO_STEP_GLU=up``: SwiGLU in the gate/up GEMV's epilogue)."""
     out = []
     for v in (v.strip() for v in spec.split(",") if v.strip()):
-        ao, ffn, split, tio = None, False, False, False
+        ao, ffn, split, tio, glu = None, False, False, False, False
         for part in v.split("+"):
             if part == "ffn":
                 ffn = True
+            elif part == "glu":
+                glu = True
             elif part == "torchio":
                 tio = True
             elif part == "split":
@@ -81,12 +85,13 @@ def parse_variants(spec: str) -> list[tuple[str, tuple | None, bool, bool, bool]
                     raise SystemExit(f"--variants: {part!r}: BLOCK and TILE powers of two (BLOCK >= 16), WARPS 1..16")
             else:
                 raise SystemExit(f"--variants: unknown part {part!r} in {v!r} "
-                                 "(ao, ao:B/T/W[/p], split, ffn, torchio)")
+                                 "(ao, ao:B/T/W[/p], split, ffn, torchio, glu)")
         if ao and split:
             raise SystemExit(f"--variants: {v!r}: ao (fused) and split are two ways of one thing; pick one")
         name = "+".join(([f"ao_{ao[0]}_{ao[1]}_{ao[2]}" + ("_p" if ao[3] else "")] if ao else [])
-                        + (["split"] if split else []) + (["ffn"] if ffn else []) + (["torchio"] if tio else []))
-        out.append((name, ao, ffn, split, tio))
+                        + (["split"] if split else []) + (["ffn"] if ffn else []) + (["torchio"] if tio else [])
+                        + (["glu"] if glu else []))
+        out.append((name, ao, ffn, split, tio, glu))
     return out
 
 
@@ -139,13 +144,14 @@ def main():
     saved = dao.BLOCK, dao.TILE_ELEMS, dao.WARPS, dao.PRE_KV
     for L in args.caches:
         base = None
-        for name, var, ffn, split, tio in [("chain", None, False, False, False)] + variants:
+        for name, var, ffn, split, tio, glu in [("chain", None, False, False, False, False)] + variants:
             key = f"{name}_cache{L}"
             try:
                 if var:
                     dao.BLOCK, dao.TILE_ELEMS, dao.WARPS, dao.PRE_KV = var
                 sw = {**ON, "HYLO_STEP_ATTN_OUT": "fused" if var else "split" if split else "off",
-                      "HYLO_STEP_FFN_SPLIT": "on" if ffn else "off", "HYLO_STEP_IO": "torch" if tio else "kernels"}
+                      "HYLO_STEP_FFN_SPLIT": "on" if ffn else "off", "HYLO_STEP_IO": "torch" if tio else "kernels",
+                      "HYLO_STEP_GLU": "up" if glu else "down"}
                 with switched(sw), torch.no_grad():
                     runner = DecodeRunner(hy, 1, L, cuda_graph=graphs)
                     ws = runner.sums_ws
@@ -153,7 +159,7 @@ def main():
                            else None,
                            "switches": sw, "kernel_step": runner.kernel_step,
                            "sums": {"attn": ws["attn"], "ffn": ws["ffn"]} if ws else None,
-                           "pdl": runner.pdl, "graphed": runner.graphed}
+                           "pdl": runner.pdl, "graphed": runner.graphed, "glu_up": runner.glu_up}
                     lg = logits_run(runner, feed, dev)
                     gr = greedy(runner, args.greedy_steps, dev)
                     if base is None:

@@ -121,15 +121,17 @@ def test_attn_out_checks_its_inputs(interp):
         dao.decode_attn_out(qkv, 4, qn, None, 1e-6, f, kc, vc, pos, False, w, b, acc)
 
 
-@pytest.mark.parametrize("layers,attn_out,ffn_split", [("a f swa f", "fused", "off"), ("a swa f a", "fused", "on"),
-                                                      ("a f f swa f", "off", "on"), ("a f swa f", "split", "on"),
-                                                      ("a swa f a", "split", "off")])
-def test_kernel_step_with_sums_same_logits_as_the_runner_step(interp, monkeypatch, layers, attn_out, ffn_split):
+@pytest.mark.parametrize("layers,attn_out,ffn_split,glu", [
+    ("a f swa f", "fused", "off", "down"), ("a swa f a", "fused", "on", "down"), ("a f f swa f", "off", "on", "down"),
+    ("a f swa f", "split", "on", "down"), ("a swa f a", "split", "off", "down"), ("a f swa f", "fused", "off", "up"),
+    ("a f f swa f", "off", "on", "up")])
+def test_kernel_step_with_sums_same_logits_as_the_runner_step(interp, monkeypatch, layers, attn_out, ffn_split, glu):
     """The kernel step with blocks that leave float32 sums (HYLO_STEP_ATTN_OUT, HYLO_STEP_FFN_SPLIT; attention, a
     wrapping sliding window, FFN, meta tokens; rows at different positions): 7 steps give the usual step's logits
     and caches (float32). In ``a swa f a`` the sliding window's q/k/v GEMV adds attention's sum, and the last block
     (attention) is the chain's; in ``a f f swa f`` an FFN adds the FFN's sum before it. ``split``: split attention
-    (2 splits of 8 slots past position 16), its partials merged in the projection's kernel; ``fused``: one kernel."""
+    (2 splits of 8 slots past position 16), its partials merged in the projection's kernel; ``fused``: one kernel.
+    ``glu=up`` (HYLO_STEP_GLU): SwiGLU in the gate/up GEMV, after a sum (``fused``) and into one (FFN split)."""
     from test_kernel_step import _attn_ffn_model
 
     monkeypatch.setattr(dattn, "MIN_SPLIT", 8)
@@ -141,8 +143,9 @@ def test_kernel_step_with_sums_same_logits_as_the_runner_step(interp, monkeypatc
         ref_runner.set_positions([0, 20])
         ref = [ref_runner.step(t) for t in ids]
         with kernel_step.kernel_step_mode("on"), kernel_step.step_attn_out_mode(attn_out), \
-                kernel_step.step_ffn_split_mode(ffn_split):
+                kernel_step.step_ffn_split_mode(ffn_split), kernel_step.step_glu_mode(glu):
             runner = DecodeRunner(model, 2, 40)
+        assert runner.glu_up == (glu == "up")
         ws = runner.sums_ws
         assert runner.kernel_step and ws["attn"] == (None if attn_out == "off" else attn_out)
         assert ws["ffn"] == (ffn_split == "on")

@@ -370,6 +370,40 @@ def test_preloading_kernel_matches_reference(interp, fused, M):
     torch.testing.assert_close(got, G.gemv_ref(x, w, b, **kw), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("extras", ["plain", "norm+bias", "norm+acc"])
+def test_glu_epilogue_matches_reference(interp, dtype, extras):
+    """``glu``: the gate/up GEMV leaves SwiGLU's ``silu(gate) * up`` (N = 37 outputs from 74 rows, not a multiple of
+    the interpreter's tile) as glu_ref computes it; the down projection after it equals the chain that reads the
+    gate/up product and computes SwiGLU in its prologue, bit for bit (same roundings in the same order)."""
+    g = torch.Generator().manual_seed(7)
+    M = 2
+    x = torch.randn(M, K, generator=g).to(dtype)
+    w = (0.3 * torch.randn(2 * N, K, generator=g)).to(dtype)
+    wd = (0.3 * torch.randn(20, N, generator=g)).to(dtype)
+    b = torch.randn(2 * N, generator=g).to(dtype) if "bias" in extras else None
+    kw = {"norm_weight": (1 + 0.1 * torch.randn(K, generator=g)).to(dtype), "eps": 1e-6} if "norm" in extras else {}
+    if "acc" in extras:  # the input waits for a float32 sum, as after the fused attention
+        acc = torch.randn(M, K, generator=g)
+        kw_acc = dict(acc=acc, h_out=torch.empty_like(x))
+        x_in = (acc.to(dtype).float() + x.float()).to(dtype)
+    else:
+        kw_acc, x_in = {}, x
+    act = G.gemv_direct(x, w, b, glu=True, **kw, **kw_acc)
+    assert act.shape == (M, N) and act.dtype == dtype
+    ref = G.glu_ref(x_in, w, b, **kw).float()
+    # bf16: the interpreter truncates float32 -> bf16 where torch rounds to nearest, and the norm's roundings add up
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=0.04 * float(ref.abs().max()))
+    torch.testing.assert_close(act.float(), ref, **tol)
+    gu = G.gemv_direct(x, w, b, preload=True, **kw, **({**kw_acc, "h_out": torch.empty_like(x)} if kw_acc else {}))
+    chain = G.gemv_direct(gu, wd, swiglu=True, preload=True, residual=x[:, :20])
+    assert torch.equal(G.gemv_direct(act, wd, preload=True, residual=x[:, :20]), chain)
+    with pytest.raises(ValueError, match="glu"):
+        G.gemv_direct(x, w[:-1], glu=True)
+    with pytest.raises(ValueError, match="glu"):
+        G.gemv_direct(x, w, glu=True, residual=act)
+
+
 def test_preload_applies_where_rows_fit():
     """on: every product whose rows fit in a tile (the LM head's too, but the kernel step asks for the plain
     kernel there); off: none."""

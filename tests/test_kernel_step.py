@@ -217,16 +217,20 @@ def test_pdl_variants_compile_for_sm90():
 
 
 def test_preload_gemv_compiles_for_sm90():
-    """The preloading GEMV loads its weights before the PDL wait (never run on the CPU: compiled for an H100)."""
+    """The preloading GEMV loads its weights before the PDL wait (never run on the CPU: compiled for an H100); with
+    ``GLU`` twice as many rows per program."""
     pytest.importorskip("triton.backends.nvidia")
     sig = {"x": "*bf16", "w": "*bf16", "b": "*bf16", "y": "*bf16", "nw": "*bf16", "r": "*bf16", "acc": "*fp32",
            "h_out": "*bf16", "M": "i32", "N": "i32", "eps": "fp32"}
-    ptx = _ptx(triton.jit(G._gemv_pre_kernel), sig, dict(K=1024, KP=1024, XK=1024, HAS_BIAS=False, NORM=True,
-                                                        SWIGLU=False, RESIDUAL=False, ACC=True, S=1, OUT_ACC=False,
-                                                        PDL=True, INTERP=False, BN=8))
-    lines = ptx.splitlines()
-    wait = next(i for i, ln in enumerate(lines) if "griddepcontrol.wait" in ln)
-    assert any("ld.global" in ln for ln in lines[:wait])  # the weights, before the wait
+    before = {}
+    for glu in (False, True):  # GLU: the gate and the up rows, both before the wait
+        ptx = _ptx(triton.jit(G._gemv_pre_kernel), sig, dict(K=1024, KP=1024, XK=1024, HAS_BIAS=False, NORM=True,
+                                                            SWIGLU=False, RESIDUAL=False, ACC=True, S=1,
+                                                            OUT_ACC=False, GLU=glu, PDL=True, INTERP=False, BN=8))
+        lines = ptx.splitlines()
+        wait = next(i for i, ln in enumerate(lines) if "griddepcontrol.wait" in ln)
+        before[glu] = sum("ld.global" in ln for ln in lines[:wait])  # the weights, before the wait
+    assert before[True] > before[False] > 0, before
 
 
 def test_early_kv_loads_before_the_wait():

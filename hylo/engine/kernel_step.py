@@ -134,6 +134,11 @@ set_step_attn_out, get_step_attn_out, step_attn_out_mode = _ATTN_OUT.set, _ATTN_
 # the FFN's down projection split over K, its products added into a float32 sum for the next block to add
 _FFN_SPLIT = Choice("kernel step's FFN down projection into a sum", "HYLO_STEP_FFN_SPLIT", ("off", "on"), "off")
 set_step_ffn_split, get_step_ffn_split, step_ffn_split_mode = _FFN_SPLIT.set, _FFN_SPLIT.get, _FFN_SPLIT.use
+# SwiGLU's silu(gate) * up: in the down projection's GEMV, on the gate/up product read back ("down"), or in the
+# gate/up GEMV's epilogue ("up": each program computes matching gate and up rows, and the down projection reads
+# half as much after its PDL wait and computes no SiLU)
+_GLU = Choice("kernel step's SwiGLU", "HYLO_STEP_GLU", ("down", "up"), "down")
+set_step_glu, get_step_glu, step_glu_mode = _GLU.set, _GLU.get, _GLU.use
 # the step's first and last kernels: hylo's (embedding + zeroing the sums; greedy token + position advance,
 # hylo.ops.decode_io) or PyTorch's (embedding, zero_, add_; the greedy token then by argmax on the logits)
 _IO = Choice("kernel step's first and last kernels", "HYLO_STEP_IO", ("kernels", "torch"), "kernels")
@@ -218,30 +223,40 @@ def new_io(batch_size: int, device) -> torch.Tensor | None:
     return decode_io.new_io(batch_size, device) if _IO.value == "kernels" else None
 
 
+def glu_up(model) -> bool:
+    """Whether :func:`step` computes SwiGLU in the gate/up GEMV (``HYLO_STEP_GLU=up``, read here, when a runner
+    builds its step): the switch is ``up`` and the preloading GEMV takes rows of the hidden size."""
+    return _GLU.value == "up" and G.preload_fits(model.embed_tokens.weight.shape[1])
+
+
 def gemv_launcher(pdl: bool, persistent: bool = False):
     """The step's GEMV: :func:`hylo.ops.gemv.gemv_direct` launched with PDL and on persistent grids as asked."""
     return functools.partial(G.gemv_direct, pdl=pdl, persistent=persistent)
 
 
-def first_gemv(gemv, h: torch.Tensor, acc: torch.Tensor | None, lin, norm):
+def first_gemv(gemv, h: torch.Tensor, acc: torch.Tensor | None, lin, norm, **kw):
     """A block's first GEMV (pre-norm): ``(output, block input)``. With ``acc``, the block before left its output
-    projection as that float32 sum: the GEMV adds it to ``h`` first and returns the sum as the input."""
+    projection as that float32 sum: the GEMV adds it to ``h`` first and returns the sum as the input. ``kw``:
+    more of :func:`hylo.ops.gemv.gemv_direct`'s options (``glu``)."""
     if acc is None:
-        return gemv(h, lin.weight, lin.bias, norm.weight, norm.eps), h
+        return gemv(h, lin.weight, lin.bias, norm.weight, norm.eps, **kw), h
     h_in = torch.empty_like(h)
-    return gemv(h, lin.weight, lin.bias, norm.weight, norm.eps, acc=acc, h_out=h_in), h_in
+    return gemv(h, lin.weight, lin.bias, norm.weight, norm.eps, acc=acc, h_out=h_in, **kw), h_in
 
 
 def ffn_block(block, h: torch.Tensor, gemv, acc: torch.Tensor | None = None,
-              out_acc: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+              out_acc: torch.Tensor | None = None, glu: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """An FFN block: ``h + down(SwiGLU(gate_up(norm(h))))`` as two GEMVs (pre-norm, then SwiGLU and residual):
     ``(output, None)``. ``acc``: see :func:`first_gemv`. With ``out_acc`` (a zero float32 ``[B, D]``) the down
-    projection is added into it instead (split over K, no residual): ``(block input, out_acc)``."""
+    projection is added into it instead (split over K, no residual): ``(block input, out_acc)``. ``glu``: SwiGLU
+    in the first GEMV's epilogue (:func:`glu_up`) instead of the second's prologue."""
     n, m = block.norm, block.mixer
-    gu, h = first_gemv(gemv, h, acc, m.gate_up_proj, n)
+    kw = {"glu": True} if glu else {}
+    gu, h = first_gemv(gemv, h, acc, m.gate_up_proj, n, **kw)
+    swiglu = not glu
     if out_acc is not None:
-        return h, gemv(gu, m.down_proj.weight, m.down_proj.bias, swiglu=True, out_acc=out_acc)
-    return gemv(gu, m.down_proj.weight, m.down_proj.bias, residual=h, swiglu=True), None
+        return h, gemv(gu, m.down_proj.weight, m.down_proj.bias, swiglu=swiglu, out_acc=out_acc)
+    return gemv(gu, m.down_proj.weight, m.down_proj.bias, residual=h, swiglu=swiglu), None
 
 
 def attn_block(block, h: torch.Tensor, st: dict, pos: torch.Tensor, inv_freq: torch.Tensor, gemv,
@@ -276,14 +291,14 @@ def head_logits(h: torch.Tensor, head: torch.Tensor, norm, gemv, argmax: torch.T
 
 def step(model, tokens: torch.Tensor, states, pos: torch.Tensor, head: torch.Tensor,
          freqs: dict[int, torch.Tensor], pdl: bool, persistent: bool = False,
-         ws: dict | None = None, io: torch.Tensor | None = None) -> torch.Tensor:
+         ws: dict | None = None, io: torch.Tensor | None = None, glu: bool = False) -> torch.Tensor:
     """One decode step: ``tokens [B]`` -> logits ``[B, vocab]``; writes the caches and advances ``pos``. ``pdl``:
     launch every kernel with PDL; ``persistent``: the GEMVs on persistent grids (``HYLO_PDL=persistent``; under the
     interpreter it shrinks their grids even without PDL, so CPU tests cover that indexing); ``ws``
     (:func:`workspace`): blocks but the last leave their output projection as a float32 sum that the next block's
     first GEMV adds (attention blocks where ``ws["attn"]`` is set, FFN blocks with ``ws["ffn"]``); ``io``
     (:func:`new_io`): the step begins and ends with :mod:`hylo.ops.decode_io`'s kernels and leaves each row's greedy
-    token in ``io[1]``."""
+    token in ``io[1]``; ``glu`` (:func:`glu_up`): FFN blocks compute SwiGLU in their gate/up GEMV."""
     gemv = gemv_launcher(pdl, persistent)
     sums = ws["sums"] if ws is not None else None
     if io is not None:
@@ -298,7 +313,7 @@ def step(model, tokens: torch.Tensor, states, pos: torch.Tensor, head: torch.Ten
         ffn = isinstance(block.mixer, SwiGLU)
         out = ws["sums"][i] if ws is not None and i < last and ws["ffn" if ffn else "attn"] else None
         if ffn:
-            h, acc = ffn_block(block, h, gemv, acc, out)
+            h, acc = ffn_block(block, h, gemv, acc, out, glu)
         else:
             h, acc = attn_block(block, h, st, pos, freqs[i], gemv, pdl, acc, out, ws is not None and
                                 ws["attn"] == "fused")

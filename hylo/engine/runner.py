@@ -157,6 +157,7 @@ class DecodeRunner:
         self._long = False  # which of the two steps _fn computes (read when it runs or is captured)
         self._graphs: dict[bool, tuple] = {}  # long -> (graph, static logits)
         self.fused_limit: int | None = None
+        self.glu_up = False  # the kernel step's SwiGLU in the gate/up GEMV (HYLO_STEP_GLU=up)
         self.gemv = gemv.enabled(self.device)
         # scoped to each call of the step (traced or captured inside it), so nothing outside the step sees it
         self._linears = gemv.gemv_linears(model) if self.gemv else contextlib.nullcontext()
@@ -236,8 +237,9 @@ class DecodeRunner:
                 self.fused_limit = kernel_step.FUSED_MAX_POS
                 ws_long = {**ws, "attn": None} if ws["ffn"] else None
             self._io = kernel_step.new_io(self.batch_size, self.device)
+            self.glu_up = kernel_step.glu_up(model)
             return lambda tokens: kernel_step.step(model, tokens, states, pos, head, freqs, self.pdl, persistent,
-                                                   ws_long if self._long else ws, self._io)
+                                                   ws_long if self._long else ws, self._io, self.glu_up)
         plan = [fused.fusable(b) for b in model.layers]
 
         def make(block_step):

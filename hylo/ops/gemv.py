@@ -75,6 +75,14 @@ def enabled(device: torch.device) -> bool:
     return supported(device) and (mode == "on" or (mode == "auto" and device.type == "cuda"))
 
 
+def glu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+            norm_weight: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    """SwiGLU's input from its ``[gate; up]`` projection, as the unfused model computes it: the projection's output
+    (:func:`gemv_ref`, rounded to ``x.dtype``), then ``silu(gate) * up`` in that dtype: ``[M, N]`` for ``2N`` rows."""
+    gate, up = gemv_ref(x, weight, bias, norm_weight, eps).chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
              norm_weight: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
              swiglu: bool = False) -> torch.Tensor:
@@ -183,7 +191,7 @@ if triton is not None:
     def _gemv_pre_kernel(x, w, b, y, nw, r, acc, h_out, M, N, eps, K: tl.constexpr, KP: tl.constexpr,
                          XK: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
                          RESIDUAL: tl.constexpr, ACC: tl.constexpr, S: tl.constexpr, OUT_ACC: tl.constexpr,
-                         PDL: tl.constexpr, INTERP: tl.constexpr, BN: tl.constexpr):
+                         GLU: tl.constexpr, PDL: tl.constexpr, INTERP: tl.constexpr, BN: tl.constexpr):
         # The preloading GEMV (HYLO_GEMV_PRELOAD): one tile of BN outputs per program, whole rows (K, padded to
         # KP), for every row of x. Its weights (and the norm's weights and the bias) are loaded into registers
         # before the PDL wait, while the kernel before it still runs, so what follows the wait is one load of x,
@@ -192,7 +200,9 @@ if triton is not None:
         # projection that hylo.ops.decode_attn_out accumulates): the input is x + acc rounded as a GEMV's output
         # with its residual, and the first tile's programs write it to h_out (the next residual). S > 1: K split
         # in S chunks of KP (program pid: tile pid // S, chunk pid % S). OUT_ACC: the products (and the bias, by
-        # chunk 0) are added into the float32 y with atomics, for the next GEMV to add (ACC) as above.
+        # chunk 0) are added into the float32 y with atomics, for the next GEMV to add (ACC) as above. GLU: W is
+        # [gate; up] (2N rows) and the program's BN outputs are SwiGLU's silu(gate) * up of its BN gate rows and
+        # the BN up rows N further on (each product rounded to the dtype first, as the unfused model rounds them).
         pid = tl.program_id(0)
         tile, chunk = pid // S, pid % S
         rows = tile * BN + tl.arange(0, BN)
@@ -202,10 +212,15 @@ if triton is not None:
         dt = x.dtype.element_ty
         wt = tl.load(w + rows[:, None].to(tl.int64) * K + cols[None, :], mask=m_n[:, None] & m_k[None, :],
                      other=0.0)
+        if GLU:  # the up rows that pair with the gate rows
+            wu = tl.load(w + (N + rows[:, None]).to(tl.int64) * K + cols[None, :], mask=m_n[:, None] & m_k[None, :],
+                         other=0.0)
         if NORM:
             nwk = tl.load(nw + cols, mask=m_k, other=0.0).to(dt).to(tl.float32)
         if HAS_BIAS:
             bias = tl.load(b + rows, mask=m_n, other=0.0).to(tl.float32)
+            if GLU:
+                bias_u = tl.load(b + N + rows, mask=m_n, other=0.0).to(tl.float32)
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -227,6 +242,12 @@ if triton is not None:
             out = tl.reduce(wt.to(tl.float32) * xk[None, :], 1, tl.standard._sum_combine)
             if HAS_BIAS:
                 out += tl.where(chunk == 0, bias, 0.0)
+            if GLU:  # gate and up rounded as the GEMV's outputs, then silu(gate) * up as _gemv_kernel's SWIGLU
+                up = tl.reduce(wu.to(tl.float32) * xk[None, :], 1, tl.standard._sum_combine)
+                if HAS_BIAS:
+                    up += bias_u
+                gate = out.to(dt).to(tl.float32)
+                out = ((gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32) * up.to(dt).to(tl.float32)).to(dt)
             if OUT_ACC:
                 tl.atomic_add(y + i_m * N + rows, out, mask=m_n, sem="relaxed", scope="gpu")
             else:
@@ -257,8 +278,10 @@ PRELOAD_ELEMS = int(os.environ.get("HYLO_GEMV_PRELOAD_ELEMS", 16384))
 
 
 def _pre_prune(configs, named_args, **kwargs):
-    kp = named_args["KP"] if "KP" in named_args else kwargs["KP"]
-    return [c for c in configs if c.kwargs["BN"] * kp <= PRELOAD_ELEMS] or configs[:1]
+    def arg(name):
+        return named_args[name] if name in named_args else kwargs[name]
+    rows = arg("KP") * (2 if arg("GLU") else 1)  # weights per output: GLU holds a gate and an up row
+    return [c for c in configs if c.kwargs["BN"] * rows <= PRELOAD_ELEMS] or configs[:1]
 
 
 @functools.lru_cache(maxsize=None)
@@ -266,9 +289,19 @@ def _jit_pre(interpret: bool):
     k = triton.jit(_gemv_pre_kernel)
     # restore_value: timing a config adds into an OUT_ACC output, which the autotuner puts back after each
     return k if interpret else triton.autotune(configs=_PRE_CONFIGS, key=["M", "N", "K", "HAS_BIAS", "NORM", "SWIGLU",
-                                                                          "RESIDUAL", "ACC", "S", "OUT_ACC", "PDL"],
+                                                                          "RESIDUAL", "ACC", "S", "OUT_ACC", "GLU",
+                                                                          "PDL"],
                                                prune_configs_by={"early_config_prune": _pre_prune},
                                                restore_value=["y"])(k)
+
+
+def tuned() -> dict[str, dict[str, str]]:
+    """The autotuner's picks so far, per kernel (``plain``, ``preload``): its key (shapes and fusions) -> the
+    config's block sizes and warps, for benchmark records (empty under the interpreter, which does not tune)."""
+    if triton is None or triton_interpreting():
+        return {}
+    return {name: {"/".join(map(str, k)): str(c) for k, c in getattr(jit(False), "cache", {}).items()}
+            for name, jit in (("plain", _jit), ("preload", _jit_pre))}
 
 
 def preload_fits(K: int) -> bool:
@@ -375,7 +408,7 @@ def gemv_direct(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 swiglu: bool = False, pdl: bool = False, persistent: bool = False,
                 preload: bool | None = None, acc: torch.Tensor | None = None,
                 h_out: torch.Tensor | None = None, out_acc: torch.Tensor | None = None,
-                argmax: torch.Tensor | None = None) -> torch.Tensor:
+                argmax: torch.Tensor | None = None, glu: bool = False) -> torch.Tensor:
     """:func:`gemv` launched directly, outside torch's op machinery (``hylo.engine.kernel_step``): with ``pdl``
     the launch may overlap the kernel before it (Hopper and later; ignored under the interpreter), and with
     ``persistent`` too its grid is capped at :func:`max_programs` so that all of it prefetches early; ``preload``
@@ -388,9 +421,20 @@ def gemv_direct(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     :data:`PRELOAD_ELEMS`), for a next GEMV's ``acc``; returns ``out_acc``. Both take the preloading kernel only.
     ``argmax`` (int64 ``[M]``, :data:`hylo.ops.decode_io.EMPTY` or an earlier maximum): each tile's largest output
     and its index, packed (:func:`hylo.ops.decode_io.pack_ref`), go into it with ``atomic_max``: the plain kernel
-    only (the LM head's)."""
+    only (the LM head's). ``glu``: ``weight`` is SwiGLU's ``[gate; up]`` (``2N`` rows) and the output ``[M, N]`` is
+    ``silu(x gate^T) * (x up^T)`` with the roundings of the two unfused steps (:func:`glu_ref`), so the down
+    projection after it reads N values per row instead of 2N and computes no SiLU; the preloading kernel only, no
+    residual, ``out_acc`` or ``swiglu`` input."""
     if triton is None:
         raise RuntimeError("hylo.ops.gemv needs Triton")
+    if glu:
+        if weight.dim() != 2 or weight.shape[0] % 2 or swiglu or residual is not None or out_acc is not None \
+                or argmax is not None:
+            raise ValueError(f"gemv_direct: glu takes a [gate; up] weight of an even row count (got "
+                             f"{tuple(weight.shape)}), without swiglu, residual, out_acc or argmax")
+        if not preload_fits(weight.shape[-1]):
+            raise ValueError(f"gemv_direct: glu needs the preloading kernel; rows of {weight.shape[-1]} do not fit")
+        return _launch_preload(x, weight, bias, norm_weight, eps, None, False, pdl, acc, h_out, glu=True)
     if out_acc is not None:
         M, N = x.shape[0], weight.shape[0]
         if out_acc.shape != (M, N) or out_acc.dtype != torch.float32 or not out_acc.is_contiguous() \
@@ -402,10 +446,8 @@ def gemv_direct(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                              "least 16")
         return _launch_preload(x, weight, bias, None, eps, None, swiglu, pdl, out_acc=out_acc)
     if acc is not None:
-        if swiglu or h_out is None or acc.shape != x.shape or acc.dtype != torch.float32 or h_out.shape != x.shape \
-                or h_out.dtype != x.dtype or not (acc.is_contiguous() and h_out.is_contiguous()):
-            raise ValueError("gemv_direct: acc must be float32 and h_out of x's dtype, both contiguous and of x's "
-                             "shape (no swiglu)")
+        if swiglu:
+            raise ValueError("gemv_direct: acc takes no swiglu input")
         if not preload_fits(weight.shape[-1]):
             raise ValueError(f"gemv_direct: acc needs the preloading kernel; rows of {weight.shape[-1]} do not fit")
         return _launch_preload(x, weight, bias, norm_weight, eps, residual, swiglu, pdl, acc, h_out)
@@ -428,11 +470,16 @@ def split_chunk(K: int) -> int:
 
 
 def _launch_preload(x, weight, bias, norm_weight, eps, residual, swiglu, pdl: bool, acc=None,
-                    h_out=None, out_acc=None) -> torch.Tensor:
+                    h_out=None, out_acc=None, glu: bool = False) -> torch.Tensor:
     """Check, allocate and launch the preloading kernel: one program per ``BN`` outputs (and chunk of K with
-    ``out_acc``), all rows of ``x``."""
+    ``out_acc``), all rows of ``x``; ``glu``: N = half of W's rows (:func:`gemv_direct`)."""
     _check(x, weight, bias, norm_weight, residual, swiglu)
+    if acc is not None and (h_out is None or acc.shape != x.shape or acc.dtype != torch.float32
+                            or h_out.shape != x.shape or h_out.dtype != x.dtype
+                            or not (acc.is_contiguous() and h_out.is_contiguous())):
+        raise ValueError("gemv_direct: acc must be float32 and h_out of x's dtype, both contiguous and of x's shape")
     M, (N, K) = x.shape[0], weight.shape
+    N = N // 2 if glu else N
     x = x.contiguous()
     y = x.new_empty(M, N) if out_acc is None else out_acc
     kp = triton.next_power_of_2(K) if out_acc is None else split_chunk(K)
@@ -445,7 +492,7 @@ def _launch_preload(x, weight, bias, norm_weight, eps, residual, swiglu, pdl: bo
     _jit_pre(interp)[lambda meta: (triton.cdiv(N, meta["BN"]) * chunks,)](
         x, weight, b, y, nw, r, x if acc is None else acc, x if h_out is None else h_out, M, N, float(eps), K,
         kp, 2 * K if swiglu else K, HAS_BIAS=bias is not None, NORM=norm_weight is not None, SWIGLU=swiglu,
-        RESIDUAL=residual is not None, ACC=acc is not None, S=chunks, OUT_ACC=out_acc is not None,
+        RESIDUAL=residual is not None, ACC=acc is not None, S=chunks, OUT_ACC=out_acc is not None, GLU=glu,
         PDL=pdl and not interp, INTERP=interp, **cfg)
     return y
 
