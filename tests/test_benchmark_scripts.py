@@ -18,10 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 VAL = REPO.parent / "shared" / "data" / "corpus" / "gutenberg_val.txt.gz"
 
 
-def _run(args: list[str], timeout: int = 300) -> None:
+def _run(args: list[str], timeout: int = 300, env: dict | None = None) -> None:
     proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
-                               "HOME": str(Path.home())})
+                               "HOME": str(Path.home()), **(env or {})})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -137,6 +137,21 @@ def test_attn_out_check_smoke(tmp_path):
     for name in ("ao_64_16384_8_p+ffn_cache24", "split+torchio+glu_cache24"):
         check = res["results"][name]["check"]
         assert check["max_abs_logit_diff"] < 1e-4 and check["argmax_agrees"]
+
+
+def test_step_tune_smoke(tmp_path):
+    """The in-step tuning of the preloading GEMVs' configs, on the CPU (interpreter): every timing recorded, the
+    tuned configs a valid HYLO_GEMV_PRE_CONFIGS value covering the step's three products, both sides timed at the
+    end."""
+    from hylo.ops import gemv as G
+
+    out = tmp_path / "tune.json"
+    _run(["benchmarks/step_tune.py", "--smoke", "--out", str(out)], env={"HYLO_STEP_GLU": "up"})
+    res = json.loads(out.read_text())
+    assert not res["errors"] and res["glu_up"]
+    assert res["timings"][0]["what"] == "autotuned" and len(res["timings"]) == 2 + 3  # one candidate per product
+    assert set(G.parse_pre_configs(res["pre_configs"])) == {tuple(k) for k in res["products"].values()}
+    assert res["products"]["gate_up"][2] and len(res["rounds"]["tuned"]) == len(res["rounds"]["autotuned"]) == 2
 
 
 def test_cast_keeping_rope_keeps_exact_frequencies():

@@ -404,6 +404,27 @@ def test_glu_epilogue_matches_reference(interp, dtype, extras):
         G.gemv_direct(x, w, glu=True, residual=act)
 
 
+def test_fixed_preload_configs(interp, monkeypatch):
+    """HYLO_GEMV_PRE_CONFIGS: ``NxK[g]=BN/WARPS`` entries are parsed (bad ones refused) and a product of that shape
+    takes the fixed tile instead of the autotuner's (under the interpreter: its BN; results unchanged, a tile over
+    PRELOAD_ELEMS refused)."""
+    assert G.parse_pre_configs("4096x1024=4/8, 3072x1024g=2/16") == {(4096, 1024, False): (4, 8),
+                                                                      (3072, 1024, True): (2, 16)}
+    for bad in ("4096x1024=3/8", "4096x1024=4", "4096=4/8", "4096x1024=4/5"):
+        with pytest.raises(ValueError, match="HYLO_GEMV_PRE_CONFIGS"):
+            G.parse_pre_configs(bad)
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(2, K, generator=g), torch.randn(2 * N, K, generator=g)
+    want = G.gemv_ref(x, w)
+    for bn in (1, 32):  # 74 outputs: 74 tiles, or 3 with the last one partial
+        monkeypatch.setattr(G, "PRE_CONFIGS", {(2 * N, K, False): (bn, 4), (N, K, True): (bn, 4)})
+        torch.testing.assert_close(G.gemv_direct(x, w, preload=True), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(G.gemv_direct(x, w, glu=True), G.glu_ref(x, w), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(G, "PRE_CONFIGS", {(2 * N, K, False): (256, 4)})  # 256 x 128 > 16384 weights
+    with pytest.raises(ValueError, match="PRELOAD_ELEMS"):
+        G.gemv_direct(x, w, preload=True)
+
+
 def test_preload_applies_where_rows_fit():
     """on: every product whose rows fit in a tile (the LM head's too, but the kernel step asks for the plain
     kernel there); off: none."""

@@ -277,6 +277,31 @@ def _jit(interpret: bool):
 PRELOAD_ELEMS = int(os.environ.get("HYLO_GEMV_PRELOAD_ELEMS", 16384))
 
 
+def parse_pre_configs(spec: str) -> dict[tuple[int, int, bool], tuple[int, int]]:
+    """``"NxK=BN/WARPS,..."`` (``NxKg`` for a ``glu`` product: N outputs of 2N rows) -> ``{(N, K, glu): (BN, warps)}``
+    (:data:`PRE_CONFIGS`)."""
+    out = {}
+    for item in (i.strip() for i in spec.split(",") if i.strip()):
+        try:
+            shape, cfg = item.split("=")
+            glu = shape.endswith("g")
+            n, k = (int(v) for v in shape.rstrip("g").split("x"))
+            bn, warps = (int(v) for v in cfg.split("/"))
+        except ValueError:
+            raise ValueError(f"HYLO_GEMV_PRE_CONFIGS: {item!r} is not NxK[g]=BN/WARPS (e.g. 4096x1024=4/8)") from None
+        if bn < 1 or bn & (bn - 1) or warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"HYLO_GEMV_PRE_CONFIGS: {item!r}: BN a power of two, WARPS 1..32 (a power of two)")
+        out[(n, k, glu)] = (bn, warps)
+    return out
+
+
+# the preloading GEMV's tile (BN outputs) and warps per product, taken instead of the autotuner's pick: (N, K, glu)
+# -> (BN, warps). The autotuner times each config alone, where holding the weights in registers before the PDL wait
+# gains nothing, and its picks vary between processes; configs timed in the kernel step itself
+# (benchmarks/step_tune.py) go here. HYLO_GEMV_PRE_CONFIGS="4096x1024=4/8,3072x1024g=4/4" sets them.
+PRE_CONFIGS = parse_pre_configs(os.environ.get("HYLO_GEMV_PRE_CONFIGS", ""))
+
+
 def _pre_prune(configs, named_args, **kwargs):
     def arg(name):
         return named_args[name] if name in named_args else kwargs[name]
@@ -285,10 +310,12 @@ def _pre_prune(configs, named_args, **kwargs):
 
 
 @functools.lru_cache(maxsize=None)
-def _jit_pre(interpret: bool):
+def _jit_pre(interpret: bool, tuned: bool = True):
     k = triton.jit(_gemv_pre_kernel)
     # restore_value: timing a config adds into an OUT_ACC output, which the autotuner puts back after each
-    return k if interpret else triton.autotune(configs=_PRE_CONFIGS, key=["M", "N", "K", "HAS_BIAS", "NORM", "SWIGLU",
+    if interpret or not tuned:
+        return k
+    return triton.autotune(configs=_PRE_CONFIGS, key=["M", "N", "K", "HAS_BIAS", "NORM", "SWIGLU",
                                                                           "RESIDUAL", "ACC", "S", "OUT_ACC", "GLU",
                                                                           "PDL"],
                                                prune_configs_by={"early_config_prune": _pre_prune},
@@ -486,10 +513,17 @@ def _launch_preload(x, weight, bias, norm_weight, eps, residual, swiglu, pdl: bo
     chunks = -(-K // kp)
     interp = triton_interpreting()
     b, nw, r = _optional_inputs(x, bias, norm_weight, residual)
-    cfg = {"BN": _INTERP_PRE_BN} if interp else {}
+    fixed = PRE_CONFIGS.get((N, K, glu))
+    if fixed and fixed[0] * kp * (2 if glu else 1) > max(PRELOAD_ELEMS, kp * (2 if glu else 1)):
+        raise ValueError(f"HYLO_GEMV_PRE_CONFIGS: {N}x{K}: a tile of {fixed[0]} outputs holds more than "
+                         f"PRELOAD_ELEMS = {PRELOAD_ELEMS} weights")
+    if interp:  # the interpreter takes a fixed tile's BN (warps mean nothing there)
+        cfg = {"BN": fixed[0] if fixed else _INTERP_PRE_BN}
+    else:
+        cfg = {"BN": fixed[0], "num_warps": fixed[1]} if fixed else {}
     if pdl and not interp:
         cfg["launch_pdl"] = True
-    _jit_pre(interp)[lambda meta: (triton.cdiv(N, meta["BN"]) * chunks,)](
+    _jit_pre(interp, fixed is None)[lambda meta: (triton.cdiv(N, meta["BN"]) * chunks,)](
         x, weight, b, y, nw, r, x if acc is None else acc, x if h_out is None else h_out, M, N, float(eps), K,
         kp, 2 * K if swiglu else K, HAS_BIAS=bias is not None, NORM=norm_weight is not None, SWIGLU=swiglu,
         RESIDUAL=residual is not None, ACC=acc is not None, S=chunks, OUT_ACC=out_acc is not None, GLU=glu,
