@@ -6,8 +6,8 @@ For a Qwen3-0.6B-shaped model (random weights, bf16, batch 1) at each ``--caches
 (slots per block, weights per tile, warps; ``HYLO_STEP_ATTN_OUT=fused``; ``/p`` after it: the first block of the
 cache loaded before the PDL wait, ``HYLO_ATTN_OUT_PREKV``), ``split`` the split attention whose
 partials the projection's kernel merges (``HYLO_STEP_ATTN_OUT=split``), ``ffn`` the FFN's down projection split
-over K into a float32 sum (``HYLO_STEP_FFN_SPLIT``), ``glu`` SwiGLU in the gate/up GEMV (``HYLO_STEP_GLU=up``),
-``+``-joined. Per entry:
+over K into a float32 sum (``HYLO_STEP_FFN_SPLIT``), ``noglu`` SwiGLU in the down projection
+(``HYLO_STEP_GLU=down``; every other entry, the chain's too, has it in the gate/up GEMV), ``+``-joined. Per entry:
 
 - check: ``--check-steps`` steps fed the same tokens from position 0, logits against the chain's (max abs
   difference, and whether the argmax agrees at every step), and greedy decoding from the same start (the steps
@@ -54,16 +54,16 @@ def parse_variants(spec: str) -> list[tuple[str, tuple | None, bool, bool, bool,
     attention's sum, PyTorch's first and last kernels, SwiGLU in the gate/up GEMV)`` per entry: ``+``-joined ``ao``
     (``HYLO_STEP_ATTN_OUT=fused`` at the module's defaults), ``ao:BLOCK/TILE/WARPS[/p]``, ``split``
     (``HYLO_STEP_ATTN_OUT=split``), ``ffn`` (``HYLO_STEP_FFN_SPLIT=on``) and ``torchio`` (``HYLO_STEP_IO=torch``:
-    the step's embedding, zeroing, position increment and the greedy argmax as PyTorch kernels), ``glu``
-    (``HYLO_STEP_GLU=up``: SwiGLU in the gate/up GEMV's epilogue)."""
+    the step's embedding, zeroing, position increment and the greedy argmax as PyTorch kernels), ``noglu``
+    (``HYLO_STEP_GLU=down``: SwiGLU in the down projection's prologue instead of the gate/up GEMV's epilogue)."""
     out = []
     for v in (v.strip() for v in spec.split(",") if v.strip()):
-        ao, ffn, split, tio, glu = None, False, False, False, False
+        ao, ffn, split, tio, glu = None, False, False, False, True
         for part in v.split("+"):
             if part == "ffn":
                 ffn = True
-            elif part == "glu":
-                glu = True
+            elif part == "noglu":
+                glu = False
             elif part == "torchio":
                 tio = True
             elif part == "split":
@@ -85,12 +85,12 @@ def parse_variants(spec: str) -> list[tuple[str, tuple | None, bool, bool, bool,
                     raise SystemExit(f"--variants: {part!r}: BLOCK and TILE powers of two (BLOCK >= 16), WARPS 1..16")
             else:
                 raise SystemExit(f"--variants: unknown part {part!r} in {v!r} "
-                                 "(ao, ao:B/T/W[/p], split, ffn, torchio, glu)")
+                                 "(ao, ao:B/T/W[/p], split, ffn, torchio, noglu)")
         if ao and split:
             raise SystemExit(f"--variants: {v!r}: ao (fused) and split are two ways of one thing; pick one")
         name = "+".join(([f"ao_{ao[0]}_{ao[1]}_{ao[2]}" + ("_p" if ao[3] else "")] if ao else [])
                         + (["split"] if split else []) + (["ffn"] if ffn else []) + (["torchio"] if tio else [])
-                        + (["glu"] if glu else []))
+                        + ([] if glu else ["noglu"]))
         out.append((name, ao, ffn, split, tio, glu))
     return out
 
@@ -144,7 +144,7 @@ def main():
     saved = dao.BLOCK, dao.TILE_ELEMS, dao.WARPS, dao.PRE_KV
     for L in args.caches:
         base = None
-        for name, var, ffn, split, tio, glu in [("chain", None, False, False, False, False)] + variants:
+        for name, var, ffn, split, tio, glu in [("chain", None, False, False, False, True)] + variants:
             key = f"{name}_cache{L}"
             try:
                 if var:

@@ -211,13 +211,14 @@ SUFFIXES = {"gemv": ("gemv", "on"), "cublas": ("gemv", "off"),  # mode suffix ->
             "noearly": ("attn_early_kv", "off"), "aosplit": ("step_attn_out", "split"),
             "aofused": ("step_attn_out", "fused"), "ffnsplit": ("step_ffn_split", "on"),
             "noao": ("step_attn_out", "off"), "noffnsplit": ("step_ffn_split", "off"),
-            "torchio": ("step_io", "torch"), "glu": ("step_glu", "up"), "noglu": ("step_glu", "down")}
+            "torchio": ("step_io", "torch"), "glu": ("step_glu", "up"), "noglu": ("step_glu", "down"),
+            "autotune": ("gemv_configs", "autotune")}
 # the switches a mode may set (SUFFIXES' first field) -> their environment names (keys of Choice.registry)
 SWITCH_ENV = {"gemv": "HYLO_GEMV", "decode_attn": "HYLO_DECODE_ATTN", "fuse": "HYLO_GEMV_FUSE",
               "kernel_step": "HYLO_KERNEL_STEP", "pdl": "HYLO_PDL", "compile_scope": "HYLO_COMPILE_SCOPE",
               "gemv_preload": "HYLO_GEMV_PRELOAD", "attn_early_kv": "HYLO_ATTN_EARLY_KV",
               "step_attn_out": "HYLO_STEP_ATTN_OUT", "step_ffn_split": "HYLO_STEP_FFN_SPLIT", "step_io": "HYLO_STEP_IO",
-              "step_glu": "HYLO_STEP_GLU"}
+              "step_glu": "HYLO_STEP_GLU", "gemv_configs": "HYLO_GEMV_CONFIGS"}
 
 
 def cast_keeping_rope(model, dtype) -> None:
@@ -267,7 +268,9 @@ def parse_modes(spec: str) -> list[tuple[str, bool | str, dict[str, str]]]:
     (``HYLO_ATTN_EARLY_KV=off``: its attention loads no K/V before the wait), ``+aofused`` / ``+aosplit`` / ``+noao``
     (``HYLO_STEP_ATTN_OUT``), ``+ffnsplit`` / ``+noffnsplit`` (``HYLO_STEP_FFN_SPLIT``), ``+torchio``
     (``HYLO_STEP_IO=torch``: the kernel step's embedding, position increment and greedy argmax as PyTorch's
-    kernels), ``+glu`` / ``+noglu`` (``HYLO_STEP_GLU=up|down``: SwiGLU in the gate/up GEMV or the down one);
+    kernels), ``+glu`` / ``+noglu`` (``HYLO_STEP_GLU=up|down``: SwiGLU in the gate/up GEMV or the down one),
+    ``+autotune`` (``HYLO_GEMV_CONFIGS=autotune``: the preloading GEMVs' configs from Triton's autotuner instead of
+    the device's table of configs timed in the step);
     suffixes combine
     (``default+dattn+cublas``)."""
     out = []
@@ -510,6 +513,10 @@ def main():
         save()
 
     res["gemv_tuned"] = hylo_gemv.tuned()  # the GEMVs' autotuned blocks and warps (the kernel step's products)
+    if dev.type == "cuda":  # and the fixed configs that modes without +autotune took instead where they apply
+        res["gemv_table"] = {"device": torch.cuda.get_device_name(dev), "pre_configs": {
+            f"{n}x{k}{'g' if glu else ''}": list(c) for (n, k, glu), c in
+            {**hylo_gemv.device_configs(torch.cuda.get_device_name(dev)), **hylo_gemv.PRE_CONFIGS}.items()}}
     if args.rounds:
         try:
             interleaved_rounds(res, modes, hy, T, n, args.rounds, graphs, dev)

@@ -7,12 +7,13 @@ process to process: the same step took 0.674-0.787 ms/token in calls minutes apa
 process interleaved passes agree to 0.1% (``benchmarks/results/qwen3-vs-transformers-h100-run19.json``).
 
 What it does, for the Qwen3-0.6B shape (random weights, bf16, batch 1, an 80-slot cache, the kernel step with the
-switches it runs under, e.g. ``HYLO_STEP_GLU=up``): times the step with the autotuner's picks, then coordinate
+switches it runs under, e.g. ``HYLO_STEP_GLU=up``): times the step with the autotuner's picks (``HYLO_GEMV_CONFIGS=autotune``), then coordinate
 descent over the step's products (q/k/v, gate/up, down): for each, every ``BN`` x warps whose tile fits
 ``PRELOAD_ELEMS`` is timed in the step (a runner built and captured per config: ms/token of greedy steps from
 ``--start``, median of ``--passes``), the fastest kept, for ``--sweeps`` sweeps; then the autotuned and the tuned
-step side by side in ``--rounds`` interleaved rounds. The result's ``pre_configs`` is the value for
-``HYLO_GEMV_PRE_CONFIGS`` (``hylo.ops.gemv.PRE_CONFIGS``). Saved after every timing.
+step (and the device's shipped table, ``hylo/ops/gemv_configs``, where there is one) side by side in ``--rounds``
+interleaved rounds. The result's ``pre_configs`` is the value for ``HYLO_GEMV_PRE_CONFIGS``
+(``hylo.ops.gemv.PRE_CONFIGS``), or the ``configs`` of a device table. Saved after every timing.
 
     HYLO_COMMIT=$(git rev-parse HEAD) HYLO_STEP_GLU=up python benchmarks/step_tune.py \
         --out benchmarks/results/step-tune-h100.json
@@ -71,7 +72,7 @@ def autotuned(keys: dict[str, tuple[int, int, bool]]) -> dict[str, tuple[int, in
     """The autotuner's picks for the roles' products (M = 1, one chunk), or None where it has none."""
     if triton_interpreting():
         return {r: None for r in keys}
-    cache = getattr(G._jit_pre(False), "cache", {})
+    cache = getattr(G._jit_pre(False, True), "cache", {})
     out = {}
     for role, (n, k, glu) in keys.items():
         hits = [c for key, c in cache.items() if key[:3] == (1, n, k) and key[8] == 1 and key[10] == glu]
@@ -116,10 +117,11 @@ def main():
     def save():
         out.write_text(json.dumps(res, indent=1))
 
-    def build(cfgs):
+    def build(cfgs, mode: str = "autotune"):
         G.PRE_CONFIGS.clear()
         G.PRE_CONFIGS.update(cfgs)
-        runner = DecodeRunner(hy, 1, cache_len, cuda_graph=graphs)
+        with G.gemv_configs_mode(mode):  # "autotune": the autotuner where cfgs says nothing; "table": the device's
+            runner = DecodeRunner(hy, 1, cache_len, cuda_graph=graphs)
         if not runner.kernel_step:
             sys.exit("the kernel step does not apply here (HYLO_KERNEL_STEP, HYLO_GEMV): nothing to tune")
         return runner
@@ -160,8 +162,14 @@ def main():
         res["pre_configs"] = spec(cur)
         res["tuned"] = {r: list(cur[k]) for r, k in keys.items()}
         save()
-        # side by side: the autotuner's picks against the tuned configs, alternating order each round
+        # side by side: the autotuner's picks, the tuned configs and the device's shipped table (hylo/ops/gemv_configs,
+        # where it has one), alternating order each round
         runners = {"autotuned": build({}), "tuned": build(cur)}
+        table = {k: G.device_configs(torch.cuda.get_device_name(dev)).get(k) for k in keys.values()} \
+            if dev.type == "cuda" else {}
+        res["device_table"] = spec({k: v for k, v in table.items() if v})
+        if any(table.values()):
+            runners["table"] = build({}, "table")
         rounds = {k: [] for k in runners}
         with torch.no_grad():
             for r in range(args.rounds):

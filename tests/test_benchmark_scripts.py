@@ -98,7 +98,7 @@ def test_qwen3_vs_transformers_smoke(tmp_path):
                                               "HYLO_GEMV_PRELOAD": "on", "HYLO_ATTN_EARLY_KV": "on",
                                               "HYLO_STEP_ATTN_OUT": "fused",
                                               "HYLO_STEP_FFN_SPLIT": "off", "HYLO_STEP_IO": "kernels",
-                                              "HYLO_STEP_GLU": "down"}
+                                              "HYLO_STEP_GLU": "up", "HYLO_GEMV_CONFIGS": "table"}
     assert not res["hylo_cublas"]["gemv"] and not res["hylo"]["kernel_step"] and not res["hylo"]["pdl"]
     assert {"hylo_compiled_gemv", "hylo_dattn", "hylo_fuse", "hylo_kstep"} <= set(res["skipped"])  # +gemv needs CUDA or the Triton interpreter
     assert res["best_mode"] in ("hylo", "hylo_cublas") and set(res["goals"]) == {"hylo_30x_faster",
@@ -119,22 +119,27 @@ def test_qwen3_vs_transformers_smoke(tmp_path):
     assert g["compared"] > 0 and g["agree"] == g["compared"] and g["first_mismatch"] is None
 
 
+def rec_glu(res) -> bool:
+    """Whether every entry but the ``noglu`` ones took SwiGLU in the gate/up GEMV."""
+    return all(r["glu_up"] for k, r in res["results"].items() if "noglu" not in k)
+
+
 def test_attn_out_check_smoke(tmp_path):
     """The fused attention + output projection's GPU check, on the CPU (interpreter): checked against the chain."""
     out = tmp_path / "ao.json"
-    _run(["benchmarks/attn_out_check.py", "--smoke", "--out", str(out), "--variants", "ao:64/16384/8/p+ffn,split+torchio+glu",
+    _run(["benchmarks/attn_out_check.py", "--smoke", "--out", str(out), "--variants", "ao:64/16384/8/p+ffn,split+torchio+noglu",
           "--more-starts", "8"])
     res = json.loads(out.read_text())
     assert not res["errors"] and set(res["results"]) == {"chain_cache24", "ao_64_16384_8_p+ffn_cache24",
-                                                          "split+torchio+glu_cache24"}
-    tio = res["results"]["split+torchio+glu_cache24"]
-    assert tio["sums"] == {"attn": "split", "ffn": False} and tio["glu_up"]
-    assert tio["switches"]["HYLO_STEP_IO"] == "torch" and tio["switches"]["HYLO_STEP_GLU"] == "up"
+                                                          "split+torchio+noglu_cache24"}
+    tio = res["results"]["split+torchio+noglu_cache24"]
+    assert tio["sums"] == {"attn": "split", "ffn": False} and not tio["glu_up"] and rec_glu(res)
+    assert tio["switches"]["HYLO_STEP_IO"] == "torch" and tio["switches"]["HYLO_STEP_GLU"] == "down"
     rec = res["results"]["ao_64_16384_8_p+ffn_cache24"]
     assert rec["sums"] == {"attn": "fused", "ffn": True} and rec["kernel_step"] and rec["attn_out"]["pre_kv"]
     assert set(rec["ms_per_token_from"]) == {"8"} and rec["ms_per_token_from"]["8"] > 0
     assert res["results"]["chain_cache24"]["sums"] is None
-    for name in ("ao_64_16384_8_p+ffn_cache24", "split+torchio+glu_cache24"):
+    for name in ("ao_64_16384_8_p+ffn_cache24", "split+torchio+noglu_cache24"):
         check = res["results"][name]["check"]
         assert check["max_abs_logit_diff"] < 1e-4 and check["argmax_agrees"]
 
@@ -146,7 +151,7 @@ def test_step_tune_smoke(tmp_path):
     from hylo.ops import gemv as G
 
     out = tmp_path / "tune.json"
-    _run(["benchmarks/step_tune.py", "--smoke", "--out", str(out)], env={"HYLO_STEP_GLU": "up"})
+    _run(["benchmarks/step_tune.py", "--smoke", "--out", str(out)])
     res = json.loads(out.read_text())
     assert not res["errors"] and res["glu_up"]
     assert res["timings"][0]["what"] == "autotuned" and len(res["timings"]) == 2 + 3  # one candidate per product

@@ -425,6 +425,20 @@ def test_fixed_preload_configs(interp, monkeypatch):
         G.gemv_direct(x, w, preload=True)
 
 
+def test_device_tables_of_configs(monkeypatch):
+    """The shipped table for an H100 parses (the Qwen3-0.6B step's three products); an unknown device has none;
+    PRE_CONFIGS comes first, and the table is read on CUDA devices only, with HYLO_GEMV_CONFIGS=table."""
+    h100 = G.device_configs("NVIDIA H100 80GB HBM3")
+    assert set(h100) == {(4096, 1024, False), (3072, 1024, True), (1024, 3072, False)}
+    assert all(bn * (1 << (k - 1).bit_length()) * (2 if glu else 1) <= G.PRELOAD_ELEMS
+               for (n, k, glu), (bn, w) in h100.items())
+    assert G.device_configs("A GPU with no table") == {}
+    cpu = torch.device("cpu")
+    assert G.fixed_config(4096, 1024, False, cpu) is None
+    monkeypatch.setattr(G, "PRE_CONFIGS", {(4096, 1024, False): (2, 4)})
+    assert G.fixed_config(4096, 1024, False, cpu) == (2, 4)
+
+
 def test_preload_applies_where_rows_fit():
     """on: every product whose rows fit in a tile (the LM head's too, but the kernel step asks for the plain
     kernel there); off: none."""

@@ -137,7 +137,7 @@ set_step_ffn_split, get_step_ffn_split, step_ffn_split_mode = _FFN_SPLIT.set, _F
 # SwiGLU's silu(gate) * up: in the down projection's GEMV, on the gate/up product read back ("down"), or in the
 # gate/up GEMV's epilogue ("up": each program computes matching gate and up rows, and the down projection reads
 # half as much after its PDL wait and computes no SiLU)
-_GLU = Choice("kernel step's SwiGLU", "HYLO_STEP_GLU", ("down", "up"), "down")
+_GLU = Choice("kernel step's SwiGLU", "HYLO_STEP_GLU", ("down", "up"), "up")
 set_step_glu, get_step_glu, step_glu_mode = _GLU.set, _GLU.get, _GLU.use
 # the step's first and last kernels: hylo's (embedding + zeroing the sums; greedy token + position advance,
 # hylo.ops.decode_io) or PyTorch's (embedding, zero_, add_; the greedy token then by argmax on the logits)

@@ -38,7 +38,9 @@ also runs on CPU tensors (tests), with one fixed block config since the interpre
 from __future__ import annotations
 
 import functools
+import json
 import os
+from pathlib import Path
 from types import MethodType
 
 import torch
@@ -298,8 +300,32 @@ def parse_pre_configs(spec: str) -> dict[tuple[int, int, bool], tuple[int, int]]
 # the preloading GEMV's tile (BN outputs) and warps per product, taken instead of the autotuner's pick: (N, K, glu)
 # -> (BN, warps). The autotuner times each config alone, where holding the weights in registers before the PDL wait
 # gains nothing, and its picks vary between processes; configs timed in the kernel step itself
-# (benchmarks/step_tune.py) go here. HYLO_GEMV_PRE_CONFIGS="4096x1024=4/8,3072x1024g=4/4" sets them.
+# (benchmarks/step_tune.py) go here. HYLO_GEMV_PRE_CONFIGS="4096x1024=4/8,3072x1024g=4/4" sets them; they come
+# before the device's table (device_configs)
 PRE_CONFIGS = parse_pre_configs(os.environ.get("HYLO_GEMV_PRE_CONFIGS", ""))
+# table: PRE_CONFIGS, then the device's tuned table (hylo/ops/gemv_configs/<device name>.json), then the autotuner;
+# autotune: PRE_CONFIGS, then the autotuner (as before the tables)
+_TABLE = Choice("preloading GEMV configs", "HYLO_GEMV_CONFIGS", ("table", "autotune"), "table")
+set_gemv_configs, get_gemv_configs, gemv_configs_mode = _TABLE.set, _TABLE.get, _TABLE.use
+CONFIG_DIR = Path(__file__).parent / "gemv_configs"
+
+
+@functools.lru_cache(maxsize=None)
+def device_configs(name: str) -> dict[tuple[int, int, bool], tuple[int, int]]:
+    """The tuned table for a device named ``name`` (``torch.cuda.get_device_name``): ``CONFIG_DIR/<name with
+    spaces as _>.json``, whose ``configs`` is a ``HYLO_GEMV_PRE_CONFIGS`` value; empty where there is none."""
+    path = CONFIG_DIR / (name.replace(" ", "_").replace("/", "_") + ".json")
+    return parse_pre_configs(json.loads(path.read_text())["configs"]) if path.is_file() else {}
+
+
+def fixed_config(N: int, K: int, glu: bool, device: torch.device) -> tuple[int, int] | None:
+    """The preloading GEMV's (BN, warps) for a product, where not the autotuner's: :data:`PRE_CONFIGS`, then (with
+    ``HYLO_GEMV_CONFIGS=table``, on CUDA) the device's table."""
+    if (N, K, glu) in PRE_CONFIGS:
+        return PRE_CONFIGS[(N, K, glu)]
+    if _TABLE.value == "table" and device.type == "cuda":
+        return device_configs(torch.cuda.get_device_name(device)).get((N, K, glu))
+    return None
 
 
 def _pre_prune(configs, named_args, **kwargs):
@@ -327,8 +353,8 @@ def tuned() -> dict[str, dict[str, str]]:
     config's block sizes and warps, for benchmark records (empty under the interpreter, which does not tune)."""
     if triton is None or triton_interpreting():
         return {}
-    return {name: {"/".join(map(str, k)): str(c) for k, c in getattr(jit(False), "cache", {}).items()}
-            for name, jit in (("plain", _jit), ("preload", _jit_pre))}
+    return {name: {"/".join(map(str, k)): str(c) for k, c in getattr(jit, "cache", {}).items()}
+            for name, jit in (("plain", _jit(False)), ("preload", _jit_pre(False, True)))}
 
 
 def preload_fits(K: int) -> bool:
@@ -513,7 +539,7 @@ def _launch_preload(x, weight, bias, norm_weight, eps, residual, swiglu, pdl: bo
     chunks = -(-K // kp)
     interp = triton_interpreting()
     b, nw, r = _optional_inputs(x, bias, norm_weight, residual)
-    fixed = PRE_CONFIGS.get((N, K, glu))
+    fixed = fixed_config(N, K, glu, x.device)
     if fixed and fixed[0] * kp * (2 if glu else 1) > max(PRELOAD_ELEMS, kp * (2 if glu else 1)):
         raise ValueError(f"HYLO_GEMV_PRE_CONFIGS: {N}x{K}: a tile of {fixed[0]} outputs holds more than "
                          f"PRELOAD_ELEMS = {PRELOAD_ELEMS} weights")
