@@ -100,6 +100,19 @@ The engine check on an H100 with ``fused`` and a limit of 56, so that its 4 ragg
 equals the eager one and the forward's argmax for 32 tokens; its bf16 cases did not fit in the call. (Before commit
 ``02474c6`` the value ``on`` named ``fused``; the result files of runs 1-4 say ``on`` for it.)
 
+SwiGLU's ``silu(gate) * up`` in the gate/up GEMV's epilogue (``HYLO_STEP_GLU=up``, the default; ``down``: in the
+down projection's prologue, on the gate/up product read back): each program of the first GEMV computes matching gate
+and up rows, so the second reads half as much after its PDL wait and computes no SiLU; the same roundings, so the
+same values. Timed side by side in one process (``benchmarks/results/qwen3-vs-transformers-h100-run19.json``, 8
+interleaved rounds, autotuned GEMVs): 0.596 against 0.601 ms/token.
+
+The preloading GEMVs' tiles and warps come from a table per device (:func:`hylo.ops.gemv.fixed_config`,
+``HYLO_GEMV_CONFIGS``), timed in this step by ``benchmarks/step_tune.py``, rather than from Triton's autotuner,
+which times each config alone and picked differently in each process: on one H100, 0.583 ms/token with the tuned
+configs against 0.643 with the autotuner's (``benchmarks/results/step-tune-h100.json``, 6 interleaved rounds). The
+autotuner's varying picks are what made the step's time vary between calls on one machine (0.674-0.787 ms/token),
+while passes within one process agree to 0.2%.
+
 The step's first and last kernels (``HYLO_STEP_IO=kernels``, the default; :mod:`hylo.ops.decode_io`): the embedding
 that zeroes the sums, and after the LM head (whose GEMV packs each row's maximum with an atomic) one that writes the
 greedy tokens and advances the positions, instead of PyTorch's embedding, fill, add and ``argmax``: 0.710 against

@@ -27,6 +27,13 @@ run): 0.792 / 0.909 before the attention's early K/V block (``benchmarks/results
 with the early block, 0.809 / 0.799 on one machine (``-run6.json``) and 0.740 / 0.819 on another
 (``-run7-elems16384.json``; 8192-element tiles 0.751, 4096 0.786). How much it gains depends on the machine.
 
+The preloading kernel's tile (``BN`` outputs) and warps per product: :data:`PRE_CONFIGS`
+(``HYLO_GEMV_PRE_CONFIGS``), then the device's table of configs timed in the kernel step
+(``hylo/ops/gemv_configs/<device name>.json``, written from ``benchmarks/step_tune.py``; ``HYLO_GEMV_CONFIGS=autotune``
+skips it), then Triton's autotuner, whose picks (each config timed alone) varied between processes and were up to
+10% slower in the step (:func:`fixed_config`). ``glu``: the gate/up product leaves SwiGLU's ``silu(gate) * up``
+(:func:`glu_ref`).
+
 ``HYLO_GEMV`` (:func:`set_gemv`, :func:`gemv_mode`): ``auto`` (default: a ``DecodeRunner`` on a CUDA device takes
 the kernel, see :func:`enabled`), ``on`` or ``off``. Measured on an H100 (``benchmarks/results/gemv-h100.json``):
 the kernel is as fast as cuBLAS or faster on every matrix of the Qwen3-0.6B shape (the step's products 645 vs
