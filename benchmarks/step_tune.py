@@ -85,6 +85,22 @@ def spec(cfgs: dict[tuple[int, int, bool], tuple[int, int]]) -> str:
     return ",".join(f"{n}x{k}{'g' if glu else ''}={bn}/{w}" for (n, k, glu), (bn, w) in sorted(cfgs.items()))
 
 
+def save_table(device_name: str, res: dict, overwrite: bool) -> str | None:
+    """Write ``res``'s tuned configs as the table of ``device_name`` (:func:`hylo.ops.gemv.device_configs` reads
+    it): the path written, or None where a table exists and ``overwrite`` is off."""
+    path = G.CONFIG_DIR / (device_name.replace(" ", "_").replace("/", "_") + ".json")
+    if path.is_file() and not overwrite:
+        print(f"{path} exists: kept (--overwrite replaces it)", flush=True)
+        return None
+    about = (f"The preloading GEMV's (BN outputs per program, warps) per product NxK (g: SwiGLU's gate/up, N outputs "
+             f"of 2N rows), timed in the kernel step of the Qwen3-0.6B shape by benchmarks/step_tune.py on "
+             f"{device_name}, {res['date']}, commit {res['commit']}")
+    path.write_text(json.dumps({"about": about, "configs": res["pre_configs"]}, indent=1) + "\n")
+    G.device_configs.cache_clear()
+    print(f"→ {path}", flush=True)
+    return str(path)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results/step-tune.json")
@@ -95,6 +111,10 @@ def main():
     ap.add_argument("--rounds", type=int, default=6, help="interleaved rounds of autotuned against tuned at the end")
     ap.add_argument("--wall-limit", type=float, default=0, help="stop descending after this many seconds (0: none)")
     ap.add_argument("--max-candidates", type=int, default=0, help="per product and sweep (0: all)")
+    ap.add_argument("--save-table", action="store_true",
+                    help="write the tuned configs as this device's table (hylo/ops/gemv_configs/<device>.json), "
+                         "which the engine then takes by default; an existing table is kept unless --overwrite")
+    ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny shape on the CPU (interpreter, no graphs)")
     args = ap.parse_args()
     dev, dtype, shape, graphs = device_and_shape(args.smoke, "step_tune.py")
@@ -161,6 +181,8 @@ def main():
                 break
         res["pre_configs"] = spec(cur)
         res["tuned"] = {r: list(cur[k]) for r, k in keys.items()}
+        if args.save_table and dev.type == "cuda":
+            res["saved_table"] = save_table(torch.cuda.get_device_name(dev), res, args.overwrite)
         save()
         # side by side: the autotuner's picks, the tuned configs and the device's shipped table (hylo/ops/gemv_configs,
         # where it has one), alternating order each round
