@@ -3,8 +3,10 @@ r"""The kernel step's preloading GEMV configs (tile of outputs ``BN``, warps) ch
 Why: Triton's autotuner times each config of a product alone, where what makes the kernel step fast -- each GEMV
 loading its weights into registers before its PDL wait, while the kernel before it runs -- gains nothing, and how
 much of the next kernel fits beside the running one depends on both kernels' registers. Its picks also vary from
-process to process: the same step took 0.674-0.787 ms/token in calls minutes apart on one H100, while in one
-process interleaved passes agree to 0.1% (``benchmarks/results/qwen3-vs-transformers-h100-run19.json``).
+process to process (the same step took 0.674-0.734 ms/token in calls minutes apart on one H100, while in one
+process interleaved passes agree to within 0.5%: ``benchmarks/results/qwen3-vs-transformers-h100-run19.json``).
+Measured: 0.583 against the autotuner's 0.643 ms/token (``step-tune-h100.json``); on a second H100 the shipped
+table 0.582, that machine's own tune 0.591, the autotuner's 0.632 (``step-tune-h100-run2.json``).
 
 What it does, for the Qwen3-0.6B shape (random weights, bf16, batch 1, an 80-slot cache, the kernel step with the
 switches it runs under, e.g. ``HYLO_STEP_GLU=up``): times the step with the autotuner's picks (``HYLO_GEMV_CONFIGS=autotune``), then coordinate

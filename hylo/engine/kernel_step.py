@@ -110,8 +110,8 @@ The preloading GEMVs' tiles and warps come from a table per device (:func:`hylo.
 ``HYLO_GEMV_CONFIGS``), timed in this step by ``benchmarks/step_tune.py``, rather than from Triton's autotuner,
 which times each config alone and picked differently in each process: on one H100, 0.583 ms/token with the tuned
 configs against 0.643 with the autotuner's (``benchmarks/results/step-tune-h100.json``, 6 interleaved rounds). The
-autotuner's varying picks are what made the step's time vary between calls on one machine (0.674-0.787 ms/token),
-while passes within one process agree to 0.2%.
+autotuner's picks vary between processes, which may be why the step's time varied between calls on one machine
+(0.674-0.734 ms/token), while passes within one process agree to within 0.5%.
 
 The step's first and last kernels (``HYLO_STEP_IO=kernels``, the default; :mod:`hylo.ops.decode_io`): the embedding
 that zeroes the sums, and after the LM head (whose GEMV packs each row's maximum with an atomic) one that writes the
