@@ -8,9 +8,10 @@ process interleaved passes agree to within 0.5%: ``benchmarks/results/qwen3-vs-t
 Measured: 0.583 against the autotuner's 0.643 ms/token (``step-tune-h100.json``); on a second H100 the shipped
 table 0.582, that machine's own tune 0.591, the autotuner's 0.632 (``step-tune-h100-run2.json``).
 
-What it does, for the Qwen3-0.6B shape (random weights, bf16, batch 1, an 80-slot cache, the kernel step with the
-switches it runs under, e.g. ``HYLO_STEP_GLU=up``): times the step with the autotuner's picks (``HYLO_GEMV_CONFIGS=autotune``), then coordinate
-descent over the step's products (q/k/v, gate/up, down): for each, every ``BN`` x warps whose tile fits
+What it does, for the Qwen3-0.6B shape (random weights) or ``--model`` (any model that takes the kernel step: a
+preset, config or checkpoint as ``hylo profile`` takes them), bf16, batch 1, an 80-slot cache, the kernel step with
+the switches it runs under (e.g. ``HYLO_STEP_GLU``): times the step with the autotuner's picks (``HYLO_GEMV_CONFIGS=autotune``), then coordinate
+descent over the step's products (q/k/v, gate/up, down; one role per distinct shape): for each, every ``BN`` x warps whose tile fits
 ``PRELOAD_ELEMS`` is timed in the step (a runner built and captured per config: ms/token of greedy steps from
 ``--start``, median of ``--passes``), the fastest kept, for ``--sweeps`` sweeps; then the autotuned and the tuned
 step (and the device's shipped table, ``hylo/ops/gemv_configs``, where there is one) side by side in ``--rounds``
@@ -47,19 +48,34 @@ from qwen3_vs_transformers import device_and_shape, hylo_ms_per_token  # noqa: E
 
 from hylo.engine import kernel_step  # noqa: E402
 from hylo.engine.runner import DecodeRunner  # noqa: E402
+from hylo.layers.attention import Attention  # noqa: E402
+from hylo.layers.ffn import SwiGLU  # noqa: E402
 from hylo.ops import gemv as G  # noqa: E402
 from hylo.ops.backend import triton_interpreting  # noqa: E402
-from hylo.profile.report import environment  # noqa: E402
+from hylo.profile.report import environment, open_model  # noqa: E402
 
 WARPS = (4, 8, 16)
 
 
-def products(shape: dict, glu: bool) -> dict[str, tuple[int, int, bool]]:
-    """The step's preloading products by role: ``(N, K, glu)`` as :data:`hylo.ops.gemv.PRE_CONFIGS` keys them
-    (the fused attention's output projection is not a GEMV; the LM head takes the plain kernel)."""
-    d, i = shape["hidden_size"], shape["intermediate_size"]
-    qkv = (shape["num_attention_heads"] + 2 * shape["num_key_value_heads"]) * shape["head_dim"]
-    return {"qkv": (qkv, d, False), "gate_up": (i, d, True) if glu else (2 * i, d, False), "down": (d, i, False)}
+def products(model, glu: bool) -> dict[str, tuple[int, int, bool]]:
+    """The step's preloading products by role, ``(N, K, glu)`` as :data:`hylo.ops.gemv.PRE_CONFIGS` keys them:
+    each attention block's q/k/v product, each FFN's gate/up and down (the fused attention's output projection is
+    not a GEMV; the LM head takes the plain kernel); a role per distinct shape (``qkv``, ``qkv_2``, ...)."""
+    out: dict[str, tuple[int, int, bool]] = {}
+
+    def add(role, key):
+        if key not in out.values() and G.preload_fits(key[1]):
+            n = sum(r == role or r.startswith(role + "_") for r in out)
+            out[role if n == 0 else f"{role}_{n + 1}"] = key
+    for block in model.layers:
+        m = block.mixer
+        if isinstance(m, Attention):
+            add("qkv", tuple(m.qkv_proj.weight.shape) + (False,))
+        elif isinstance(m, SwiGLU):
+            n2, k = m.gate_up_proj.weight.shape
+            add("gate_up", (n2 // 2, k, True) if glu else (n2, k, False))
+            add("down", tuple(m.down_proj.weight.shape) + (False,))
+    return out
 
 
 def candidates(key: tuple[int, int, bool]) -> list[tuple[int, int]]:
@@ -88,14 +104,20 @@ def spec(cfgs: dict[tuple[int, int, bool], tuple[int, int]]) -> str:
 
 
 def save_table(device_name: str, res: dict, overwrite: bool) -> str | None:
-    """Write ``res``'s tuned configs as the table of ``device_name`` (:func:`hylo.ops.gemv.device_configs` reads
-    it): the path written, or None where a table exists and ``overwrite`` is off."""
+    """Add ``res``'s tuned configs to the table of ``device_name`` (:func:`hylo.ops.gemv.device_configs` reads it;
+    created where there is none): products the table already holds keep their entry unless ``overwrite``. The path
+    written, or None where nothing changed."""
     path = G.CONFIG_DIR / (device_name.replace(" ", "_").replace("/", "_") + ".json")
-    if path.is_file() and not overwrite:
-        print(f"{path} exists: kept (--overwrite replaces it)", flush=True)
+    old = G.parse_pre_configs(json.loads(path.read_text())["configs"]) if path.is_file() else {}
+    tuned = G.parse_pre_configs(res["pre_configs"])
+    table = {**old, **tuned} if overwrite else {**tuned, **old}
+    if table == old:
+        print(f"{path} holds these products already: kept (--overwrite replaces their entries)", flush=True)
         return None
+    res = {**res, "pre_configs": spec(table)}
     about = (f"The preloading GEMV's (BN outputs per program, warps) per product NxK (g: SwiGLU's gate/up, N outputs "
-             f"of 2N rows), timed in the kernel step of the Qwen3-0.6B shape by benchmarks/step_tune.py on "
+             f"of 2N rows), timed in the kernel step of {res['shape'].get('model', 'the Qwen3-0.6B shape')} by "
+             f"benchmarks/step_tune.py on "
              f"{device_name}, {res['date']}, commit {res['commit']}")
     path.write_text(json.dumps({"about": about, "configs": res["pre_configs"]}, indent=1) + "\n")
     G.device_configs.cache_clear()
@@ -106,6 +128,9 @@ def save_table(device_name: str, res: dict, overwrite: bool) -> str | None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results/step-tune.json")
+    ap.add_argument("--model", default="",
+                    help="a model of attention and FFN blocks to tune for: a preset, config.json, model folder or "
+                         "checkpoint (hylo profile's forms; random weights for configs); default: Qwen3-0.6B's shape")
     ap.add_argument("--start", type=int, default=16)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--passes", type=int, default=2, help="timed passes per config (median), after a warm-up pass")
@@ -114,8 +139,9 @@ def main():
     ap.add_argument("--wall-limit", type=float, default=0, help="stop descending after this many seconds (0: none)")
     ap.add_argument("--max-candidates", type=int, default=0, help="per product and sweep (0: all)")
     ap.add_argument("--save-table", action="store_true",
-                    help="write the tuned configs as this device's table (hylo/ops/gemv_configs/<device>.json), "
-                         "which the engine then takes by default; an existing table is kept unless --overwrite")
+                    help="add the tuned configs to this device's table (hylo/ops/gemv_configs/<device>.json), "
+                         "which the engine then takes by default; products it holds keep their entries unless "
+                         "--overwrite")
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny shape on the CPU (interpreter, no graphs)")
     args = ap.parse_args()
@@ -124,9 +150,14 @@ def main():
         args.start, args.steps, args.passes, args.sweeps, args.rounds, args.max_candidates = 2, 2, 1, 1, 2, 1
     t_start = time.monotonic()
     env = environment(dev)
-    hy = random_qwen3(shape, dtype, dev)
+    if args.model:
+        hy, source = open_model(args.model, dev, dtype)
+        hy.eval()
+        shape = {"model": args.model, "source": source, "config": hy.config.to_diff_dict()}
+    else:
+        hy = random_qwen3(shape, dtype, dev)
     glu = kernel_step.glu_up(hy)
-    keys = products(shape, glu)
+    keys = products(hy, glu)
     cache_len = args.start + args.steps
     res: dict = {"date": env["date"], "device": env["device"], "versions": env["versions"],
                  "commit": os.environ.get("HYLO_COMMIT", "unknown"), "shape": shape,

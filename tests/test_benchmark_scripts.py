@@ -159,6 +159,45 @@ def test_step_tune_smoke(tmp_path):
     assert res["products"]["gate_up"][2] and len(res["rounds"]["tuned"]) == len(res["rounds"]["autotuned"]) == 2
 
 
+def test_step_tune_takes_a_model_and_merges_tables(tmp_path, monkeypatch):
+    """``--model`` (a config folder: random weights): the products come from the model's blocks, one role per
+    distinct shape (two FFN widths: two gate/up and two down roles). save_table adds to a device's table, keeping
+    the entries it holds unless told to overwrite them."""
+    from hylo.config import HyloConfig
+    from hylo.ops import gemv as G
+
+    cfg = HyloConfig(vocab_size=96, hidden_size=32, layers="a f a f", attn_num_heads=4, attn_num_kv_heads=2,
+                     attn_head_dim=16, ffn_intermediate_size=48)
+    cfg.save_pretrained(tmp_path / "m")
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import step_tune
+
+    from hylo import HybridLM
+
+    model = HybridLM(cfg)
+    model.layers[3].mixer.down_proj.weight.data = model.layers[3].mixer.down_proj.weight.data[:, :32].contiguous()
+    model.layers[3].mixer.gate_up_proj.weight.data = model.layers[3].mixer.gate_up_proj.weight.data[:64].contiguous()
+    assert step_tune.products(model, True) == {"qkv": (128, 32, False), "gate_up": (48, 32, True),
+                                               "down": (32, 48, False), "gate_up_2": (32, 32, True),
+                                               "down_2": (32, 32, False)}
+    assert step_tune.products(model, False)["gate_up"] == (96, 32, False)
+    monkeypatch.setattr(G, "CONFIG_DIR", tmp_path)
+    res = {"date": "d", "commit": "c", "shape": {"model": "m"}, "pre_configs": "128x32=4/8"}
+    assert step_tune.save_table("GPU X", res, False) == str(tmp_path / "GPU_X.json")
+    assert G.device_configs("GPU X") == {(128, 32, False): (4, 8)}
+    res["pre_configs"] = "128x32=2/4,48x32g=1/4"
+    step_tune.save_table("GPU X", res, False)  # keeps 128x32, adds 48x32g
+    assert G.device_configs("GPU X") == {(128, 32, False): (4, 8), (48, 32, True): (1, 4)}
+    assert step_tune.save_table("GPU X", res, False) is None  # nothing new
+    step_tune.save_table("GPU X", res, True)
+    assert G.device_configs("GPU X")[(128, 32, False)] == (2, 4)
+    out = tmp_path / "tune.json"
+    _run(["benchmarks/step_tune.py", "--smoke", "--model", str(tmp_path / "m"), "--out", str(out)])
+    done = json.loads(out.read_text())
+    assert not done["errors"] and done["shape"]["model"] == str(tmp_path / "m")
+    assert done["products"] == {"qkv": [128, 32, False], "gate_up": [48, 32, True], "down": [32, 48, False]}
+
+
 def test_cast_keeping_rope_keeps_exact_frequencies():
     """transformers' ``.to(bfloat16)`` rounds the RoPE frequency buffer (the float32 logits then move); the
     benchmark's cast keeps it float32 and exact through a round trip to bf16 and back."""
