@@ -343,16 +343,15 @@ def _pre_prune(configs, named_args, **kwargs):
 
 
 @functools.lru_cache(maxsize=None)
-def _jit_pre(interpret: bool, tuned: bool = True):
+def _jit_pre(interpret: bool, tuned: bool):
+    """The preloading kernel: autotuned (``tuned``) or plain, for a fixed config or the interpreter."""
     k = triton.jit(_gemv_pre_kernel)
-    # restore_value: timing a config adds into an OUT_ACC output, which the autotuner puts back after each
     if interpret or not tuned:
         return k
-    return triton.autotune(configs=_PRE_CONFIGS, key=["M", "N", "K", "HAS_BIAS", "NORM", "SWIGLU",
-                                                                          "RESIDUAL", "ACC", "S", "OUT_ACC", "GLU",
-                                                                          "PDL"],
-                                               prune_configs_by={"early_config_prune": _pre_prune},
-                                               restore_value=["y"])(k)
+    # restore_value: timing a config adds into an OUT_ACC output, which the autotuner puts back after each
+    return triton.autotune(configs=_PRE_CONFIGS, key=["M", "N", "K", "HAS_BIAS", "NORM", "SWIGLU", "RESIDUAL", "ACC",
+                                                      "S", "OUT_ACC", "GLU", "PDL"],
+                           prune_configs_by={"early_config_prune": _pre_prune}, restore_value=["y"])(k)
 
 
 def tuned() -> dict[str, dict[str, str]]:
@@ -547,9 +546,11 @@ def _launch_preload(x, weight, bias, norm_weight, eps, residual, swiglu, pdl: bo
     interp = triton_interpreting()
     b, nw, r = _optional_inputs(x, bias, norm_weight, residual)
     fixed = fixed_config(N, K, glu, x.device)
-    if fixed and fixed[0] * kp * (2 if glu else 1) > max(PRELOAD_ELEMS, kp * (2 if glu else 1)):
-        raise ValueError(f"HYLO_GEMV_PRE_CONFIGS: {N}x{K}: a tile of {fixed[0]} outputs holds more than "
-                         f"PRELOAD_ELEMS = {PRELOAD_ELEMS} weights")
+    per_out = kp * (2 if glu else 1)  # weights per output held in registers (a gate and an up row with glu)
+    if fixed and fixed[0] * per_out > max(PRELOAD_ELEMS, per_out):
+        raise ValueError(f"preloading GEMV config for {N}x{K}{'g' if glu else ''} (HYLO_GEMV_PRE_CONFIGS or the "
+                         f"device's table): a tile of {fixed[0]} outputs holds more than PRELOAD_ELEMS = "
+                         f"{PRELOAD_ELEMS} weights")
     if interp:  # the interpreter takes a fixed tile's BN (warps mean nothing there)
         cfg = {"BN": fixed[0] if fixed else _INTERP_PRE_BN}
     else:
