@@ -288,6 +288,22 @@ def parse_modes(spec: str) -> list[tuple[str, bool | str, dict[str, str]]]:
     return out
 
 
+def side_by_side(runners: dict, start: int, steps: int, rounds: int, dev, after_round=None) -> dict[str, list]:
+    """ms/token of each runner (``name -> runner`` or ``(runner, switches)``, the switches scoped around its
+    timing) in ``rounds`` rounds, each timing every runner once (:func:`hylo_ms_per_token`, one pass of ``steps``
+    from ``start`` after a warm-up pass), the order reversed every other round so that a drift weighs on all
+    alike; ``after_round`` is called after each round."""
+    times = {k: [] for k in runners}
+    for r in range(rounds):
+        for key in (list(runners) if r % 2 == 0 else list(runners)[::-1]):
+            runner, sw = runners[key] if isinstance(runners[key], tuple) else (runners[key], {})
+            with switched(sw), torch.no_grad():  # a graph captured lazily (the fused kernel's second step) sees them
+                times[key].append(hylo_ms_per_token(runner, start, steps, 1, dev))
+        if after_round:
+            after_round()
+    return times
+
+
 def interleaved_rounds(res: dict, modes, hy, T: int, n: int, rounds: int, graphs: bool, dev) -> None:
     """Machine noise (the same step took 0.674-0.734 ms/token in four calls within minutes on one H100) is as
     large as the differences between modes, so time them side by side: one runner per mode that ran (cache
@@ -303,15 +319,9 @@ def interleaved_rounds(res: dict, modes, hy, T: int, n: int, rounds: int, graphs
             runners[key] = (DecodeRunner(hy, 1, T + n, cuda_graph=graphs, compile=compile), mode_switches(switches))
     if not runners:
         return
-    times = {k: [] for k in runners}
     bws = []
-    for r in range(rounds):
-        order = list(runners) if r % 2 == 0 else list(runners)[::-1]
-        for key in order:
-            runner, sw = runners[key]
-            with switched(sw):  # a graph captured lazily (the fused kernel's second step) sees the mode's switches
-                times[key].append(hylo_ms_per_token(runner, T, n, 1, dev))
-        bws.append(copy_bandwidth(dev, (1 << 30) if dev.type == "cuda" else (1 << 24)) / 1e9)
+    times = side_by_side(runners, T, n, rounds, dev, after_round=lambda: bws.append(
+        copy_bandwidth(dev, (1 << 30) if dev.type == "cuda" else (1 << 24)) / 1e9))
     for key, ts in times.items():
         res[key]["ms_per_token_rounds"] = ts
         res[key]["ms_per_token_interleaved"] = statistics.median(ts)

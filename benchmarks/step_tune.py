@@ -10,16 +10,16 @@ table 0.582, that machine's own tune 0.591, the autotuner's 0.632 (``step-tune-h
 
 What it does, for the Qwen3-0.6B shape (random weights) or ``--model`` (any model that takes the kernel step: a
 preset, config or checkpoint as ``hylo profile`` takes them), bf16, batch 1, an 80-slot cache, the kernel step with
-the switches it runs under (e.g. ``HYLO_STEP_GLU``): times the step with the autotuner's picks (``HYLO_GEMV_CONFIGS=autotune``), then coordinate
-descent over the step's products (q/k/v, gate/up, down; one role per distinct shape): for each, every ``BN`` x warps whose tile fits
-``PRELOAD_ELEMS`` is timed in the step (a runner built and captured per config: ms/token of greedy steps from
-``--start``, median of ``--passes``), the fastest kept, for ``--sweeps`` sweeps; then the autotuned and the tuned
-step (and the device's shipped table, ``hylo/ops/gemv_configs``, where there is one) side by side in ``--rounds``
-interleaved rounds. The result's ``pre_configs`` is the value for ``HYLO_GEMV_PRE_CONFIGS``
-(``hylo.ops.gemv.PRE_CONFIGS``), or the ``configs`` of a device table. Saved after every timing.
+the switches it runs under (e.g. ``HYLO_STEP_GLU``): times the step with the autotuner's picks
+(``HYLO_GEMV_CONFIGS=autotune``), then coordinate descent over the step's products (q/k/v, gate/up, down; one role
+per distinct shape): for each, every ``BN`` x warps whose tile fits ``PRELOAD_ELEMS`` is timed in the step (a
+runner built and captured per config: ms/token of greedy steps from ``--start``, median of ``--passes``), the
+fastest kept, for ``--sweeps`` sweeps; then the autotuned and the tuned step (and the device's shipped table,
+``hylo/ops/gemv_configs``, where there is one) side by side in ``--rounds`` interleaved rounds. The result's
+``pre_configs`` is the value for ``HYLO_GEMV_PRE_CONFIGS`` (``hylo.ops.gemv.PRE_CONFIGS``), or the ``configs`` of a
+device table (``--save-table`` adds it there). Saved after every timing.
 
-    HYLO_COMMIT=$(git rev-parse HEAD) HYLO_STEP_GLU=up python benchmarks/step_tune.py \
-        --out benchmarks/results/step-tune-h100.json
+    HYLO_COMMIT=$(git rev-parse HEAD) python benchmarks/step_tune.py --out benchmarks/results/step-tune-h100.json
 
 ``--smoke`` runs the tiny shape on the CPU under Triton's interpreter, without graphs (a check of the script).
 """
@@ -44,7 +44,7 @@ if "--smoke" in sys.argv:
     os.environ.setdefault("HYLO_GEMV", "on")  # the kernel step is built on it ("auto" takes it on CUDA only)
 
 from decode_timeline import random_qwen3  # noqa: E402
-from qwen3_vs_transformers import device_and_shape, hylo_ms_per_token  # noqa: E402
+from qwen3_vs_transformers import device_and_shape, hylo_ms_per_token, side_by_side  # noqa: E402
 
 from hylo.engine import kernel_step  # noqa: E402
 from hylo.engine.runner import DecodeRunner  # noqa: E402
@@ -225,11 +225,7 @@ def main():
         res["device_table"] = spec({k: v for k, v in table.items() if v})
         if any(table.values()):
             runners["table"] = build({}, "table")
-        rounds = {k: [] for k in runners}
-        with torch.no_grad():
-            for r in range(args.rounds):
-                for name in (list(runners) if r % 2 == 0 else list(runners)[::-1]):
-                    rounds[name].append(hylo_ms_per_token(runners[name], args.start, args.steps, 1, dev))
+        rounds = side_by_side(runners, args.start, args.steps, args.rounds, dev)
         res["rounds"] = rounds
         res["ms_per_token"] = {k: statistics.median(v) for k, v in rounds.items()}
         res["autotuned_first_ms"] = base_ms

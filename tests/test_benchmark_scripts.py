@@ -108,7 +108,8 @@ def test_qwen3_vs_transformers_smoke(tmp_path):
     for k in ("hylo", "hylo_cublas"):
         ts = res[k]["ms_per_token_rounds"]
         assert len(ts) == 3 and res[k]["ms_per_token_interleaved"] == sorted(ts)[1]
-        assert res[k]["x_floor_interleaved"] == res[k]["ms_per_token_interleaved"] / res["floor_ms_per_token_interleaved"]
+        floor = res["floor_ms_per_token_interleaved"]
+        assert res[k]["x_floor_interleaved"] == res[k]["ms_per_token_interleaved"] / floor
     assert len(res["copy_bandwidth_GBps_rounds"]) == 3 and res["best_mode_interleaved"] in ("hylo", "hylo_cublas")
     assert set(res["goals_interleaved"]) == set(res["goals"])
     # float32: the converted model equals transformers' (bf16 rounding alone separates their greedy tokens)
@@ -127,7 +128,8 @@ def rec_glu(res) -> bool:
 def test_attn_out_check_smoke(tmp_path):
     """The fused attention + output projection's GPU check, on the CPU (interpreter): checked against the chain."""
     out = tmp_path / "ao.json"
-    _run(["benchmarks/attn_out_check.py", "--smoke", "--out", str(out), "--variants", "ao:64/16384/8/p+ffn,split+torchio+noglu",
+    _run(["benchmarks/attn_out_check.py", "--smoke", "--out", str(out), "--variants",
+          "ao:64/16384/8/p+ffn,split+torchio+noglu",
           "--more-starts", "8"])
     res = json.loads(out.read_text())
     assert not res["errors"] and set(res["results"]) == {"chain_cache24", "ao_64_16384_8_p+ffn_cache24",
