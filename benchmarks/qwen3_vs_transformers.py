@@ -315,8 +315,9 @@ def interleaved_rounds(res: dict, modes, hy, T: int, n: int, rounds: int, graphs
     for key, compile, switches in modes:
         if key not in res:
             continue
-        with switched(mode_switches(switches)):
-            runners[key] = (DecodeRunner(hy, 1, T + n, cuda_graph=graphs, compile=compile), mode_switches(switches))
+        sw = mode_switches(switches)
+        with switched(sw):
+            runners[key] = (DecodeRunner(hy, 1, T + n, cuda_graph=graphs, compile=compile), sw)
     if not runners:
         return
     bws = []

@@ -91,9 +91,11 @@ def autotuned(keys: dict[str, tuple[int, int, bool]]) -> dict[str, tuple[int, in
     if triton_interpreting():
         return {r: None for r in keys}
     cache = getattr(G._jit_pre(False, True), "cache", {})
+    named = [dict(zip(G.PRE_TUNE_KEY, key)) for key in cache]  # the key's named values (dtypes follow them)
     out = {}
     for role, (n, k, glu) in keys.items():
-        hits = [c for key, c in cache.items() if key[:3] == (1, n, k) and key[8] == 1 and key[10] == glu]
+        hits = [c for key, c in zip(named, cache.values())
+                if (key["M"], key["N"], key["K"], key["S"], key["GLU"]) == (1, n, k, 1, glu)]
         out[role] = (hits[0].kwargs["BN"], hits[0].num_warps) if hits else None
     return out
 

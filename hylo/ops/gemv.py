@@ -342,6 +342,10 @@ def _pre_prune(configs, named_args, **kwargs):
     return [c for c in configs if c.kwargs["BN"] * rows <= PRELOAD_ELEMS] or configs[:1]
 
 
+# the autotuner's key of the preloading kernel (its cache's keys begin with these values, then the tensors' dtypes)
+PRE_TUNE_KEY = ["M", "N", "K", "HAS_BIAS", "NORM", "SWIGLU", "RESIDUAL", "ACC", "S", "OUT_ACC", "GLU", "PDL"]
+
+
 @functools.lru_cache(maxsize=None)
 def _jit_pre(interpret: bool, tuned: bool):
     """The preloading kernel: autotuned (``tuned``) or plain, for a fixed config or the interpreter."""
@@ -349,9 +353,8 @@ def _jit_pre(interpret: bool, tuned: bool):
     if interpret or not tuned:
         return k
     # restore_value: timing a config adds into an OUT_ACC output, which the autotuner puts back after each
-    return triton.autotune(configs=_PRE_CONFIGS, key=["M", "N", "K", "HAS_BIAS", "NORM", "SWIGLU", "RESIDUAL", "ACC",
-                                                      "S", "OUT_ACC", "GLU", "PDL"],
-                           prune_configs_by={"early_config_prune": _pre_prune}, restore_value=["y"])(k)
+    return triton.autotune(configs=_PRE_CONFIGS, key=PRE_TUNE_KEY, prune_configs_by={"early_config_prune": _pre_prune},
+                           restore_value=["y"])(k)
 
 
 def tuned() -> dict[str, dict[str, str]]:
